@@ -1,0 +1,356 @@
+"""Gemma 4 Unified in PyTorch, written for export: the KV cache is data and prefill/decode are two functions.
+
+Faithful to transformers' ``gemma4_unified`` (the tests compare against it), with these choices of ours:
+
+* ``prefill(...)`` takes S new tokens per sequence after ``past_lens`` cached ones, with ``seq_lens`` valid
+  (right padding), plus the soft tokens of every image and audio clip in the batch in prompt order; it returns the
+  logits of each sequence's last valid token (``all_logits=True`` returns every position, for tests).
+* ``decode(...)`` takes one token per sequence.
+* Caches are a flat list ``[k_0, v_0, k_1, v_1, ...]``: sliding layers (B, Hkv, window, D) ring buffers, full layers
+  (B, 1, max_len, 512) linear buffers.  See `exporter.kv` for how they are written.
+
+Masks (as the reference builds them for generation): full layers are causal; sliding layers allow key position
+``k`` for query ``q`` when ``k > q - window`` and (``k <= q`` or both are in the same contiguous image block).
+
+Module names mirror the checkpoint (``model.language_model.*``, ``model.vision_embedder.*``,
+``model.embed_vision.*``, ``model.embed_audio.*``) so a state dict loads without renaming.  This module does not
+load weights (`exporter.weights`) or export (`exporter.export`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporter.config import ModelConfig, TextConfig, VisionConfig
+from exporter.kv import ring_positions, ring_write_prefill, tensor_scatter
+
+__all__ = ["Gemma4Model", "cache_shapes"]
+
+
+def cache_shapes(cfg: TextConfig, batch: int, max_len: int) -> list[tuple[int, int, int, int]]:
+    """Shapes of the flat cache list [k_0, v_0, ...] for a batch and a maximum total length."""
+    shapes = []
+    for i in range(cfg.num_layers):
+        length = cfg.sliding_window if cfg.is_sliding(i) else max_len
+        shape = (batch, cfg.layer_kv_heads(i), length, cfg.layer_head_dim(i))
+        shapes += [shape, shape]
+    return shapes
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: computed in fp32, multiplied by the weight itself (not 1 + w); optionally no weight."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+class Rope(nn.Module):
+    """Rotate-half RoPE; ``rotary_fraction`` < 1 is Gemma 4's proportional RoPE (the rest of the slots are identity)."""
+
+    def __init__(self, head_dim: int, theta: float, rotary_fraction: float = 1.0):
+        super().__init__()
+        n_rot = int(rotary_fraction * head_dim // 2)
+        inv = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim))
+        inv = torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D); cos/sin (B, S, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.sliding = cfg.is_sliding(layer)
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.layer_kv_heads(layer)
+        self.head_dim = cfg.layer_head_dim(layer)
+        k_eq_v = cfg.attention_k_eq_v and not self.sliding
+        hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kvd, bias=False)
+        self.v_proj = None if k_eq_v else nn.Linear(cfg.hidden_size, kvd, bias=False)
+        self.o_proj = nn.Linear(hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, S, hidden) -> q (B, H, S, D), k and v (B, Hkv, S, D)."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k_raw = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        v = self.v_norm(v_raw).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q (B, H, S, D); k, v (B, Hkv, T, D); allowed (B, S, T) bool.  Scale 1.0, no soft-capping."""
+        b, _, s, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, self.num_kv_heads, groups, s, d)  # (B, Hkv, G, S, D)
+        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))  # (B, Hkv, G, S, T)
+        scores = torch.where(allowed[:, None, None], scores, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v[:, :, None])  # (B, Hkv, G, S, D)
+        out = out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(attn_out)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class VisionEmbedder(nn.Module):
+    """Encoder-free patch embedding: LN -> Linear -> LN -> + 2-D position table -> LN (projection is separate)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_ln1 = nn.LayerNorm(cfg.patch_dim)
+        self.patch_dense = nn.Linear(cfg.patch_dim, cfg.mm_embed_dim)
+        self.patch_ln2 = nn.LayerNorm(cfg.mm_embed_dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(cfg.mm_posemb_size, 2, cfg.mm_embed_dim))
+        self.pos_norm = nn.LayerNorm(cfg.mm_embed_dim)
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """patches (N, patch_dim) float; positions (N, 2) int64 (x, y), (-1, -1) for padding."""
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(patches.to(self.patch_dense.weight.dtype))))
+        valid = (positions != -1).to(h.dtype)  # (N, 2)
+        clamped = positions.clamp(min=0)
+        pos_x = self.pos_embedding[clamped[:, 0], 0] * valid[:, 0:1]  # (N, E)
+        pos_y = self.pos_embedding[clamped[:, 1], 1] * valid[:, 1:2]
+        return self.pos_norm(h + (pos_x + pos_y))
+
+
+class Projection(nn.Module):
+    """RMSNorm without weight, then a Linear into the text hidden size (the vision and audio projections)."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps, with_scale=False)
+        self.embedding_projection = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(self.embedding_pre_projection_norm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.text
+        self.language_model = TextModel(t)
+        if cfg.vision is not None:
+            self.vision_embedder = VisionEmbedder(cfg.vision)
+            self.embed_vision = Projection(cfg.vision.mm_embed_dim, t.hidden_size, cfg.vision.rms_norm_eps)
+        if cfg.audio is not None:
+            self.embed_audio = Projection(cfg.audio.samples_per_token, t.hidden_size, cfg.audio.rms_norm_eps)
+
+
+def _place(embeds: torch.Tensor, is_slot: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Put soft tokens (N, H) at the slots (B, S) in row-major order; embeds (B, S, H)."""
+    b, s, hidden = embeds.shape
+    flat = is_slot.reshape(-1)
+    if not torch.onnx.is_in_onnx_export() and int(flat.sum()) != soft.shape[0]:
+        raise ValueError(f"{int(flat.sum())} placeholder tokens in input_ids but {soft.shape[0]} soft tokens given")
+    idx = torch.cumsum(flat.long(), 0) - 1
+    n = soft.shape[0]
+    table = torch.cat([soft.to(embeds.dtype), embeds.new_zeros(1, hidden)], dim=0)  # row n is a safe dummy
+    picked = table[torch.where(flat, idx, n)].reshape(b, s, hidden)
+    return torch.where(is_slot[..., None], picked, embeds)
+
+
+def _image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """Contiguous runs of image tokens numbered 0, 1, ... per row; -1 elsewhere.  (B, S) int64."""
+    prev = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+    starts = is_image & ~prev
+    return torch.where(is_image, torch.cumsum(starts.long(), 1) - 1, -1)
+
+
+class Gemma4Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.text
+        self.model = _Backbone(cfg)
+        self.rope_sliding = Rope(t.head_dim, t.sliding_rope_theta)
+        self.rope_full = Rope(t.global_head_dim, t.full_rope_theta, t.full_partial_rotary_factor)
+        self.embed_scale = float(t.hidden_size) ** 0.5
+
+    # ------------------------------------------------------------------ pieces
+    def _embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tk = self.cfg.tokens
+        is_mm = (input_ids == tk.image) | (input_ids == tk.audio) | (input_ids == tk.video)
+        ids = torch.where(is_mm, tk.pad, input_ids)
+        w = self.model.language_model.embed_tokens.weight
+        return F.embedding(ids, w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+
+    def embed_images(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_vision(self.model.vision_embedder(patches, positions))
+
+    def embed_audio(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_audio(frames)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.language_model.norm(h)
+        logits = torch.matmul(h, self.model.language_model.embed_tokens.weight.t())
+        cap = self.cfg.text.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _run_layers(self, h, positions, caches, sliding_fn, full_fn):
+        """Shared layer loop: ``*_fn(layer_index, k, v, k_cache, v_cache) -> (k_all, v_all, allowed, k_out, v_out)``."""
+        rope = {True: self.rope_sliding(positions, h.dtype), False: self.rope_full(positions, h.dtype)}
+        present = []
+        for i, layer in enumerate(self.model.language_model.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(h), *rope[attn.sliding])
+            fn = sliding_fn if attn.sliding else full_fn
+            k_all, v_all, allowed, k_out, v_out = fn(k, v, caches[2 * i], caches[2 * i + 1])
+            h = layer.finish(h, attn.attend(q, k_all, v_all, allowed))
+            present += [k_out, v_out]
+        return h, present
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        past_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        caches: list[torch.Tensor],
+        image_patches: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids (B, S) int64 with one image/audio token per soft token; past_lens, seq_lens (B,) int64."""
+        tk, window = self.cfg.tokens, self.cfg.text.sliding_window
+        b, s = input_ids.shape
+        h = self._embed_text(input_ids)
+        if image_patches is not None and self.cfg.vision is not None:
+            h = _place(h, input_ids == tk.image, self.embed_images(image_patches, image_positions))
+        if audio_frames is not None and self.cfg.audio is not None:
+            h = _place(h, input_ids == tk.audio, self.embed_audio(audio_frames))
+
+        steps = torch.arange(s, device=input_ids.device)
+        pos = past_lens[:, None] + steps  # (B, S)
+        valid = steps[None] < seq_lens[:, None]  # (B, S)
+        block = _image_blocks(input_ids == tk.image)  # (B, S)
+
+        # Sliding layers attend over [ring before the write, new tokens].
+        ring_pos = ring_positions(past_lens - 1, window)  # (B, R): sliding caches have R = window slots
+        k_pos = torch.cat([ring_pos, pos], 1)  # (B, R + S)
+        k_ok = torch.cat([ring_pos >= 0, valid], 1)
+        k_block = torch.cat([torch.full_like(ring_pos, -1), block], 1)
+        qp, kp = pos[:, :, None], k_pos[:, None, :]
+        same_block = (block[:, :, None] == k_block[:, None, :]) & (block[:, :, None] >= 0)
+        sliding_allowed = k_ok[:, None, :] & (kp > qp - window) & ((kp <= qp) | same_block)
+
+        def sliding(k, v, k_cache, v_cache):
+            k_all, v_all = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
+            k_new = ring_write_prefill(k_cache, k, past_lens, seq_lens)
+            v_new = ring_write_prefill(v_cache, v, past_lens, seq_lens)
+            return k_all, v_all, sliding_allowed, k_new, v_new
+
+        def full(k, v, k_cache, v_cache):
+            k_new = tensor_scatter(k_cache, k, past_lens, circular=False)
+            v_new = tensor_scatter(v_cache, v, past_lens, circular=False)
+            slots = torch.arange(k_new.shape[2], device=input_ids.device)
+            return k_new, v_new, slots[None, None, :] <= qp, k_new, v_new
+
+        h, present = self._run_layers(h, pos, caches, sliding, full)
+        if not all_logits:
+            last = (seq_lens - 1).clamp(min=0)
+            h = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]  # (B, hidden)
+        return self._logits(h), present
+
+    # ------------------------------------------------------------------ decode
+    def decode(
+        self, input_ids: torch.Tensor, past_lens: torch.Tensor, caches: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids (B, 1) int64; past_lens (B,) int64.  Returns logits (B, V) and the updated caches."""
+        window = self.cfg.text.sliding_window
+        h = self._embed_text(input_ids)
+        pos = past_lens[:, None]  # (B, 1)
+
+        def sliding(k, v, k_cache, v_cache):
+            k_new = tensor_scatter(k_cache, k, past_lens, circular=True)
+            v_new = tensor_scatter(v_cache, v, past_lens, circular=True)
+            slot_pos = ring_positions(past_lens, k_new.shape[2])  # (B, R)
+            allowed = (slot_pos >= 0) & (slot_pos > pos - window)
+            return k_new, v_new, allowed[:, None, :], k_new, v_new
+
+        def full(k, v, k_cache, v_cache):
+            k_new = tensor_scatter(k_cache, k, past_lens, circular=False)
+            v_new = tensor_scatter(v_cache, v, past_lens, circular=False)
+            slots = torch.arange(k_new.shape[2], device=input_ids.device)
+            return k_new, v_new, (slots[None, :] <= pos)[:, None, :], k_new, v_new
+
+        h, present = self._run_layers(h, pos, caches, sliding, full)
+        return self._logits(h[:, 0]), present
+
+    # ------------------------------------------------------------------ helpers
+    def empty_caches(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return [torch.zeros(s, dtype=dtype) for s in cache_shapes(self.cfg.text, batch, max_len)]
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())
