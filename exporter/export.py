@@ -1,0 +1,246 @@
+"""Export `Gemma4Model` to ``prefill.onnx`` and ``decode.onnx`` (opset 24) and write the artifact manifest.
+
+Opset 24 because the KV cache is updated with ONNX ``TensorScatter`` (new in opset 24), which ONNX Runtime
+updates in place when the same buffer is bound as past input and present output, and which TensorRT parses
+from 10.15.  Dynamic dims are named: ``batch``, ``seq`` (new tokens), ``max_len`` (full-layer cache length),
+``image_tokens`` and ``audio_tokens``; sliding-layer ring buffers have the static window length.  Weights go to
+external data files next to each graph.
+
+The artifact is staged in a temporary directory and moved into place only when complete.  What this module does
+not do yet: trace the 12B on the meta device and stream weights into external data (the tiny and demo models are
+exported with their weights in memory; see README "Export memory").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporter.config import ModelConfig, PRESETS, load_config
+from exporter.model import Gemma4Model, cache_shapes
+from runtime.manifest import staged_artifact, write_manifest
+
+__all__ = ["OPSET", "export_artifact", "graph_io"]
+
+OPSET = 24
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _cache_names(cfg: ModelConfig, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(cfg.text.num_layers) for kind in ("key", "value")]
+
+
+def graph_io(cfg: ModelConfig, graph: str) -> tuple[list[dict], list[dict]]:
+    """Input and output specs (name, dtype, shape with named dynamic dims) of the prefill or decode graph."""
+    t = cfg.text
+    seq = "seq" if graph == "prefill" else 1
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", seq]},
+        {"name": "past_lens", "dtype": "int64", "shape": ["batch"]},
+    ]
+    if graph == "prefill":
+        inputs.append({"name": "seq_lens", "dtype": "int64", "shape": ["batch"]})
+        if cfg.vision is not None:
+            inputs.append({"name": "image_patches", "dtype": "float32", "shape": ["image_tokens", cfg.vision.patch_dim]})
+            inputs.append({"name": "image_positions", "dtype": "int64", "shape": ["image_tokens", 2]})
+        if cfg.audio is not None:
+            inputs.append({"name": "audio_frames", "dtype": "float32", "shape": ["audio_tokens", cfg.audio.samples_per_token]})
+    shapes = cache_shapes(t, 1, 1)
+    cache_specs = []
+    for i, shape in enumerate(shapes):
+        layer = i // 2
+        length = t.sliding_window if t.is_sliding(layer) else "max_len"
+        cache_specs.append(["batch", shape[1], length, shape[3]])
+    inputs += [{"name": n, "dtype": "float32", "shape": s} for n, s in zip(_cache_names(cfg, "past"), cache_specs)]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", t.vocab_size]}]
+    outputs += [{"name": n, "dtype": "float32", "shape": s} for n, s in zip(_cache_names(cfg, "present"), cache_specs)]
+    return inputs, outputs
+
+
+class _Prefill(nn.Module):
+    def __init__(self, model: Gemma4Model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_lens, seq_lens, image_patches, image_positions, audio_frames, caches):
+        logits, present = self.m.prefill(
+            input_ids, past_lens, seq_lens, list(caches), image_patches, image_positions, audio_frames
+        )
+        return (logits, *present)
+
+
+class _Decode(nn.Module):
+    def __init__(self, model: Gemma4Model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_lens, caches):
+        logits, present = self.m.decode(input_ids, past_lens, list(caches))
+        return (logits, *present)
+
+
+def _example(cfg: ModelConfig, graph: str):
+    """Tracing inputs whose sizes differ from each other and from every static dim, so nothing specialises."""
+    from torch.export import Dim
+
+    tk = cfg.tokens
+    batch, seq, max_len, n_img, n_aud = 2, 11, 37, 3, 2
+    d_batch, d_seq, d_len = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=1 << 20), Dim("max_len", min=2, max=1 << 22)
+    caches = tuple(torch.zeros(s) for s in cache_shapes(cfg.text, batch, max_len))
+    cache_dyn = tuple(
+        {0: d_batch, 2: d_len} if not cfg.text.is_sliding(i // 2) else {0: d_batch} for i in range(len(caches))
+    )
+    if graph == "decode":
+        args = (torch.full((batch, 1), 7, dtype=torch.long), torch.tensor([4, 9]), caches)
+        dyn = {"input_ids": {0: d_batch}, "past_lens": {0: d_batch}, "caches": cache_dyn}
+        return args, dyn
+    ids = torch.full((batch, seq), 7, dtype=torch.long)
+    image_patches = image_positions = audio_frames = None
+    dyn = {"input_ids": {0: d_batch, 1: d_seq}, "past_lens": {0: d_batch}, "seq_lens": {0: d_batch}}
+    if cfg.vision is not None:
+        ids[0, 1:1 + n_img] = tk.image
+        image_patches = torch.rand(n_img, cfg.vision.patch_dim)
+        image_positions = torch.tensor([[0, 0], [1, 0], [2, 0]])
+        dyn |= {"image_patches": {0: Dim("image_tokens", min=0, max=1 << 20)}, "image_positions": {0: Dim("image_tokens", min=0, max=1 << 20)}}
+    else:
+        dyn |= {"image_patches": None, "image_positions": None}
+    if cfg.audio is not None:
+        ids[1, 2:2 + n_aud] = tk.audio
+        audio_frames = torch.randn(n_aud, cfg.audio.samples_per_token)
+        dyn |= {"audio_frames": {0: Dim("audio_tokens", min=0, max=1 << 20)}}
+    else:
+        dyn |= {"audio_frames": None}
+    args = (ids, torch.tensor([0, 5]), torch.tensor([seq, seq - 3]), image_patches, image_positions, audio_frames, caches)
+    dyn["caches"] = cache_dyn
+    return args, dyn
+
+
+def _export_graph(model: Gemma4Model, graph: str, path: Path) -> None:
+    import onnx
+
+    cfg = model.cfg
+    module = _Prefill(model) if graph == "prefill" else _Decode(model)
+    args, dyn = _example(cfg, graph)
+    inputs, outputs = graph_io(cfg, graph)
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        opset_version=OPSET,
+        dynamic_shapes=dyn,
+        input_names=[i["name"] for i in inputs],
+        output_names=[o["name"] for o in outputs],
+        external_data=True,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != [i["name"] for i in inputs] or got_out != [o["name"] for o in outputs]:
+        raise RuntimeError(f"{path.name}: exported graph I/O {got_in} -> {got_out} differs from the contract")
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def export_artifact(
+    model: Gemma4Model,
+    out: str | Path,
+    *,
+    max_len: int | None = None,
+    source: dict | None = None,
+    tokenizer_dir: Path | None = None,
+    log=print,
+) -> dict:
+    """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success)."""
+    cfg = model.cfg
+    max_len = max_len or min(cfg.text.max_position_embeddings, 8192)
+    if max_len < 2 or max_len > cfg.text.max_position_embeddings:
+        raise ValueError(f"max_len={max_len} must be in [2, {cfg.text.max_position_embeddings}] for this model")
+    with staged_artifact(out) as stage:
+        timings = {}
+        for graph in ("prefill", "decode"):
+            log(f"[export] tracing {graph} graph ...")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                _export_graph(model, graph, stage / f"{graph}.onnx")
+            timings[graph] = round(time.perf_counter() - t0, 2)
+            log(f"[export] {graph}.onnx written in {timings[graph]} s")
+        tokenizer_files = []
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, stage / name)
+                    tokenizer_files.append(name)
+        manifest = {
+            "model_config": cfg.to_json_dict(),
+            "source": source or {},
+            "precision": "fp32",
+            "max_len": max_len,
+            "opset": OPSET,
+            "graphs": {
+                g: {"file": f"{g}.onnx", "inputs": graph_io(cfg, g)[0], "outputs": graph_io(cfg, g)[1]}
+                for g in ("prefill", "decode")
+            },
+            "kv_cache": {
+                "layout": "flat [key_0, value_0, key_1, ...]; sliding layers are ring buffers of window slots "
+                "(position p in slot p % window), full layers hold position p in slot p",
+                "layer_types": list(cfg.text.layer_types),
+                "in_place": "present_* aliases past_* (TensorScatter) except sliding layers in prefill",
+            },
+            "tokenizer": tokenizer_files,
+            "engines": {},
+            "versions": _versions(),
+            "export_seconds": timings,
+        }
+        manifest = write_manifest(stage, manifest)
+    log(f"[export] artifact ready: {out}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from exporter.weights import load_model, random_model
+
+    p = argparse.ArgumentParser(prog="python -m exporter.export", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
+    p.add_argument("--out", required=True, help="artifact directory to write (replaced on success)")
+    p.add_argument("--max-len", type=int, default=None, help="maximum total tokens per sequence (KV cache length)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.model in PRESETS and not Path(a.model).exists():
+        cfg = load_config(a.model)
+        print(f"[export] preset {a.model!r}: seeded random weights (seed {a.seed})")
+        model = random_model(cfg, seed=a.seed)
+        source, tok_dir = {"preset": a.model, "seed": a.seed}, None
+    else:
+        print(f"[export] loading checkpoint {a.model} ...")
+        model = load_model(a.model)
+        source, tok_dir = {"checkpoint": str(Path(a.model).resolve())}, Path(a.model)
+    export_artifact(model, a.out, max_len=a.max_len, source=source, tokenizer_dir=tok_dir)
+    print(f"[export] total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

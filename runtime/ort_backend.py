@@ -1,0 +1,129 @@
+"""ONNX Runtime backend: runs an artifact's prefill and decode graphs with the KV cache bound in place.
+
+The cache is a list of OrtValues allocated once per generation (`new_cache`).  Each step binds them with
+IOBinding as both the ``past_*`` inputs and the ``present_*`` outputs, so ``TensorScatter`` updates them in place
+instead of copying the cache.  The one exception is the sliding-layer ring buffers in prefill, which the graph
+rebuilds (a prefill may bring more tokens than a ring holds): their outputs are new buffers that replace the old.
+
+Uses the optimised graphs from ``make build-engine`` when the manifest lists them, else the exported graphs.
+Torch-free.  Does not tokenize, sample or loop: see `runtime.generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.prompt import PrefillInputs
+
+__all__ = ["OrtBackend"]
+
+
+def _is_cache(name: str) -> bool:
+    return name.startswith(("past_key_", "past_value_", "present_key_", "present_value_"))
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, root: Path, manifest: dict[str, Any], *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.root = Path(root)
+        self.manifest = manifest
+        engine = manifest.get("engines", {}).get("onnxruntime", {})
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = int(__import__("os").environ.get("GEMMA4_ORT_LOG", "3"))
+        # Graphs saved by build-engine are already optimised; re-running the basic passes is cheap and safe.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        self.sessions = {}
+        self.io: dict[str, tuple[list[str], list[str]]] = {}
+        for graph in ("prefill", "decode"):
+            rel = engine.get(graph, manifest["graphs"][graph]["file"])
+            sess = ort.InferenceSession(str(self.root / rel), opts, providers=["CPUExecutionProvider"])
+            self.sessions[graph] = sess
+            self.io[graph] = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+        self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if _is_cache(i["name"])]
+        self.layer_types = manifest["model_config"]["text"]["layer_types"]
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, batch: int, max_len: int) -> list:
+        """Zeroed cache buffers for ``batch`` sequences of at most ``max_len`` tokens, as OrtValues."""
+        cache = []
+        for spec in self.cache_specs:
+            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+            cache.append(self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32)))
+        return cache
+
+    def _is_sliding(self, cache_index: int) -> bool:
+        return self.layer_types[cache_index // 2] == "sliding_attention"
+
+    # ------------------------------------------------------------------ steps
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], cache: list, in_place: list[bool]) -> np.ndarray:
+        sess = self.sessions[graph]
+        names_in, names_out = self.io[graph]
+        binding = sess.io_binding()
+        for name in names_in:
+            if name in feeds:
+                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        past = [n for n in names_in if _is_cache(n)]
+        present = [n for n in names_out if _is_cache(n)]
+        binding.bind_output("logits", "cpu")
+        for i, (p_in, p_out) in enumerate(zip(past, present)):
+            binding.bind_ortvalue_input(p_in, cache[i])
+            if in_place[i]:
+                binding.bind_ortvalue_output(p_out, cache[i])
+            else:
+                binding.bind_output(p_out, "cpu")
+        sess.run_with_iobinding(binding)
+        outs = dict(zip(["logits", *present], binding.get_outputs()))  # get_outputs follows binding order
+        for i, p_out in enumerate(present):
+            if not in_place[i]:
+                cache[i] = outs[p_out]
+        return outs["logits"].numpy()
+
+    def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+        names_in = self.io["prefill"][0]
+        feeds = {
+            "input_ids": inputs.input_ids.astype(np.int64),
+            "past_lens": inputs.past_lens.astype(np.int64),
+            "seq_lens": inputs.seq_lens.astype(np.int64),
+        }
+        if "image_patches" in names_in:
+            n_img = 0 if inputs.image_patches is None else len(inputs.image_patches)
+            patch_dim = self._dim("image_patches", 1)
+            feeds["image_patches"] = (
+                inputs.image_patches.astype(np.float32) if n_img else np.zeros((0, patch_dim), np.float32)
+            )
+            feeds["image_positions"] = (
+                inputs.image_positions.astype(np.int64) if n_img else np.zeros((0, 2), np.int64)
+            )
+        elif inputs.image_patches is not None and len(inputs.image_patches):
+            raise ValueError("this model has no vision embedder (no vision_config); it cannot take images")
+        if "audio_frames" in names_in:
+            n_aud = 0 if inputs.audio_frames is None else len(inputs.audio_frames)
+            feeds["audio_frames"] = (
+                inputs.audio_frames.astype(np.float32) if n_aud else np.zeros((0, self._dim("audio_frames", 1)), np.float32)
+            )
+        elif inputs.audio_frames is not None and len(inputs.audio_frames):
+            raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+        in_place = [not self._is_sliding(i) for i in range(len(cache))]
+        return self._run("prefill", feeds, cache, in_place)
+
+    def _dim(self, name: str, axis: int) -> int:
+        sess = self.sessions["prefill"]
+        return int(sess.get_inputs()[self.io["prefill"][0].index(name)].shape[axis])
+
+    def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
+        feeds = {"input_ids": input_ids.astype(np.int64).reshape(-1, 1), "past_lens": past_lens.astype(np.int64)}
+        return self._run("decode", feeds, cache, [True] * len(cache))
+
+    @staticmethod
+    def cache_arrays(cache: list) -> list[np.ndarray]:
+        """Copies of the cache buffers as numpy arrays (for tests and debugging)."""
+        return [np.array(c.numpy()) for c in cache]

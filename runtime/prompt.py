@@ -1,0 +1,119 @@
+"""Turn user prompts (text or token ids, with images and audio) into the prefill inputs of a batch.
+
+Each image in a prompt stands as one ``image`` token id (``<|image|>`` in text) and each audio clip as one
+``audio`` token id (``<|audio|>``); they are expanded to ``boi, n x image, eoi`` and ``boa, n x audio, eoa`` as
+the reference processor does, and their soft tokens are gathered in prompt order.  Batches are right-padded.
+
+Does not run the model or choose tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.audio import audio_frames, load_audio
+from runtime.images import preprocess_image
+
+__all__ = ["PrefillInputs", "Prepared", "expand_prompt", "is_batch", "pack_batch"]
+
+
+@dataclass
+class PrefillInputs:
+    input_ids: np.ndarray  # (B, S) int64, right-padded
+    past_lens: np.ndarray  # (B,) int64
+    seq_lens: np.ndarray  # (B,) int64
+    image_patches: np.ndarray | None = None  # (N, patch_dim) float32, all images in prompt order
+    image_positions: np.ndarray | None = None  # (N, 2) int64
+    audio_frames: np.ndarray | None = None  # (M, 640) float32
+
+
+@dataclass
+class Prepared:
+    """One prompt after expansion: token ids plus the soft tokens of its images and audio, in prompt order."""
+
+    ids: list[int]
+    image_patches: list[np.ndarray] = field(default_factory=list)
+    image_positions: list[np.ndarray] = field(default_factory=list)
+    audio_frames: list[np.ndarray] = field(default_factory=list)
+
+
+def is_batch(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+        return True
+    return False
+
+
+def _as_list(items: Any) -> list:
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def expand_prompt(
+    ids: list[int], images: Any, audio: Any, config: dict, *, max_soft_tokens: int, index: int = 0
+) -> Prepared:
+    """Expand one prompt's placeholders; ``config`` is the manifest's model_config."""
+    tk = config["tokens"]
+    images, audio = _as_list(images), _as_list(audio)
+    where = f"prompt {index}: " if index else ""
+    n_img = sum(1 for t in ids if t == tk["image"])
+    n_aud = sum(1 for t in ids if t == tk["audio"])
+    if n_img != len(images):
+        raise ValueError(
+            f"{where}{n_img} image placeholder(s) (<|image|>, id {tk['image']}) in the prompt but {len(images)} "
+            f"image(s) given; put one placeholder where each image goes"
+        )
+    if n_aud != len(audio):
+        raise ValueError(
+            f"{where}{n_aud} audio placeholder(s) (<|audio|>, id {tk['audio']}) in the prompt but {len(audio)} "
+            f"audio clip(s) given; put one placeholder where each clip goes"
+        )
+    if images and not config.get("vision"):
+        raise ValueError("this model has no vision embedder (no vision_config); it cannot take images")
+    if audio and not config.get("audio"):
+        raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+    out = Prepared(ids=[])
+    img_iter, aud_iter = iter(images), iter(audio)
+    for t in ids:
+        if t == tk["image"]:
+            v = config["vision"]
+            soft = preprocess_image(
+                next(img_iter),
+                max_soft_tokens=max_soft_tokens,
+                patch_size=v["patch_size"],
+                pooling_kernel_size=v["pooling_kernel_size"],
+            )
+            out.ids += [tk["boi"], *[tk["image"]] * len(soft), tk["eoi"]]
+            out.image_patches.append(soft.patches)
+            out.image_positions.append(soft.positions)
+        elif t == tk["audio"]:
+            frames = audio_frames(load_audio(next(aud_iter)), samples_per_token=config["audio"]["samples_per_token"])
+            out.ids += [tk["boa"], *[tk["audio"]] * len(frames), tk["eoa"]]
+            out.audio_frames.append(frames)
+        else:
+            out.ids.append(int(t))
+    return out
+
+
+def pack_batch(prepared: list[Prepared], pad_id: int):
+    """Right-padded (B, S) ids, lengths, and the concatenated soft tokens of the whole batch."""
+    lens = np.array([len(p.ids) for p in prepared], dtype=np.int64)
+    ids = np.full((len(prepared), int(lens.max())), pad_id, dtype=np.int64)
+    for i, p in enumerate(prepared):
+        ids[i, : len(p.ids)] = p.ids
+    patches = [a for p in prepared for a in p.image_patches]
+    positions = [a for p in prepared for a in p.image_positions]
+    frames = [a for p in prepared for a in p.audio_frames]
+    return PrefillInputs(
+        input_ids=ids,
+        past_lens=np.zeros(len(prepared), dtype=np.int64),
+        seq_lens=lens,
+        image_patches=np.concatenate(patches) if patches else None,
+        image_positions=np.concatenate(positions) if positions else None,
+        audio_frames=np.concatenate(frames) if frames else None,
+    )
