@@ -44,7 +44,8 @@ def _riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
         offset += 8 + size + (size & 1)  # chunks are padded to an even size
     for needed in (b"fmt ", b"data"):
         if needed not in chunks:
-            raise ValueError(f"WAV file {str(path)!r} has no {needed.decode().strip()!r} chunk; it is truncated or broken.")
+            name = needed.decode().strip()
+            raise ValueError(f"WAV file {str(path)!r} has no {name!r} chunk; it is truncated or broken.")
     return chunks
 
 

@@ -78,7 +78,9 @@ class Tokenizer:
             try:
                 backend = tokenizers.Tokenizer.from_file(str(json_file))
             except Exception as err:  # the Rust library raises a bare Exception for malformed files
-                raise ValueError(f"{str(json_file)!r} is not a tokenizer file the `tokenizers` library can read: {err}") from err
+                raise ValueError(
+                    f"{str(json_file)!r} is not a tokenizer file the `tokenizers` library can read: {err}"
+                ) from err
             return cls(backend, kind="tokenizers", source=json_file)
         if model_file.is_file():
             import sentencepiece

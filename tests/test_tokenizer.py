@@ -155,3 +155,9 @@ def test_broken_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_broken_tokenizer_model(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"tokenizer\.model.*not a sentencepiece model"):
+        Tokenizer.from_dir(tmp_path)

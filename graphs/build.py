@@ -1,0 +1,110 @@
+"""``make build-engine``: turn an exported artifact's graphs into engines for a backend, recorded in the manifest.
+
+* ``onnxruntime``: ONNX Runtime's extended graph optimisations (constant folding, redundant-node elimination,
+  LayerNorm/GELU/MatMul fusions) applied once and saved as ``ort/prefill.onnx`` and ``ort/decode.onnx`` with
+  their weights in external data, so loading does not redo them.  The saved graphs are checked to run.
+* ``tensorrt``: needs an NVIDIA GPU, the ``tensorrt`` package and the plugin graphs (issue: fused attention and
+  patch embedding plugins); until then it stops with the reason instead of building something half-working.
+* ``auto``: TensorRT where it can build, else ONNX Runtime.
+
+New files are written beside the artifact and moved in only when complete; the manifest is rewritten last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from runtime.manifest import read_manifest, write_manifest
+
+__all__ = ["build_engine", "tensorrt_unavailable_reason"]
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return f"the tensorrt Python package is not installed ({e}); it needs an NVIDIA GPU machine"
+    return (
+        "TensorRT engines are built from the plugin graphs (FusedAttention/PatchEmbed), which this release does "
+        "not produce yet; use BACKEND=onnxruntime"
+    )
+
+
+def _build_onnxruntime(root: Path, manifest: dict, log) -> dict:
+    import onnxruntime as ort
+
+    stage = root / "ort.staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        for graph in ("prefill", "decode"):
+            t0 = time.perf_counter()
+            src = root / manifest["graphs"][graph]["file"]
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            opts.optimized_model_filepath = str(stage / f"{graph}.onnx")
+            opts.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", f"{graph}.onnx.data"
+            )
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            check = ort.SessionOptions()
+            check.log_severity_level = 3
+            ort.InferenceSession(str(stage / f"{graph}.onnx"), check, providers=["CPUExecutionProvider"])
+            log(f"[build-engine] onnxruntime {graph}: optimised graph saved ({time.perf_counter() - t0:.1f} s)")
+        final = root / "ort"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {
+        "prefill": "ort/prefill.onnx",
+        "decode": "ort/decode.onnx",
+        "optimization": "ORT_ENABLE_EXTENDED",
+        "onnxruntime": ort.__version__,
+        "providers": ["CPUExecutionProvider"],
+    }
+
+
+def build_engine(artifact: str | Path, backend: str = "auto", *, log=print) -> dict:
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
+    root = Path(artifact)
+    manifest = read_manifest(root)
+    reason = tensorrt_unavailable_reason()
+    if backend == "tensorrt":
+        raise RuntimeError(f"cannot build a TensorRT engine for {root}: {reason}")
+    if backend == "auto":
+        log(f"[build-engine] TensorRT not used: {reason}; building the ONNX Runtime form")
+    engines = dict(manifest.get("engines", {}))
+    engines["onnxruntime"] = _build_onnxruntime(root, manifest, log)
+    manifest = write_manifest(root, dict(manifest, engines=engines))
+    log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m graphs.build", description=__doc__.split("\n")[0])
+    p.add_argument("--artifact", required=True, help="artifact directory written by `make export`")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    a = p.parse_args(argv)
+    try:
+        build_engine(a.artifact, a.backend)
+    except (RuntimeError, ValueError) as e:
+        print(f"build-engine: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

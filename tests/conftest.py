@@ -1,0 +1,108 @@
+"""Shared fixtures: reference checkpoints written by transformers, our artifacts exported from them.
+
+Every tiny preset in `exporter.config.TEST_PRESETS` gets a checkpoint (seeded random weights, perturbed away from
+the initialiser's ones/zeros so norms, layer scalars and biases matter) and an artifact exported from it with our
+loader.  Both are built once per session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from exporter.config import PRESETS, TEST_PRESETS  # noqa: E402
+
+# The artifacts are exported with this maximum length; tests run other shapes.
+ARTIFACT_MAX_LEN = 200
+
+
+def build_reference(preset: str, seed: int = 0):
+    """transformers' Gemma4UnifiedForConditionalGeneration for a preset, with perturbed seeded weights."""
+    import torch
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    cfg = PRESETS[preset]
+    torch.manual_seed(seed)
+    ref = Gemma4UnifiedForConditionalGeneration(Gemma4UnifiedConfig(**cfg.to_hf_dict())).eval()
+    # Eager attention is the reference's plain definition; its SDPA path differs from it by up to ~7e-4 of the
+    # logit range on image prompts longer than the window (tiny-deep), more than our tolerance.
+    ref.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("embed_tokens.weight"):
+                p.normal_(0.0, 0.5, generator=gen)  # larger logits: greedy choices far from ties
+            elif name.endswith(".weight") and p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias") or name.endswith("pos_embedding"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        for i, layer in enumerate(ref.model.language_model.layers):
+            layer.layer_scalar.fill_(0.6 + 0.15 * (i % 4))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gemma4")
+
+
+@pytest.fixture(scope="session")
+def reference_store(workdir):
+    """preset -> (transformers model, checkpoint dir); built lazily."""
+    store: dict[str, tuple] = {}
+
+    def get(preset: str):
+        if preset not in store:
+            ref = build_reference(preset)
+            path = workdir / f"ckpt-{preset}"
+            ref.save_pretrained(path)
+            store[preset] = (ref, path)
+        return store[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifact_store(workdir, reference_store):
+    """preset -> artifact dir exported (by our exporter, from the transformers checkpoint) and engine-built."""
+    store: dict[str, Path] = {}
+
+    def get(preset: str) -> Path:
+        if preset not in store:
+            from exporter.export import export_artifact
+            from exporter.weights import load_model
+            from graphs.build import build_engine
+
+            _, ckpt = reference_store(preset)
+            out = workdir / f"artifact-{preset}"
+            max_len = min(ARTIFACT_MAX_LEN, PRESETS[preset].text.max_position_embeddings)
+            export_artifact(load_model(ckpt), out, max_len=max_len, log=lambda *_: None)
+            build_engine(out, "onnxruntime", log=lambda *_: None)
+            store[preset] = out
+        return store[preset]
+
+    return get
+
+
+@pytest.fixture(params=TEST_PRESETS)
+def preset(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------- prompts shared by the numeric tests
+def rng_ids(rng: np.random.Generator, n: int, vocab_hi: int = 290) -> list[int]:
+    return [int(t) for t in rng.integers(3, vocab_hi, n)]
+
+
+def image_array(h: int, w: int, seed: int) -> np.ndarray:
+    """A random RGB image whose size needs no resize under the default budget (multiples of 48)."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def audio_wave(n: int, seed: int) -> np.ndarray:
+    return (0.3 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
