@@ -13,8 +13,10 @@ exported with their weights in memory; see README "Export memory").
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import shutil
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -125,10 +127,42 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path) -> None:
     import onnx
 
     cfg = model.cfg
-    module = _Prefill(model) if graph == "prefill" else _Decode(model)
+    module = (_Prefill(model) if graph == "prefill" else _Decode(model)).eval()
     args, dyn = _example(cfg, graph)
     inputs, outputs = graph_io(cfg, graph)
-    program = torch.onnx.export(
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        # torch.onnx reports benign renames of shared dynamic axes and missing torchvision ops; keep output readable
+        warnings.simplefilter("ignore")
+        program = _torch_export(module, args, dyn, inputs, outputs)
+    program.save(str(path), external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    _name_dims(proto, inputs + outputs)
+    onnx.save(proto, str(path))  # the graph only: its external data file stays as written
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != [i["name"] for i in inputs] or got_out != [o["name"] for o in outputs]:
+        raise RuntimeError(f"{path.name}: exported graph I/O {got_in} -> {got_out} differs from the contract")
+
+
+def _name_dims(proto, specs: list[dict]) -> None:
+    """Give every dynamic dim its contract name (torch.onnx names some ``s15``), consistently across the graph."""
+    by_name = {s["name"]: s["shape"] for s in specs}
+    rename: dict[str, str] = {}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        for dim, want in zip(vi.type.tensor_type.shape.dim, by_name[vi.name]):
+            if isinstance(want, str):
+                if dim.dim_param and rename.setdefault(dim.dim_param, want) != want:
+                    raise RuntimeError(f"dim {dim.dim_param} of {vi.name} is both {rename[dim.dim_param]} and {want}")
+                if not dim.dim_param:
+                    raise RuntimeError(f"{vi.name}: dim expected dynamic ({want}) but exported static {dim.dim_value}")
+    for vi in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def _torch_export(module, args, dyn, inputs, outputs):
+    return torch.onnx.export(
         module,
         args,
         dynamo=True,
@@ -140,12 +174,17 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path) -> None:
         optimize=True,
         verbose=False,
     )
-    program.save(str(path), external_data=True)
-    proto = onnx.load(str(path), load_external_data=False)
-    got_in = [i.name for i in proto.graph.input]
-    got_out = [o.name for o in proto.graph.output]
-    if got_in != [i["name"] for i in inputs] or got_out != [o["name"] for o in outputs]:
-        raise RuntimeError(f"{path.name}: exported graph I/O {got_in} -> {got_out} differs from the contract")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _versions() -> dict[str, str]:

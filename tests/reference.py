@@ -59,9 +59,15 @@ def reference_logits(ref, inputs: dict) -> np.ndarray:
 
 @torch.no_grad()
 def reference_generate(ref, inputs: dict, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """Greedy new tokens, cut after the first stop token (transformers pads after it)."""
+    """Greedy new tokens, cut after the first stop token (transformers pads after it).
+
+    With a static cache, generate builds its masks with the model's own ``create_masks_for_generate`` (image
+    blocks bidirectional on sliding layers only, as Gemma 4 specifies). With the default dynamic cache, the forward
+    builds them with the generic helper, which also opens image blocks on full layers; see README "Reference".
+    """
     out = ref.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=0,
+        cache_implementation="static",
     )
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     for i, t in enumerate(new):
