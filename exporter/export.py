@@ -258,14 +258,23 @@ def export_artifact(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from exporter.weights import load_model, random_model
-
     p = argparse.ArgumentParser(prog="python -m exporter.export", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
     p.add_argument("--out", required=True, help="artifact directory to write (replaced on success)")
     p.add_argument("--max-len", type=int, default=None, help="maximum total tokens per sequence (KV cache length)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
     a = p.parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(a) -> None:
+    from exporter.weights import load_model, random_model
+
     t0 = time.perf_counter()
     if a.model in PRESETS and not Path(a.model).exists():
         cfg = load_config(a.model)
@@ -278,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         source, tok_dir = {"checkpoint": str(Path(a.model).resolve())}, Path(a.model)
     export_artifact(model, a.out, max_len=a.max_len, source=source, tokenizer_dir=tok_dir)
     print(f"[export] total {time.perf_counter() - t0:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":
