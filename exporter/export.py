@@ -231,7 +231,7 @@ def export_artifact(
                     tokenizer_files.append(name)
         manifest = {
             "model_config": cfg.to_json_dict(),
-            "source": source or {},
+            "source": source or getattr(model, "source", {}),
             "precision": "fp32",
             "max_len": max_len,
             "opset": OPSET,

@@ -125,6 +125,7 @@ def load_model(ckpt: str | Path, *, dtype: torch.dtype = torch.float32, cfg: Mod
     t = cfg.text
     model.rope_sliding = Rope(t.head_dim, t.sliding_rope_theta)
     model.rope_full = Rope(t.global_head_dim, t.full_rope_theta, t.full_partial_rotary_factor)
+    model.source = {"checkpoint": str(ckpt.resolve())}
     return model.eval()
 
 
@@ -140,4 +141,5 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    model.source = {"random_weights": True, "seed": seed}
     return model.to(dtype).eval()

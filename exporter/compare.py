@@ -1,0 +1,167 @@
+"""``make compare``: Polygraphy comparison of an artifact's ONNX Runtime graphs against our PyTorch model.
+
+`TorchGemma4Runner` is a Polygraphy runner (a ``BaseRunner``) that executes `Gemma4Model.prefill` or
+``.decode`` on the graph's feed dict, so ``Comparator.run`` can put it beside Polygraphy's ``OnnxrtRunner``.
+Inputs are consistent random batches (placeholder counts match the soft tokens, lengths fit the cache, caches
+hold random past K/V so prefill runs on a non-empty cache) on shapes other than the ones used to export.
+Tolerances are per output: logits against the logit range, caches absolute.
+
+Does not compare against transformers (the test suite does) or time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.config import ModelConfig
+from exporter.model import Gemma4Model
+
+__all__ = ["TorchGemma4Runner", "compare_artifact", "feeds_for", "model_for_artifact"]
+
+
+def _lazy_base():
+    from polygraphy.backend.base import BaseRunner
+
+    return BaseRunner
+
+
+class TorchGemma4Runner(_lazy_base()):
+    """Runs the prefill or decode function of our PyTorch model on Polygraphy feed dicts."""
+
+    def __init__(self, model: Gemma4Model, graph: str, input_specs: list[dict], output_names: list[str]):
+        super().__init__(prefix=f"torch-gemma4-{graph}")
+        self.model, self.graph = model, graph
+        self.input_specs, self.output_names = input_specs, output_names
+
+    def activate_impl(self):
+        self.model.eval()
+
+    def deactivate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for spec in self.input_specs:
+            shape = [d if isinstance(d, int) else -1 for d in spec["shape"]]
+            meta.add(spec["name"], np.dtype(spec["dtype"]), shape)
+        return meta
+
+    @torch.no_grad()
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
+        caches = [t[s["name"]] for s in self.input_specs if s["name"].startswith(("past_key_", "past_value_"))]
+        if self.graph == "prefill":
+            logits, present = self.model.prefill(
+                t["input_ids"], t["past_lens"], t["seq_lens"], caches, t.get("image_patches"),
+                t.get("image_positions"), t.get("audio_frames"),
+            )
+        else:
+            logits, present = self.model.decode(t["input_ids"], t["past_lens"], caches)
+        out = OrderedDict(zip(self.output_names, [x.numpy() for x in (logits, *present)]))
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
+def feeds_for(cfg: ModelConfig, graph: str, input_specs: list[dict], *, batch: int, seq: int, max_len: int, seed: int):
+    """One consistent random feed dict for ``graph``."""
+    rng = np.random.default_rng(seed)
+    tk = cfg.tokens
+    s = seq if graph == "prefill" else 1
+    past = rng.integers(0, max_len - s, batch)
+    ids = rng.integers(3, min(cfg.text.vocab_size, 290), (batch, s))
+    feeds: dict[str, np.ndarray] = {}
+    n_img = n_aud = 0
+    if graph == "prefill":
+        if cfg.vision is not None and s >= 4:
+            n_img = 3
+            ids[0, 1:4] = tk.image
+        if cfg.audio is not None and s >= 6 and batch > 1:
+            n_aud = 2
+            ids[-1, 4:6] = tk.audio
+        feeds["seq_lens"] = np.maximum(1, s - rng.integers(0, s, batch)).astype(np.int64)
+        feeds["seq_lens"][0] = s
+        if cfg.vision is not None:
+            feeds["image_patches"] = rng.random((n_img, cfg.vision.patch_dim), dtype=np.float32)
+            feeds["image_positions"] = np.array([[0, 0], [1, 0], [0, 1]][:n_img], dtype=np.int64).reshape(n_img, 2)
+        if cfg.audio is not None:
+            feeds["audio_frames"] = rng.standard_normal((n_aud, cfg.audio.samples_per_token)).astype(np.float32)
+    feeds["input_ids"] = ids.astype(np.int64)
+    feeds["past_lens"] = past.astype(np.int64)
+    for spec in input_specs:
+        if spec["name"].startswith(("past_key_", "past_value_")):
+            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return OrderedDict((spec["name"], feeds[spec["name"]]) for spec in input_specs)
+
+
+def model_for_artifact(root: Path, manifest: dict) -> Gemma4Model:
+    """The PyTorch model an artifact was exported from (its checkpoint, or its preset and seed)."""
+    from exporter.weights import load_model, random_model
+
+    cfg = ModelConfig.from_json_dict(manifest["model_config"])
+    source = manifest.get("source", {})
+    if "checkpoint" in source:
+        return load_model(source["checkpoint"], cfg=cfg)
+    if "seed" in source:  # a preset exported with seeded random weights
+        return random_model(cfg, seed=int(source.get("seed", 0)))
+    raise ValueError(f"{root}/manifest.json: 'source' names neither a checkpoint nor a random-weights seed; cannot rebuild the model")
+
+
+def compare_artifact(root: str | Path, *, model: Gemma4Model | None = None, iterations: int = 2, log=print) -> bool:
+    """Comparator.run + compare_accuracy for both graphs; True when every output is within tolerance."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    from runtime.manifest import read_manifest
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    model = model or model_for_artifact(root, manifest)
+    cfg = model.cfg
+    ok = True
+    for graph in ("prefill", "decode"):
+        spec = manifest["graphs"][graph]
+        rel = manifest.get("engines", {}).get("onnxruntime", {}).get(graph, spec["file"])
+        outputs = [o["name"] for o in spec["outputs"]]
+        runners = [
+            TorchGemma4Runner(model, graph, spec["inputs"], outputs),
+            OnnxrtRunner(SessionFromOnnx(str(root / rel), providers=["CPUExecutionProvider"])),
+        ]
+        shapes = [(3, 13, min(manifest["max_len"], 45)), (1, 5, min(manifest["max_len"], 29))][:iterations]
+        data = [
+            feeds_for(cfg, graph, spec["inputs"], batch=b, seq=s, max_len=m, seed=i)
+            for i, (b, s, m) in enumerate(shapes)
+        ]
+        results = Comparator.run(runners, data_loader=data)
+        # Logits: scale with the soft-capped range (|logit| <= cap); caches: values of order 1.
+        cap = cfg.text.final_logit_softcapping or 30.0
+        compare = CompareFunc.simple(atol={"logits": 2e-4 * cap, "": 1e-3}, rtol={"": 1e-3}, check_error_stat="max")
+        accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+        ok &= bool(accuracy)
+        log(f"[compare] {graph}: {'PASSED' if accuracy else 'FAILED'} ({len(data)} batches, {len(outputs)} outputs)")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m exporter.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--artifact", required=True)
+    a = p.parse_args(argv)
+    try:
+        return 0 if compare_artifact(a.artifact) else 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
