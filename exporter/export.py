@@ -123,7 +123,8 @@ def _example(cfg: ModelConfig, graph: str):
     return args, dyn
 
 
-def _export_graph(model: Gemma4Model, graph: str, path: Path) -> None:
+def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from: Path | None, log) -> None:
+    """Trace one graph and save it; with ``weights_from`` the model is fake and weights stream from there."""
     import onnx
 
     cfg = model.cfg
@@ -133,8 +134,14 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path) -> None:
     with warnings.catch_warnings(), _quiet_torch_logs():
         # torch.onnx reports benign renames of shared dynamic axes and missing torchvision ops; keep output readable
         warnings.simplefilter("ignore")
-        program = _torch_export(module, args, dyn, inputs, outputs)
-    program.save(str(path), external_data=True)
+        program = _torch_export(module, args, dyn, inputs, outputs, optimize=weights_from is None)
+    if weights_from is None:
+        program.save(str(path), external_data=True)
+    else:
+        from exporter.stream import stream_graph
+
+        stream_graph(program, path, weights_from, cfg, log=log)
+    del program
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, inputs + outputs)
     onnx.save(proto, str(path))  # the graph only: its external data file stays as written
@@ -161,7 +168,7 @@ def _name_dims(proto, specs: list[dict]) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _torch_export(module, args, dyn, inputs, outputs):
+def _torch_export(module, args, dyn, inputs, outputs, *, optimize: bool):
     return torch.onnx.export(
         module,
         args,
@@ -171,7 +178,7 @@ def _torch_export(module, args, dyn, inputs, outputs):
         input_names=[i["name"] for i in inputs],
         output_names=[o["name"] for o in outputs],
         external_data=True,
-        optimize=True,
+        optimize=optimize,
         verbose=False,
     )
 
@@ -207,9 +214,14 @@ def export_artifact(
     max_len: int | None = None,
     source: dict | None = None,
     tokenizer_dir: Path | None = None,
+    weights_from: Path | None = None,
     log=print,
 ) -> dict:
-    """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success)."""
+    """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success).
+
+    With ``weights_from`` (a checkpoint directory), ``model`` may be a fake model (`exporter.stream.fake_model`):
+    weights are streamed from the checkpoint into external data instead of taken from the model.
+    """
     cfg = model.cfg
     max_len = max_len or min(cfg.text.max_position_embeddings, 8192)
     if max_len < 2 or max_len > cfg.text.max_position_embeddings:
@@ -220,7 +232,7 @@ def export_artifact(
             log(f"[export] tracing {graph} graph ...")
             t0 = time.perf_counter()
             with torch.no_grad():
-                _export_graph(model, graph, stage / f"{graph}.onnx")
+                _export_graph(model, graph, stage / f"{graph}.onnx", weights_from, log)
             timings[graph] = round(time.perf_counter() - t0, 2)
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
         tokenizer_files = []
@@ -273,19 +285,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a) -> None:
-    from exporter.weights import load_model, random_model
+    from exporter.stream import fake_model
+    from exporter.weights import plan_checkpoint, random_model
 
     t0 = time.perf_counter()
     if a.model in PRESETS and not Path(a.model).exists():
         cfg = load_config(a.model)
         print(f"[export] preset {a.model!r}: seeded random weights (seed {a.seed})")
         model = random_model(cfg, seed=a.seed)
-        source, tok_dir = {"preset": a.model, "seed": a.seed}, None
+        source = {"preset": a.model, "seed": a.seed}
+        export_artifact(model, a.out, max_len=a.max_len, source=source)
     else:
-        print(f"[export] loading checkpoint {a.model} ...")
-        model = load_model(a.model)
-        source, tok_dir = {"checkpoint": str(Path(a.model).resolve())}, Path(a.model)
-    export_artifact(model, a.out, max_len=a.max_len, source=source, tokenizer_dir=tok_dir)
+        ckpt = Path(a.model)
+        cfg = load_config(ckpt)
+        plan_checkpoint(ckpt, cfg)  # every tensor checked before any work
+        print(f"[export] checkpoint {ckpt}: tracing without weights, streaming them into external data")
+        source = {"checkpoint": str(ckpt.resolve())}
+        export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, tokenizer_dir=ckpt, weights_from=ckpt)
     print(f"[export] total {time.perf_counter() - t0:.1f} s")
 
 

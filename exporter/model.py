@@ -20,6 +20,7 @@ load weights (`exporter.weights`) or export (`exporter.export`).
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,17 @@ class _Backbone(nn.Module):
             self.embed_audio = Projection(cfg.audio.samples_per_token, t.hidden_size, cfg.audio.rms_norm_eps)
 
 
+def _round_to(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype`` (as the reference's ``embed_scale.to(weight.dtype)``), in plain Python so that
+    tracing under FakeTensorMode sees a constant, not a tensor."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    if dtype == torch.bfloat16:
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to nearest even on the top 16 bits
+    elif dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", x))[0]
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 def _place(embeds: torch.Tensor, is_slot: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """Put soft tokens (N, H) at the slots (B, S) in row-major order; embeds (B, S, H)."""
     b, s, hidden = embeds.shape
@@ -240,7 +252,7 @@ class Gemma4Model(nn.Module):
         is_mm = (input_ids == tk.image) | (input_ids == tk.audio) | (input_ids == tk.video)
         ids = torch.where(is_mm, tk.pad, input_ids)
         w = self.model.language_model.embed_tokens.weight
-        return F.embedding(ids, w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+        return F.embedding(ids, w) * _round_to(self.embed_scale, w.dtype)  # scale rounded to the weight dtype
 
     def embed_images(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_vision(self.model.vision_embedder(patches, positions))

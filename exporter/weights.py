@@ -9,14 +9,13 @@ under ``model.vision_embedder.*`` or ``model.embed_vision.*``; the vision projec
 ``model.embed_vision.embedding_projection.weight`` or ``...embed_vision.multimodal_embedder.embedding_projection``.
 ``lm_head.weight`` is ignored (the LM head is tied to the embedding).
 
-`checkpoint_tensors` yields (our name, file, checkpoint name) without reading data: it is what a streaming
-exporter uses to write weights into external data without holding them (not done yet for the 12B; see README).
+`plan_checkpoint` checks names, shapes and dtypes and maps each tensor to its file without reading any data; the
+streaming exporter (`exporter.stream`) uses it to write weights into external data one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,10 +23,20 @@ import torch
 from exporter.config import ModelConfig, load_config
 from exporter.model import Gemma4Model, Rope
 
-__all__ = ["CheckpointError", "checkpoint_files", "checkpoint_tensors", "load_model"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_files",
+    "expected_tensors",
+    "load_model",
+    "plan_checkpoint",
+    "random_model",
+    "read_tensor",
+    "real_buffers",
+]
 
 _VISION_PARTS = ("patch_ln1.", "patch_dense.", "patch_ln2.", "pos_embedding", "pos_norm.")
 _IGNORED = ("lm_head.weight",)
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 class CheckpointError(ValueError):
@@ -73,26 +82,20 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read as safetensors ({e}); is the file truncated or corrupt?") from e
 
 
-def checkpoint_tensors(ckpt: Path) -> Iterator[tuple[str, Path, str]]:
-    """(our name, file, name in file) for every tensor we use, without reading any data."""
-    for path in checkpoint_files(ckpt):
-        with _open(path) as f:
-            for name in f.keys():
-                ours = _our_name(name)
-                if ours is not None:
-                    yield ours, path, name
-
-
-def load_model(ckpt: str | Path, *, dtype: torch.dtype = torch.float32, cfg: ModelConfig | None = None) -> Gemma4Model:
-    """Build `Gemma4Model` from a checkpoint directory, checking every tensor against the config."""
-    from safetensors import SafetensorError
-
-    ckpt = Path(ckpt)
-    cfg = cfg or load_config(ckpt)
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict names and shapes for a config, computed on the meta device (no memory)."""
     with torch.device("meta"):
         model = Gemma4Model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def plan_checkpoint(ckpt: Path, cfg: ModelConfig) -> dict[str, tuple[Path, str]]:
+    """Map each of our tensor names to (file, name in file), checking names and shapes without reading data.
+
+    Raises `CheckpointError` listing every missing, unexpected, duplicated, mis-shaped or non-float tensor.
+    """
+    expected = expected_tensors(cfg)
+    plan: dict[str, tuple[Path, str]] = {}
     problems: list[str] = []
     for path in checkpoint_files(ckpt):
         with _open(path) as f:
@@ -102,25 +105,51 @@ def load_model(ckpt: str | Path, *, dtype: torch.dtype = torch.float32, cfg: Mod
                     continue
                 if ours not in expected:
                     problems.append(f"unexpected tensor {name!r} in {path.name}")
-                    continue
-                if ours in state:
+                elif ours in plan:
                     problems.append(f"tensor {name!r} appears twice (again in {path.name})")
-                    continue
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[ours]:
-                    problems.append(f"tensor {name!r} in {path.name} has shape {shape}, expected {expected[ours]}")
-                    continue
-                try:
-                    tensor = f.get_tensor(name)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); is the file truncated?") from e
-                if not tensor.is_floating_point():
-                    problems.append(f"tensor {name!r} in {path.name} has dtype {tensor.dtype}, expected a float")
-                    continue
-                state[ours] = tensor.to(dtype)
-    problems += [f"missing tensor {k!r}" for k in expected if k not in state]
+                else:
+                    info = f.get_slice(name)
+                    shape, dtype = tuple(info.get_shape()), info.get_dtype()
+                    if shape != expected[ours]:
+                        problems.append(f"tensor {name!r} in {path.name} has shape {shape}, expected {expected[ours]}")
+                    elif dtype not in _FLOAT_DTYPES:
+                        problems.append(f"tensor {name!r} in {path.name} has dtype {dtype}, expected a float")
+                    else:
+                        plan[ours] = (path, name)
+    problems += [f"missing tensor {k!r}" for k in expected if k not in plan]
     if problems:
         raise CheckpointError(f"{ckpt}: checkpoint does not match its config:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def read_tensor(path: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor from a safetensors file, cast to ``dtype``; a clear error if the file is truncated."""
+    from safetensors import SafetensorError
+
+    with _open(path) as f:
+        try:
+            return f.get_tensor(name).to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); is the file truncated?") from e
+
+
+def real_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Buffers computed from the config rather than stored in the checkpoint (RoPE inverse frequencies)."""
+    t = cfg.text
+    return {
+        "rope_sliding.inv_freq": Rope(t.head_dim, t.sliding_rope_theta).inv_freq,
+        "rope_full.inv_freq": Rope(t.global_head_dim, t.full_rope_theta, t.full_partial_rotary_factor).inv_freq,
+    }
+
+
+def load_model(ckpt: str | Path, *, dtype: torch.dtype = torch.float32, cfg: ModelConfig | None = None) -> Gemma4Model:
+    """Build `Gemma4Model` from a checkpoint directory, checking every tensor against the config."""
+    ckpt = Path(ckpt)
+    cfg = cfg or load_config(ckpt)
+    plan = plan_checkpoint(ckpt, cfg)
+    with torch.device("meta"):
+        model = Gemma4Model(cfg)
+    state = {ours: read_tensor(path, name, dtype) for ours, (path, name) in plan.items()}
     model.load_state_dict(state, strict=True, assign=True)
     t = cfg.text
     model.rope_sliding = Rope(t.head_dim, t.sliding_rope_theta)

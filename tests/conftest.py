@@ -69,19 +69,23 @@ def reference_store(workdir):
 
 @pytest.fixture(scope="session")
 def artifact_store(workdir, reference_store):
-    """preset -> artifact dir exported (by our exporter, from the transformers checkpoint) and engine-built."""
+    """preset -> artifact dir exported from the transformers checkpoint the way `make export` does it (traced
+    without weights, weights streamed from the checkpoint), then engine-built for ONNX Runtime."""
     store: dict[str, Path] = {}
 
     def get(preset: str) -> Path:
         if preset not in store:
             from exporter.export import export_artifact
-            from exporter.weights import load_model
+            from exporter.stream import fake_model
             from graphs.build import build_engine
 
             _, ckpt = reference_store(preset)
             out = workdir / f"artifact-{preset}"
             max_len = min(ARTIFACT_MAX_LEN, PRESETS[preset].text.max_position_embeddings)
-            export_artifact(load_model(ckpt), out, max_len=max_len, log=lambda *_: None)
+            export_artifact(
+                fake_model(PRESETS[preset]), out, max_len=max_len, source={"checkpoint": str(ckpt)},
+                weights_from=ckpt, log=lambda *_: None,
+            )
             build_engine(out, "onnxruntime", log=lambda *_: None)
             store[preset] = out
         return store[preset]
