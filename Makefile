@@ -12,7 +12,7 @@ PROMPT ?=
 IDS ?=
 MAX_NEW_TOKENS ?= 32
 
-.PHONY: help install export build-engine generate compare test clean
+.PHONY: help install export build-engine generate compare test bench clean
 
 help:
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
@@ -21,6 +21,7 @@ help:
 	@echo "make generate OUT=<dir> PROMPT='...' [MAX_NEW_TOKENS=n]   generate with runtime.generate"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make test                         install, then run the test suite"
+	@echo "make bench                        export time and peak memory from a 2.4B-parameter checkpoint -> bench/results/"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ compare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/export_memory.py
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -26,6 +26,7 @@ from torch import nn
 
 from exporter.config import ModelConfig, PRESETS, load_config
 from exporter.model import Gemma4Model, cache_shapes
+from exporter.share import share_external_data
 from runtime.manifest import staged_artifact, write_manifest
 
 __all__ = ["OPSET", "export_artifact", "graph_io"]
@@ -235,6 +236,8 @@ def export_artifact(
                 _export_graph(model, graph, stage / f"{graph}.onnx", weights_from, log)
             timings[graph] = round(time.perf_counter() - t0, 2)
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
+        if share_external_data(stage, log=log):
+            log("[export] prefill and decode share weights.data")
         tokenizer_files = []
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

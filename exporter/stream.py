@@ -11,6 +11,7 @@ Runtime's optimisations are applied by ``make build-engine``.  Used by `exporter
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -32,10 +33,37 @@ def fake_model(cfg: ModelConfig) -> Gemma4Model:
         return Gemma4Model(cfg).eval()
 
 
+_CHUNK_BYTES = 64 << 20
+
+
 def _lazy(fn, shape) -> object:
     import onnx_ir as ir
 
     return ir.LazyTensor(lambda: ir.tensor(fn().numpy()), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape))
+
+
+def _streamed(file: Path, key: str, shape) -> object:
+    """A lazy fp32 tensor that ``onnx_ir.save`` writes in row chunks read straight from the safetensors file, so
+    even the 262144 x 3840 embedding never exists whole in memory (bf16 -> fp32 would otherwise need 5.6 GiB)."""
+    import onnx_ir as ir
+
+    class _Streamed(ir.LazyTensor):
+        def tofile(self, out) -> None:
+            from safetensors import safe_open
+
+            rows = shape[0] if shape else 1
+            row_bytes = 4 * max(1, math.prod(shape[1:])) if shape else 4
+            step = max(1, _CHUNK_BYTES // row_bytes)
+            with safe_open(str(file), framework="pt") as f:
+                view = f.get_slice(key)
+                for start in range(0, rows, step):
+                    chunk = view[start:start + step] if shape else view[:]
+                    out.write(chunk.to(torch.float32).contiguous().numpy().tobytes())
+
+    return _Streamed(
+        lambda: ir.tensor(read_tensor(file, key, torch.float32).numpy()), dtype=ir.DataType.FLOAT,
+        shape=ir.Shape(shape),
+    )
 
 
 def stream_graph(program, path: Path, ckpt: Path, cfg: ModelConfig, *, log=print) -> None:
@@ -50,8 +78,7 @@ def stream_graph(program, path: Path, ckpt: Path, cfg: ModelConfig, *, log=print
         ours = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
         shape = tuple(value.shape.numpy()) if value.shape is not None else ()
         if ours in plan:
-            file, key = plan[ours]
-            value.const_value = _lazy(lambda f=file, k=key: read_tensor(f, k, torch.float32), shape)
+            value.const_value = _streamed(*plan[ours], shape)
         elif ours in computed:
             value.const_value = _lazy(lambda t=computed[ours]: t, shape)
         else:

@@ -51,7 +51,9 @@ def test_graph_contract(preset, artifact_store):
                 continue
             users = {n.op_type for n in g.graph.node if vi.name in n.input}
             assert "TensorScatter" in users and users <= {"TensorScatter", "Shape"}, f"{name}: {vi.name} feeds {users}"
-        assert (art / f"{name}.onnx.data").is_file(), "weights are not in external data"
+        locations = {e.value for t in g.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.data"}, f"{name}: weights in {locations}, expected one shared file"
+    assert not (art / "decode.onnx.data").exists() and not (art / "prefill.onnx.data").exists()
     sliding_in = next(i for i in manifest["graphs"]["decode"]["inputs"] if i["name"] == "past_key_0")
     assert sliding_in["shape"][2] == cfg.text.sliding_window  # ring buffer, not the full context
 

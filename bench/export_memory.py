@@ -1,0 +1,115 @@
+"""Benchmark: time and peak memory of `make export` from a checkpoint, written to bench/results/export_memory.json.
+
+Writes a random bf16 checkpoint of a config (default: the 12B's exact layer shapes and vocabulary with 6 of its
+48 layers, 2.4 B parameters, 4.7 GB) in the Hugging Face layout, then runs the exporter CLI in a child process
+and records its wall time and peak resident memory (ru_maxrss of the child) next to the size of the weights it
+wrote.  The streaming exporter should peak far below the fp32 weight size; that is the property that lets the 12B
+(48 GB of fp32 weights) export in a few GiB.
+
+Usage: ``python bench/export_memory.py [--layers 6] [--keep]`` (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_checkpoint(cfg, path: Path, shard_bytes: int = 1 << 30) -> int:
+    """Random bf16 weights in HF shards of about ``shard_bytes``, written shard by shard; returns total bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from exporter.weights import expected_tensors
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict = {}
+    size = total = 0
+
+    def flush():
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard.clear()
+
+    for name, shape in expected_tensors(cfg).items():
+        shard[name] = (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        total += shard[name].numel() * 2
+        if size >= shard_bytes:
+            flush()
+            size = 0
+    if shard:
+        flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return total
+
+
+def main() -> int:
+    from exporter.config import PRESETS
+    from exporter.weights import expected_tensors
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "export_memory.json"))
+    a = p.parse_args()
+    base = PRESETS["gemma4-12b"]
+    cfg = replace(base, text=replace(base.text, num_layers=a.layers, layer_types=()))
+    work = Path(tempfile.mkdtemp(prefix="gemma4-bench-"))
+    try:
+        t0 = time.perf_counter()
+        ckpt_bytes = write_checkpoint(cfg, work / "ckpt")
+        t_ckpt = time.perf_counter() - t0
+        print(f"[bench] checkpoint: {ckpt_bytes / 2**30:.2f} GiB bf16 in {t_ckpt:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "exporter.export", "--model", str(work / "ckpt"), "--out", str(work / "art"),
+             "--max-len", "4096"],
+            cwd=ROOT, text=True,
+        )
+        wall = time.perf_counter() - t0
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if done.returncode != 0:
+            print("[bench] export failed", file=sys.stderr)
+            return 1
+        data = sum(f.stat().st_size for f in (work / "art").iterdir() if f.is_file())
+        result = {
+            "benchmark": "export from a bf16 checkpoint (streamed weights)",
+            "config": f"gemma4-12b shapes with {a.layers} layers",
+            "parameters": sum(math.prod(s) for s in expected_tensors(cfg).values()),
+            "checkpoint_gib_bf16": round(ckpt_bytes / 2**30, 3),
+            "artifact_gib_fp32": round(data / 2**30, 3),
+            "export_wall_s": round(wall, 1),
+            "export_peak_rss_gib": round(peak_kib / 2**20, 3),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
