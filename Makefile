@@ -12,9 +12,12 @@ PROMPT ?=
 IDS ?=
 MAX_NEW_TOKENS ?= 32
 
-.PHONY: help install export build-engine generate compare test bench clean
+.PHONY: help demo eval train-demo install export build-engine generate compare test bench clean
 
 help:
+	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
+	@echo "make eval OUT=<artifact>          exact-answer accuracy of a demo artifact on the held-out split"
+	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n]   export prefill.onnx + decode.onnx into an artifact"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt]   build engines for the artifact"
@@ -30,6 +33,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m exporter.export --model demo/checkpoint --out artifacts/demo --max-len 256
+	$(PY) -m graphs.build --artifact artifacts/demo --backend auto
+	$(PY) -m demo.evaluate --artifact artifacts/demo --n 20 --show 2
+
+eval: $(STAMP)
+	$(PY) -m demo.evaluate --artifact $(OUT)
+
+train-demo: $(STAMP)
+	$(PY) -m demo.train --out demo/checkpoint
 
 export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN))

@@ -1,9 +1,10 @@
 """Benchmark: time and peak memory of `make export` from a checkpoint, written to bench/results/export_memory.json.
 
 Writes a random bf16 checkpoint of a config (default: the 12B's exact layer shapes and vocabulary with 6 of its
-48 layers, 2.4 B parameters, 4.7 GB) in the Hugging Face layout, then runs the exporter CLI in a child process
-and records its wall time and peak resident memory (ru_maxrss of the child) next to the size of the weights it
-wrote.  The streaming exporter should peak far below the fp32 weight size; that is the property that lets the 12B
+48 layers, 2.4 B parameters, 4.5 GiB) in the Hugging Face layout, then runs the exporter CLI in a child process
+and records its wall time and peak resident memory (that child's own ru_maxrss, from wait4) next to the size of
+the weights it wrote.  Both steps run in child processes so the parent stays small: a forked child briefly
+counts its parent's memory as its own.  The streaming exporter should peak far below the fp32 weight size; that is the property that lets the 12B
 (48 GB of fp32 weights) export in a few GiB.
 
 Usage: ``python bench/export_memory.py [--layers 6] [--keep]`` (``make bench``).
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -62,8 +62,25 @@ def write_checkpoint(cfg, path: Path, shard_bytes: int = 1 << 30) -> int:
     return total
 
 
-def main() -> int:
+def _config(layers: int):
     from exporter.config import PRESETS
+
+    base = PRESETS["gemma4-12b"]
+    return replace(base, text=replace(base.text, num_layers=layers, layer_types=()))
+
+
+def _child_write(layers: int, path: Path) -> int:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+        "from bench.export_memory import _config, write_checkpoint; "
+        "print(write_checkpoint(_config(int(sys.argv[2])), Path(sys.argv[3])))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(layers), str(path)], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
     from exporter.weights import expected_tensors
 
     p = argparse.ArgumentParser()
@@ -71,23 +88,23 @@ def main() -> int:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "export_memory.json"))
     a = p.parse_args()
-    base = PRESETS["gemma4-12b"]
-    cfg = replace(base, text=replace(base.text, num_layers=a.layers, layer_types=()))
+    cfg = _config(a.layers)
     work = Path(tempfile.mkdtemp(prefix="gemma4-bench-"))
     try:
         t0 = time.perf_counter()
-        ckpt_bytes = write_checkpoint(cfg, work / "ckpt")
+        ckpt_bytes = _child_write(a.layers, work / "ckpt")
         t_ckpt = time.perf_counter() - t0
         print(f"[bench] checkpoint: {ckpt_bytes / 2**30:.2f} GiB bf16 in {t_ckpt:.0f} s", flush=True)
         t0 = time.perf_counter()
-        done = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "exporter.export", "--model", str(work / "ckpt"), "--out", str(work / "art"),
              "--max-len", "4096"],
-            cwd=ROOT, text=True,
+            cwd=ROOT,
         )
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if done.returncode != 0:
+        peak_kib = usage.ru_maxrss
+        if os.waitstatus_to_exitcode(status) != 0:
             print("[bench] export failed", file=sys.stderr)
             return 1
         data = sum(f.stat().st_size for f in (work / "art").iterdir() if f.is_file())

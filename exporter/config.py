@@ -319,6 +319,18 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 
+# The demo model (demo/checkpoint): trained here on synthetic questions; compact token ids of its own tokenizer.
+PRESETS["demo"] = ModelConfig(
+    text=TextConfig(
+        vocab_size=80, hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
+        head_dim=32, global_head_dim=64, num_global_kv_heads=1, sliding_window=32, max_position_embeddings=512,
+    ),
+    vision=VisionConfig(mm_embed_dim=64, mm_posemb_size=16),
+    audio=AudioConfig(),
+    tokens=TokenIds(pad=0, eos=1, bos=2, turn_start=4, turn_end=5, boi=6, image=7, eoi=8, boa=9, audio=10, eoa=11,
+                    video=12),
+)
+
 # Every tiny preset is a test configuration; tests/test_registry.py fails if one has no test.
 TEST_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswith("tiny"))
 
