@@ -1,7 +1,7 @@
 """Synthetic image, audio and text questions with short answers, deterministic from a seed.
 
 * image: a 384 x 384 scene (8 x 8 = 64 soft tokens at the 70-token budget, no resize) of one to three shapes of
-  one kind and colour; asked for the colour, the shape, or how many there are;
+  one kind and colour; asked for the colour, the shape (one large shape), or how many there are;
 * audio: a 0.48 s tone (12 soft tokens) at a low, middle or high pitch, random phase and level; asked for the pitch;
 * text: the sum of two digits.
 
@@ -48,24 +48,31 @@ def prompt_text(ex: Example) -> str:
     return f"<|turn>user\n{ex.question}<turn|>\n<|turn>model\n"
 
 
-def _scene(rng: np.random.Generator, shape: str, colour: str, count: int) -> np.ndarray:
+def _draw(draw, shape: str, x: int, y: int, r: int, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+
+
+def _scene(rng: np.random.Generator, shape: str, colour: str, count: int, *, large: bool = False) -> np.ndarray:
+    """``count`` shapes in cells of a 3 x 3 grid, or one large shape (radius 76-84 px) anywhere when ``large``."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (SIZE, SIZE), (250, 250, 250))
     draw = ImageDraw.Draw(img)
-    cells = rng.permutation(9)[:count]  # a 3 x 3 grid keeps shapes apart
-    for cell in cells:
+    fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[colour])
+    if large:
+        r = int(rng.integers(76, 85))
+        _draw(draw, shape, int(rng.integers(r, SIZE - r)), int(rng.integers(r, SIZE - r)), r, fill)
+        return np.asarray(img, dtype=np.uint8)
+    for cell in rng.permutation(9)[:count]:
         cy, cx = divmod(int(cell), 3)
-        r = int(rng.integers(28, 46))
         x = cx * 128 + 64 + int(rng.integers(-12, 13))
         y = cy * 128 + 64 + int(rng.integers(-12, 13))
-        fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[colour])
-        if shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif shape == "square":
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-        else:
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+        _draw(draw, shape, x, y, int(rng.integers(28, 46)), fill)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -88,7 +95,8 @@ def _example(rng: np.random.Generator) -> Example:
     shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
     count = int(rng.integers(1, 4)) if kind == "count" else 1
     answer = {"colour": colour, "shape": shape, "count": NUMBERS[count]}[kind]
-    return Example(kind, QUESTIONS[kind], answer, images=[_scene(rng, shape, colour, count)])
+    image = _scene(rng, shape, colour, count, large=kind == "shape")
+    return Example(kind, QUESTIONS[kind], answer, images=[image])
 
 
 SPLITS = {"train": 0, "heldout": 1, "validation": 3}
