@@ -185,12 +185,12 @@ def test_text_only_model_refuses_images(artifact_store):
 
 def test_modified_artifact_file_is_refused(tmp_path, artifact_store):
     art = shutil.copytree(artifact_store("tiny-text"), tmp_path / "art")
-    data = art / "decode.onnx.data"
+    data = art / "weights.data"
     original = data.read_bytes()
     raw = bytearray(original)
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match=r"decode\.onnx\.data: sha256 differs"):
+    with pytest.raises(ArtifactError, match=r"weights\.data: sha256 differs"):
         runtime.load(art)
     data.write_bytes(original)
     runtime.load(art)
