@@ -124,15 +124,14 @@ def save(model, tok, out: Path, info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo/checkpoint")
-    p.add_argument("--minutes", type=float, default=25.0)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--minutes", type=float, default=27.0)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.98)
     p.add_argument("--eval-every", type=int, default=200)
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     last = train(Path(a.out), minutes=a.minutes, seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr,
                  target=a.target, eval_every=a.eval_every)
     print(f"[train] done: validation accuracy {last['validation']:.3f} after {last['step']} steps ({last['minutes']} min)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,17 +95,3 @@ def artifact_store(workdir, reference_store):
 @pytest.fixture(params=TEST_PRESETS)
 def preset(request) -> str:
     return request.param
-
-
-# ---------------------------------------------------------------- prompts shared by the numeric tests
-def rng_ids(rng: np.random.Generator, n: int, vocab_hi: int = 290) -> list[int]:
-    return [int(t) for t in rng.integers(3, vocab_hi, n)]
-
-
-def image_array(h: int, w: int, seed: int) -> np.ndarray:
-    """A random RGB image whose size needs no resize under the default budget (multiples of 48)."""
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def audio_wave(n: int, seed: int) -> np.ndarray:
-    return (0.3 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
