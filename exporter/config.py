@@ -12,7 +12,7 @@ Presets: ``gemma4-12b`` (the real numbers) and tiny configs with the real struct
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,3 @@ def load_config(model: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     return ModelConfig.from_hf_dict(d, source=str(path))
 
-
-def with_max_len(cfg: ModelConfig, max_len: int) -> ModelConfig:
-    return replace(cfg, text=replace(cfg.text, max_position_embeddings=max_len))

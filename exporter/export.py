@@ -26,7 +26,7 @@ from torch import nn
 
 from exporter.config import ModelConfig, PRESETS, load_config
 from exporter.model import Gemma4Model, cache_shapes
-from exporter.share import share_external_data
+from graphs.share_weights import share_external_data
 from runtime.manifest import staged_artifact, write_manifest
 
 __all__ = ["OPSET", "export_artifact", "graph_io"]

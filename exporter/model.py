@@ -19,7 +19,6 @@ load weights (`exporter.weights`) or export (`exporter.export`).
 
 from __future__ import annotations
 
-import math
 import struct
 
 import torch
@@ -363,6 +362,3 @@ class Gemma4Model(nn.Module):
     def empty_caches(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         return [torch.zeros(s, dtype=dtype) for s in cache_shapes(self.cfg.text, batch, max_len)]
 
-
-def param_count(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())

@@ -61,7 +61,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log) -> dict:
             check.log_severity_level = 3
             ort.InferenceSession(str(stage / f"{graph}.onnx"), check, providers=["CPUExecutionProvider"])
             log(f"[build-engine] onnxruntime {graph}: optimised graph saved ({time.perf_counter() - t0:.1f} s)")
-        from exporter.share import share_external_data
+        from graphs.share_weights import share_external_data
 
         if share_external_data(stage, log=log):
             log("[build-engine] onnxruntime graphs share ort/weights.data")
