@@ -99,7 +99,8 @@ def _example(rng: np.random.Generator) -> Example:
     return Example(kind, QUESTIONS[kind], answer, images=[image])
 
 
-SPLITS = {"train": 0, "heldout": 1, "validation": 3}
+# "calibration" and "report" feed calib/default_data (quantization statistics and its held-out accuracy report).
+SPLITS = {"train": 0, "heldout": 1, "validation": 3, "calibration": 5, "report": 6}
 
 
 def examples(split: str, n: int, seed: int = 0) -> list[Example]:

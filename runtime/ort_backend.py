@@ -18,11 +18,53 @@ import numpy as np
 
 from runtime.prompt import PrefillInputs
 
-__all__ = ["OrtBackend"]
+__all__ = ["OrtBackend", "prefill_feeds", "zero_cache"]
 
 
 def _is_cache(name: str) -> bool:
     return name.startswith(("past_key_", "past_value_", "present_key_", "present_value_"))
+
+
+def _spec_dim(manifest: dict[str, Any], name: str, axis: int) -> int | None:
+    for spec in manifest["graphs"]["prefill"]["inputs"]:
+        if spec["name"] == name:
+            return int(spec["shape"][axis])
+    return None
+
+
+def prefill_feeds(inputs: PrefillInputs, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The prefill graph's non-cache inputs for ``inputs`` (empty image/audio tensors where there are none)."""
+    feeds = {
+        "input_ids": inputs.input_ids.astype(np.int64),
+        "past_lens": inputs.past_lens.astype(np.int64),
+        "seq_lens": inputs.seq_lens.astype(np.int64),
+    }
+    patch_dim = _spec_dim(manifest, "image_patches", 1)
+    if patch_dim is not None:
+        n_img = 0 if inputs.image_patches is None else len(inputs.image_patches)
+        feeds["image_patches"] = (
+            inputs.image_patches.astype(np.float32) if n_img else np.zeros((0, patch_dim), np.float32)
+        )
+        feeds["image_positions"] = inputs.image_positions.astype(np.int64) if n_img else np.zeros((0, 2), np.int64)
+    elif inputs.image_patches is not None and len(inputs.image_patches):
+        raise ValueError("this model has no vision embedder (no vision_config); it cannot take images")
+    frame_dim = _spec_dim(manifest, "audio_frames", 1)
+    if frame_dim is not None:
+        n_aud = 0 if inputs.audio_frames is None else len(inputs.audio_frames)
+        feeds["audio_frames"] = inputs.audio_frames.astype(np.float32) if n_aud else np.zeros((0, frame_dim), np.float32)
+    elif inputs.audio_frames is not None and len(inputs.audio_frames):
+        raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+    return feeds
+
+
+def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int) -> dict[str, np.ndarray]:
+    """Zeroed ``past_*`` inputs of ``graph`` as numpy arrays (for plain ``session.run`` callers)."""
+    out = {}
+    for spec in manifest["graphs"][graph]["inputs"]:
+        if _is_cache(spec["name"]):
+            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+            out[spec["name"]] = np.zeros(shape, dtype=np.float32)
+    return out
 
 
 class OrtBackend:
@@ -88,36 +130,9 @@ class OrtBackend:
         return outs["logits"].numpy()
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
-        names_in = self.io["prefill"][0]
-        feeds = {
-            "input_ids": inputs.input_ids.astype(np.int64),
-            "past_lens": inputs.past_lens.astype(np.int64),
-            "seq_lens": inputs.seq_lens.astype(np.int64),
-        }
-        if "image_patches" in names_in:
-            n_img = 0 if inputs.image_patches is None else len(inputs.image_patches)
-            patch_dim = self._dim("image_patches", 1)
-            feeds["image_patches"] = (
-                inputs.image_patches.astype(np.float32) if n_img else np.zeros((0, patch_dim), np.float32)
-            )
-            feeds["image_positions"] = (
-                inputs.image_positions.astype(np.int64) if n_img else np.zeros((0, 2), np.int64)
-            )
-        elif inputs.image_patches is not None and len(inputs.image_patches):
-            raise ValueError("this model has no vision embedder (no vision_config); it cannot take images")
-        if "audio_frames" in names_in:
-            n_aud = 0 if inputs.audio_frames is None else len(inputs.audio_frames)
-            feeds["audio_frames"] = (
-                inputs.audio_frames.astype(np.float32) if n_aud else np.zeros((0, self._dim("audio_frames", 1)), np.float32)
-            )
-        elif inputs.audio_frames is not None and len(inputs.audio_frames):
-            raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+        feeds = prefill_feeds(inputs, self.manifest)
         in_place = [not self._is_sliding(i) for i in range(len(cache))]
         return self._run("prefill", feeds, cache, in_place)
-
-    def _dim(self, name: str, axis: int) -> int:
-        sess = self.sessions["prefill"]
-        return int(sess.get_inputs()[self.io["prefill"][0].index(name)].shape[axis])
 
     def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
         feeds = {"input_ids": input_ids.astype(np.int64).reshape(-1, 1), "past_lens": past_lens.astype(np.int64)}

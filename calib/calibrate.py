@@ -1,0 +1,194 @@
+"""``make calibrate SRC=<fp32 artifact> OUT=<new artifact> PRECISION=int8|fp8 [CALIB_DATA=<dir>]``.
+
+Reads an fp32 artifact, collects activation statistics on calibration prompts (or reuses a saved ``stats.npz``),
+applies SmoothQuant (INT8 by default, alpha 0.5; optional for FP8), inserts explicit Q/DQ into both the prefill and
+the decode graph with the same scales, and writes a new artifact: the two graphs sharing one ``weights.data``
+(quantized weights stored as int8 / float8e4m3fn), the tokenizer, ``calibration/scales.json`` (every scale and
+smoothing factor), ``calibration/stats.npz`` (reusable with ``--stats``) and a manifest with ``precision`` and a
+``quantization`` section.  The artifact is staged and moved into place only when complete.  Engines are not built
+here: run ``make build-engine OUT=<new artifact>``.
+
+By default the decoder's Linears are quantized and the embedding, LM head, vision and audio projections, norms and
+attention stay fp32 (``--quantize`` adds ``lm_head``, ``vision``, ``audio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from calib.linears import find_linears, group_of
+from calib.qdq import PRECISIONS, activation_scales, quantize_graph, weight_scales
+from calib.smoothquant import apply_smoothing, plan_smoothing
+from calib.stats import Stats, collect_stats
+
+__all__ = ["calibrate"]
+
+GROUPS = ("decoder", "lm_head", "vision", "audio")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def calibrate(
+    src: str | Path,
+    out: str | Path,
+    precision: str,
+    *,
+    data_dir: str | Path | None = None,
+    stats_path: str | Path | None = None,
+    smoothquant: float | None | str = "auto",
+    percentile: float | None = None,
+    quantize: tuple[str, ...] = ("decoder",),
+    log=print,
+) -> dict:
+    """Write a quantized copy of the fp32 artifact ``src`` to ``out``; returns its manifest.
+
+    ``smoothquant``: alpha in [0, 1], None for none, "auto" for 0.5 with INT8 and none with FP8.
+    """
+    import onnx_ir as ir
+
+    from calib.data import prompts_for
+    from graphs.share_weights import share_external_data
+    from runtime.manifest import read_manifest, staged_artifact, write_manifest
+
+    t0 = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ValueError(f"PRECISION={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    prec = PRECISIONS[precision]
+    if bad := [g for g in quantize if g not in GROUPS]:
+        raise ValueError(f"cannot quantize {bad}; choose from {', '.join(GROUPS)}")
+    if percentile is not None and not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile={percentile}; expected a value in (50, 100]")
+    alpha = (0.5 if precision == "int8" else None) if smoothquant == "auto" else smoothquant
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise ValueError(f"OUT={out} is the source artifact; write the quantized artifact to a new directory")
+    manifest = read_manifest(src)
+    if manifest.get("precision", "fp32") != "fp32":
+        raise ValueError(f"{src}: precision {manifest['precision']!r}; calibrate from an fp32 artifact")
+    cfg = manifest["model_config"]
+
+    if stats_path is not None:
+        stats = Stats.load(stats_path)
+        want = {k: v for k, v in manifest["files"].items() if k.endswith(".data")}
+        if stats.meta.get("weights_sha256") != want:
+            raise ValueError(f"{stats_path}: collected on other weights than {src} (weights sha256 differ)")
+        log(f"[calibrate] statistics from {stats_path} ({stats.meta.get('prompts')} prompts)")
+    else:
+        prompts = prompts_for(data_dir, "calibration", cfg, has_tokenizer=bool(manifest.get("tokenizer")))
+        log(f"[calibrate] collecting statistics on {len(prompts.prompts)} prompts from {prompts.source}")
+        stats = collect_stats(src, prompts, log=log)
+
+    graphs = {g: ir.load(str(src / manifest["graphs"][g]["file"])) for g in ("prefill", "decode")}
+    linears = {g: find_linears(m) for g, m in graphs.items()}
+    modules = [m for m in linears["prefill"] if group_of(m) in quantize]
+    if missing := [m for m in modules if group_of(m) == "decoder" and m not in linears["decode"]]:
+        raise ValueError(f"{src}: decode graph lacks Linears the prefill graph has: {missing[:3]}")
+    plan = plan_smoothing(linears["prefill"], stats, modules, alpha) if alpha is not None else None
+    if plan is not None:
+        for g in ("prefill", "decode"):
+            done = apply_smoothing(linears[g], plan)
+            log(f"[calibrate] {g}: SmoothQuant alpha {alpha} folded {done['groups']} groups "
+                f"({done['norms']} norms, {done['linears']} Linears)")
+        for module, why in sorted(plan.skipped.items()):
+            log(f"[calibrate]   not smoothed: {module}: {why}")
+    a_scales = activation_scales(stats, modules, prec, smooth=plan, percentile=percentile)
+    w_scales = {m: weight_scales(linears["prefill"][m], prec) for m in modules}
+    counts = {}
+    for g in ("prefill", "decode"):
+        counts[g] = quantize_graph(graphs[g], linears[g], a_scales, w_scales, prec)
+        log(f"[calibrate] {g}: {counts[g]['linears']} Linears quantized to {precision}, "
+            f"{counts[g]['activation_qdq']} activation Q/DQ pairs")
+
+    scales = {
+        "precision": precision,
+        "qmax": prec.qmax,
+        "activation_scale": a_scales,
+        "weight_scale": {m: w.tolist() for m, w in w_scales.items()},
+        "smoothquant": None if plan is None else {
+            "alpha": plan.alpha,
+            "groups": [{"modules": g.modules, "fold": g.kind, "into": g.source, "factors": g.factors.tolist()}
+                       for g in plan.groups],
+            "not_smoothed": plan.skipped,
+        },
+    }
+    with staged_artifact(out) as stage:
+        for g, model in graphs.items():
+            path = stage / manifest["graphs"][g]["file"]
+            ir.save(model, path, external_data=f"{path.name}.data", max_in_flight_bytes=256 << 20)
+            log(f"[calibrate] {path.name} written")
+        if share_external_data(stage, log=log):
+            log("[calibrate] prefill and decode share weights.data")
+        for name in manifest.get("tokenizer", []):
+            shutil.copy2(src / name, stage / name)
+        (stage / "calibration").mkdir()
+        (stage / "calibration" / "scales.json").write_text(json.dumps(scales, indent=1) + "\n")
+        stats.save(stage / "calibration" / "stats.npz")
+        seconds = round(time.perf_counter() - t0, 2)
+        new = {k: v for k, v in manifest.items() if k not in ("files", "engines")}
+        new |= {
+            "precision": precision,
+            "engines": {},
+            "source": {"artifact": str(src), "from": manifest.get("source", {})},
+            "quantization": {
+                "precision": precision,
+                "format": "QuantizeLinear/DequantizeLinear (opset %d): static per-tensor activations, per-channel "
+                          "weights (axis = output), zero points 0" % manifest.get("opset", 24),
+                "quantized": list(quantize),
+                "linears": len(modules),
+                "smoothquant_alpha": alpha,
+                "percentile": percentile,
+                "calibration_data": stats.meta.get("data"),
+                "calibration_prompts": stats.meta.get("prompts"),
+                "scales": "calibration/scales.json",
+                "stats": "calibration/stats.npz",
+                "seconds": seconds,
+                "peak_rss_mib": round(_peak_rss_mib(), 1),
+            },
+        }
+        result = write_manifest(stage, new)
+    log(f"[calibrate] {precision} artifact ready: {out} ({seconds} s, peak RSS {_peak_rss_mib():.0f} MiB); "
+        f"next: make build-engine OUT={out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m calib.calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="fp32 artifact directory (from `make export`)")
+    p.add_argument("--out", required=True, help="quantized artifact directory to write (replaced on success)")
+    p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
+    p.add_argument("--data", default=None, help="calibration data directory (default: the built-in set)")
+    p.add_argument("--stats", default=None, help="reuse a stats.npz from an earlier calibration of the same weights")
+    p.add_argument("--smoothquant", default="auto",
+                   help="SmoothQuant alpha in [0, 1], 'none', or 'auto' (0.5 for int8, none for fp8)")
+    p.add_argument("--percentile", type=float, default=None,
+                   help="activation range from this percentile of |x| instead of the max (e.g. 99.99)")
+    p.add_argument("--quantize", default="decoder",
+                   help=f"comma-separated parts to quantize: {', '.join(GROUPS)} (default: decoder)")
+    a = p.parse_args(argv)
+    sq = a.smoothquant
+    try:
+        sq = None if sq == "none" else sq if sq == "auto" else float(sq)
+    except ValueError:
+        print(f"calibrate: error: --smoothquant {a.smoothquant!r}: expected a number, 'none' or 'auto'", file=sys.stderr)
+        return 2
+    try:
+        calibrate(a.src, a.out, a.precision, data_dir=a.data, stats_path=a.stats, smoothquant=sq,
+                  percentile=a.percentile, quantize=tuple(x.strip() for x in a.quantize.split(",") if x.strip()))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"calibrate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
