@@ -25,12 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_DATA", "Prompt", "PromptSet", "default_set", "load_dir", "prefill_inputs", "prompts_for"]
+__all__ = ["DEFAULT_DATA", "Prompt", "PromptSet", "PromptTooLong", "default_set", "load_dir", "prefill_inputs", "prompts_for"]
 
 DEFAULT_DATA = Path(__file__).parent / "default_data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUDIO_SUFFIXES = (".wav",)
 _LOOSE_QUESTION = {"image": "<|image|> Describe this image.", "audio": "<|audio|> What do you hear?"}
+
+
+class PromptTooLong(ValueError):
+    """A prompt that does not fit in the artifact's max_len once images and audio are expanded."""
 
 
 @dataclass
@@ -135,7 +139,7 @@ def prefill_inputs(prompt: Prompt, config: dict, tokenizer, *, max_soft_tokens: 
     except (ValueError, OSError) as e:
         raise ValueError(f"{prompt.name}: {e}") from None
     if len(prepared.ids) >= max_len:
-        raise ValueError(
+        raise PromptTooLong(
             f"{prompt.name}: {len(prepared.ids)} tokens with images and audio expanded; the artifact holds "
             f"{max_len} (max_len)"
         )

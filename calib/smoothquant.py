@@ -62,8 +62,9 @@ def _fold_target(lin_group: list[Linear], linears: dict[str, Linear]):
         if len(prev.uses()) != 1:
             return f"{prev.name} has other users"
     mul = src.producer()
-    if mul is None or mul.op_type != "Mul" or len(src.uses()) != 1:
-        return "its input is not made by an elementwise Mul used only here"
+    if mul is None or mul.op_type != "Mul":
+        made_by = "a graph input" if mul is None else f"a {mul.op_type} node"
+        return f"its input comes from {made_by}, not from a weighted RMSNorm or a product with a Linear's output"
     channels = a.shape[-1] if a.shape is not None else None
     for x in mul.inputs:
         base, wchain = trace_back(x)

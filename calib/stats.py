@@ -106,7 +106,7 @@ def collect_stats(root: str | Path, prompt_set, *, log=print) -> Stats:
     """Run every prompt of ``prompt_set`` (`calib.data.PromptSet`) through the artifact's fp32 prefill graph."""
     import onnx_ir as ir
 
-    from calib.data import prefill_inputs
+    from calib.data import PromptTooLong, prefill_inputs
     from runtime.manifest import read_manifest
     from runtime.ort_backend import prefill_feeds, zero_cache
     from runtime.tokenizer import Tokenizer
@@ -126,8 +126,13 @@ def collect_stats(root: str | Path, prompt_set, *, log=print) -> Stats:
     cfg, max_len = manifest["model_config"], int(manifest["max_len"])
     per_value = {n: None for n in names}
     t0, last = time.perf_counter(), 0.0
+    skipped = []
     for i, prompt in enumerate(prompt_set.prompts):
-        inputs = prefill_inputs(prompt, cfg, tokenizer, max_soft_tokens=prompt_set.max_soft_tokens, max_len=max_len)
+        try:
+            inputs = prefill_inputs(prompt, cfg, tokenizer, max_soft_tokens=prompt_set.max_soft_tokens, max_len=max_len)
+        except PromptTooLong as e:
+            skipped.append(str(e))
+            continue
         feeds = prefill_feeds(inputs, manifest) | zero_cache(manifest, "prefill", 1, max_len)
         for name, x in zip(names, sess.run(names, feeds)):
             if per_value[name] is None:
@@ -136,6 +141,10 @@ def collect_stats(root: str | Path, prompt_set, *, log=print) -> Stats:
         if time.perf_counter() - last > 5 or i + 1 == len(prompt_set.prompts):
             last = time.perf_counter()
             log(f"[calibrate] statistics: {i + 1}/{len(prompt_set.prompts)} prompts ({last - t0:.1f} s)")
+    if skipped:
+        log(f"[calibrate] skipped {len(skipped)} prompt(s) longer than the artifact's max_len, e.g. {skipped[0]}")
+    if len(skipped) == len(prompt_set.prompts):
+        raise ValueError(f"{prompt_set.source}: no prompt fits in max_len={max_len} tokens")
     tensors = {}
     for name, modules in by_value.items():
         st = per_value[name]
@@ -147,7 +156,7 @@ def collect_stats(root: str | Path, prompt_set, *, log=print) -> Stats:
         "artifact": str(root),
         "weights_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".data")},
         "data": prompt_set.source,
-        "prompts": len(prompt_set.prompts),
+        "prompts": len(prompt_set.prompts) - len(skipped),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return Stats(tensors, meta)

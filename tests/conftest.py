@@ -95,3 +95,27 @@ def artifact_store(workdir, reference_store):
 @pytest.fixture(params=TEST_PRESETS)
 def preset(request) -> str:
     return request.param
+
+
+DEMO_CKPT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(workdir):
+    """The committed demo checkpoint exported as `make demo` does (fp32, max_len 256, with its tokenizer)."""
+    from exporter.export import export_artifact
+    from exporter.stream import fake_model
+
+    out = workdir / "artifact-demo"
+    export_artifact(fake_model(PRESETS["demo"]), out, max_len=256, tokenizer_dir=DEMO_CKPT, weights_from=DEMO_CKPT,
+                    source={"checkpoint": str(DEMO_CKPT)}, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_accuracy(demo_artifact) -> float:
+    """Held-out exact-answer accuracy of the fp32 demo artifact (`make eval`: 150 questions)."""
+    from demo.evaluate import evaluate
+
+    right, n = evaluate(str(demo_artifact), n=150, log=lambda *_: None)
+    return right / n
