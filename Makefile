@@ -11,8 +11,14 @@ MAX_LEN ?=
 PROMPT ?=
 IDS ?=
 MAX_NEW_TOKENS ?= 32
+SRC ?=
+PRECISION ?= int8
+CALIB_DATA ?=
+HELDOUT_DATA ?=
+# make calibrate writes OUT when given on the command line, else <SRC>-<PRECISION>
+QOUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(SRC)-$(PRECISION))
 
-.PHONY: help demo eval train-demo install export build-engine generate compare test bench clean
+.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant test bench clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -23,8 +29,10 @@ help:
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt]   build engines for the artifact"
 	@echo "make generate OUT=<dir> PROMPT='...' [MAX_NEW_TOKENS=n]   generate with runtime.generate"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
+	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
+	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
 	@echo "make test                         install, then run the test suite"
-	@echo "make bench                        export time and peak memory from a 2.4B-parameter checkpoint -> bench/results/"
+	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,11 +65,20 @@ generate: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m exporter.compare --artifact $(OUT)
 
+calibrate: $(STAMP)
+	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact> (and OUT=<new artifact> PRECISION=int8|fp8)" >&2; exit 2; }
+	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA))
+	$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
+
+check-quant: $(STAMP)
+	$(PY) -m calib.check --artifact $(OUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/export_memory.py
+	$(PY) bench/calibrate_demo.py
 
 clean:
 	rm -rf artifacts .pytest_cache
