@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
 
 
 class Rope(nn.Module):
-    """Rotate-half RoPE; ``rotary_fraction`` < 1 is Gemma 4's proportional RoPE (the rest of the slots are identity)."""
+    """RoPE inverse frequencies; ``rotary_fraction`` < 1 is Gemma 4's proportional RoPE (the other slots are 0)."""
 
     def __init__(self, head_dim: int, theta: float, rotary_fraction: float = 1.0):
         super().__init__()
@@ -67,17 +67,92 @@ class Rope(nn.Module):
         inv = torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, S, D) for positions (B, S)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, D); cos/sin (B, S, D)."""
+    """Rotate-half RoPE.  x (B, S, H, D); cos/sin (B, S, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class AttentionCore(nn.Module):
+    """Everything of one layer's attention between the projections (+ q/k/v norms) and o_proj: RoPE, the Gemma 4
+    mask, scale-1.0 GQA attention and the cache write.  Exactly the ``FusedAttention`` plugin's contract
+    (`plugins.fused_attention`): the graph rewrite turns the nodes exported from this module into one plugin node.
+    No parameters; ``inv_freq`` is the layer type's RoPE constant (the plugin derives it from its attributes)."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.sliding = cfg.is_sliding(layer)
+        self.window = cfg.sliding_window
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.layer_kv_heads(layer)
+        self.head_dim = cfg.layer_head_dim(layer)
+
+    def forward(self, q, k, v, past_k, past_v, past_lens, seq_lens, image_block, inv_freq, decode: bool = False):
+        """q (B, S, H, D), k and v (B, S, Hkv, D): normed, before RoPE; past_k/past_v (B, Hkv, T, D);
+        past_lens, seq_lens (B,) int64; image_block (B, S) int64 (image run index, -1 elsewhere).
+        Returns the attention output (B, S, H * D) and the new caches."""
+        s = q.shape[1]
+        steps = torch.arange(s, device=q.device)
+        pos = past_lens[:, None] + steps  # (B, S)
+        cos, sin = rope_tables(pos, inv_freq, q.dtype)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, S, D)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.transpose(1, 2)
+        write = self._decode if decode else self._prefill
+        k_all, v_all, allowed, k_out, v_out = write(k, v, past_k, past_v, past_lens, seq_lens, image_block, pos)
+        return self.attend(q, k_all, v_all, allowed), k_out, v_out
+
+    def _prefill(self, k, v, past_k, past_v, past_lens, seq_lens, block, pos):
+        qp = pos[:, :, None]
+        if not self.sliding:  # write in place, attend over the whole buffer, causal
+            k_new = tensor_scatter(past_k, k, past_lens, circular=False)
+            v_new = tensor_scatter(past_v, v, past_lens, circular=False)
+            slots = torch.arange(k_new.shape[2], device=k.device)
+            return k_new, v_new, slots[None, None, :] <= qp, k_new, v_new
+        # sliding: attend over [ring before the write, new tokens]; the ring is rebuilt from both
+        window, s = self.window, k.shape[2]
+        valid = torch.arange(s, device=k.device)[None] < seq_lens[:, None]  # (B, S)
+        ring_pos = ring_positions(past_lens - 1, window)  # (B, R)
+        k_pos = torch.cat([ring_pos, pos], 1)  # (B, R + S)
+        k_ok = torch.cat([ring_pos >= 0, valid], 1)
+        k_block = torch.cat([torch.full_like(ring_pos, -1), block], 1)
+        kp = k_pos[:, None, :]
+        same_block = (block[:, :, None] == k_block[:, None, :]) & (block[:, :, None] >= 0)
+        allowed = k_ok[:, None, :] & (kp > qp - window) & ((kp <= qp) | same_block)
+        k_all, v_all = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        k_new = ring_write_prefill(past_k, k, past_lens, seq_lens)
+        v_new = ring_write_prefill(past_v, v, past_lens, seq_lens)
+        return k_all, v_all, allowed, k_new, v_new
+
+    def _decode(self, k, v, past_k, past_v, past_lens, seq_lens, block, pos):
+        k_new = tensor_scatter(past_k, k, past_lens, circular=self.sliding)
+        v_new = tensor_scatter(past_v, v, past_lens, circular=self.sliding)
+        if self.sliding:
+            slot_pos = ring_positions(past_lens, k_new.shape[2])  # (B, R)
+            allowed = (slot_pos >= 0) & (slot_pos > pos - self.window)
+        else:
+            allowed = torch.arange(k_new.shape[2], device=k.device)[None, :] <= pos
+        return k_new, v_new, allowed[:, None, :], k_new, v_new
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q (B, H, S, D); k, v (B, Hkv, T, D); allowed (B, S, T) bool.  Scale 1.0, no soft-capping."""
+        b, _, s, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, self.num_kv_heads, groups, s, d)  # (B, Hkv, G, S, D)
+        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))  # (B, Hkv, G, S, T)
+        scores = torch.where(allowed[:, None, None], scores, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v[:, :, None])  # (B, Hkv, G, S, D)
+        return out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
 
 
 class Attention(nn.Module):
@@ -96,29 +171,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+        self.core = AttentionCore(cfg, layer)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (B, S, hidden) -> q (B, H, S, D), k and v (B, Hkv, S, D)."""
+    def forward(self, x, past_k, past_v, past_lens, seq_lens, image_block, inv_freq, decode: bool = False):
+        """x (B, S, hidden) -> (B, S, hidden) and this layer's new caches."""
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(1, 2)
         k_raw = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
-        v = self.v_norm(v_raw).transpose(1, 2)
-        return q, k, v
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """q (B, H, S, D); k, v (B, Hkv, T, D); allowed (B, S, T) bool.  Scale 1.0, no soft-capping."""
-        b, _, s, d = q.shape
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, self.num_kv_heads, groups, s, d)  # (B, Hkv, G, S, D)
-        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))  # (B, Hkv, G, S, T)
-        scores = torch.where(allowed[:, None, None], scores, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v[:, :, None])  # (B, Hkv, G, S, D)
-        out = out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
-        return self.o_proj(out)
+        out, k_out, v_out = self.core(
+            q, self.k_norm(k_raw), self.v_norm(v_raw), past_k, past_v, past_lens, seq_lens, image_block, inv_freq,
+            decode=decode,
+        )
+        return self.o_proj(out), k_out, v_out
 
 
 class MLP(nn.Module):
@@ -267,16 +332,16 @@ class Gemma4Model(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _run_layers(self, h, positions, caches, sliding_fn, full_fn):
-        """Shared layer loop: ``*_fn(layer_index, k, v, k_cache, v_cache) -> (k_all, v_all, allowed, k_out, v_out)``."""
-        rope = {True: self.rope_sliding(positions, h.dtype), False: self.rope_full(positions, h.dtype)}
+    def _run_layers(self, h, past_lens, seq_lens, image_block, caches, decode: bool):
         present = []
         for i, layer in enumerate(self.model.language_model.layers):
             attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), *rope[attn.sliding])
-            fn = sliding_fn if attn.sliding else full_fn
-            k_all, v_all, allowed, k_out, v_out = fn(k, v, caches[2 * i], caches[2 * i + 1])
-            h = layer.finish(h, attn.attend(q, k_all, v_all, allowed))
+            inv_freq = (self.rope_sliding if attn.sliding else self.rope_full).inv_freq
+            a, k_out, v_out = attn(
+                layer.input_layernorm(h), caches[2 * i], caches[2 * i + 1], past_lens, seq_lens, image_block,
+                inv_freq, decode=decode,
+            )
+            h = layer.finish(h, a)
             present += [k_out, v_out]
         return h, present
 
@@ -293,41 +358,15 @@ class Gemma4Model(nn.Module):
         all_logits: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """input_ids (B, S) int64 with one image/audio token per soft token; past_lens, seq_lens (B,) int64."""
-        tk, window = self.cfg.tokens, self.cfg.text.sliding_window
-        b, s = input_ids.shape
+        tk = self.cfg.tokens
+        b = input_ids.shape[0]
         h = self._embed_text(input_ids)
         if image_patches is not None and self.cfg.vision is not None:
             h = _place(h, input_ids == tk.image, self.embed_images(image_patches, image_positions))
         if audio_frames is not None and self.cfg.audio is not None:
             h = _place(h, input_ids == tk.audio, self.embed_audio(audio_frames))
-
-        steps = torch.arange(s, device=input_ids.device)
-        pos = past_lens[:, None] + steps  # (B, S)
-        valid = steps[None] < seq_lens[:, None]  # (B, S)
         block = _image_blocks(input_ids == tk.image)  # (B, S)
-
-        # Sliding layers attend over [ring before the write, new tokens].
-        ring_pos = ring_positions(past_lens - 1, window)  # (B, R): sliding caches have R = window slots
-        k_pos = torch.cat([ring_pos, pos], 1)  # (B, R + S)
-        k_ok = torch.cat([ring_pos >= 0, valid], 1)
-        k_block = torch.cat([torch.full_like(ring_pos, -1), block], 1)
-        qp, kp = pos[:, :, None], k_pos[:, None, :]
-        same_block = (block[:, :, None] == k_block[:, None, :]) & (block[:, :, None] >= 0)
-        sliding_allowed = k_ok[:, None, :] & (kp > qp - window) & ((kp <= qp) | same_block)
-
-        def sliding(k, v, k_cache, v_cache):
-            k_all, v_all = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
-            k_new = ring_write_prefill(k_cache, k, past_lens, seq_lens)
-            v_new = ring_write_prefill(v_cache, v, past_lens, seq_lens)
-            return k_all, v_all, sliding_allowed, k_new, v_new
-
-        def full(k, v, k_cache, v_cache):
-            k_new = tensor_scatter(k_cache, k, past_lens, circular=False)
-            v_new = tensor_scatter(v_cache, v, past_lens, circular=False)
-            slots = torch.arange(k_new.shape[2], device=input_ids.device)
-            return k_new, v_new, slots[None, None, :] <= qp, k_new, v_new
-
-        h, present = self._run_layers(h, pos, caches, sliding, full)
+        h, present = self._run_layers(h, past_lens, seq_lens, block, caches, decode=False)
         if not all_logits:
             last = (seq_lens - 1).clamp(min=0)
             h = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]  # (B, hidden)
@@ -338,24 +377,10 @@ class Gemma4Model(nn.Module):
         self, input_ids: torch.Tensor, past_lens: torch.Tensor, caches: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """input_ids (B, 1) int64; past_lens (B,) int64.  Returns logits (B, V) and the updated caches."""
-        window = self.cfg.text.sliding_window
         h = self._embed_text(input_ids)
-        pos = past_lens[:, None]  # (B, 1)
-
-        def sliding(k, v, k_cache, v_cache):
-            k_new = tensor_scatter(k_cache, k, past_lens, circular=True)
-            v_new = tensor_scatter(v_cache, v, past_lens, circular=True)
-            slot_pos = ring_positions(past_lens, k_new.shape[2])  # (B, R)
-            allowed = (slot_pos >= 0) & (slot_pos > pos - window)
-            return k_new, v_new, allowed[:, None, :], k_new, v_new
-
-        def full(k, v, k_cache, v_cache):
-            k_new = tensor_scatter(k_cache, k, past_lens, circular=False)
-            v_new = tensor_scatter(v_cache, v, past_lens, circular=False)
-            slots = torch.arange(k_new.shape[2], device=input_ids.device)
-            return k_new, v_new, (slots[None, :] <= pos)[:, None, :], k_new, v_new
-
-        h, present = self._run_layers(h, pos, caches, sliding, full)
+        seq_lens = torch.ones_like(past_lens)
+        block = torch.full_like(input_ids, -1)  # no images in decode
+        h, present = self._run_layers(h, past_lens, seq_lens, block, caches, decode=True)
         return self._logits(h[:, 0]), present
 
     # ------------------------------------------------------------------ helpers
