@@ -1,5 +1,7 @@
 """``make build-engine``: turn an exported artifact's graphs into engines for a backend, recorded in the manifest.
 
+* plugin graphs first (`graphs.plugin_graphs`: one ``FusedAttention`` per layer, one ``PatchEmbed``), unless
+  ``--no-plugins``; engines are built from them.
 * ``onnxruntime``: ONNX Runtime's extended graph optimisations (constant folding, redundant-node elimination,
   LayerNorm/GELU/MatMul fusions) applied once and saved as ``ort/prefill.onnx`` and ``ort/decode.onnx`` with
   their weights in external data, so loading does not redo them.  The saved graphs are checked to run.
@@ -38,7 +40,7 @@ def tensorrt_unavailable_reason() -> str | None:
     )
 
 
-def _build_onnxruntime(root: Path, manifest: dict, log) -> dict:
+def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str]) -> dict:
     import onnxruntime as ort
 
     stage = root / "ort.staging"
@@ -47,7 +49,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log) -> dict:
     try:
         for graph in ("prefill", "decode"):
             t0 = time.perf_counter()
-            src = root / manifest["graphs"][graph]["file"]
+            src = root / sources[graph]
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             opts.optimized_model_filepath = str(stage / f"{graph}.onnx")
@@ -74,24 +76,39 @@ def _build_onnxruntime(root: Path, manifest: dict, log) -> dict:
     return {
         "prefill": "ort/prefill.onnx",
         "decode": "ort/decode.onnx",
+        "from": sources,
         "optimization": "ORT_ENABLE_EXTENDED",
         "onnxruntime": ort.__version__,
         "providers": ["CPUExecutionProvider"],
     }
 
 
-def build_engine(artifact: str | Path, backend: str = "auto", *, log=print) -> dict:
+def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, log=print) -> dict:
+    """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
     manifest = read_manifest(root)
+    sources = {g: manifest["graphs"][g]["file"] for g in ("prefill", "decode")}
+    if plugins:
+        from graphs.check_plugins import PluginGraphError
+        from graphs.plugin_graphs import make_plugin_graphs
+
+        try:
+            manifest = dict(manifest, plugin_graphs=make_plugin_graphs(root, manifest, log=log))
+            sources = {g: manifest["plugin_graphs"][g]["file"] for g in sources}
+        except PluginGraphError as e:
+            if backend == "tensorrt":
+                raise RuntimeError(f"cannot build a TensorRT engine for {root}: {e}") from None
+            log(f"[build-engine] plugin graphs not made ({e}); ONNX Runtime runs the exported graphs "
+                "(re-export with this version to get them)")
     reason = tensorrt_unavailable_reason()
     if backend == "tensorrt":
         raise RuntimeError(f"cannot build a TensorRT engine for {root}: {reason}")
     if backend == "auto":
         log(f"[build-engine] TensorRT not used: {reason}; building the ONNX Runtime form")
     engines = dict(manifest.get("engines", {}))
-    engines["onnxruntime"] = _build_onnxruntime(root, manifest, log)
+    engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest
@@ -101,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m graphs.build", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", required=True, help="artifact directory written by `make export`")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--no-plugins", action="store_true",
+                   help="build from the exported graphs instead of the plugin graphs (FusedAttention/PatchEmbed)")
     a = p.parse_args(argv)
     try:
-        build_engine(a.artifact, a.backend)
+        build_engine(a.artifact, a.backend, plugins=not a.no_plugins)
     except (RuntimeError, ValueError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)
         return 2

@@ -53,14 +53,14 @@ def _layer_norm(x, w, b, eps):
 
 def reference(patches, positions, ln1_weight, ln1_bias, dense_weight, dense_bias, ln2_weight, ln2_bias, pos_table,
               pos_ln_weight, pos_ln_bias, proj_weight, *, ln_eps, rms_eps, **_):
-    x = np.asarray(patches, np.float32)
+    x = np.asarray(patches, np.float64)  # float64 inside: the reference is the exact math, rounded once
     positions = np.asarray(positions, np.int64)
-    h = _layer_norm(x, ln1_weight, ln1_bias, ln_eps) @ np.asarray(dense_weight, np.float32).T + dense_bias
+    h = _layer_norm(x, ln1_weight, ln1_bias, ln_eps) @ np.asarray(dense_weight, np.float64).T + dense_bias
     h = _layer_norm(h, ln2_weight, ln2_bias, ln_eps)
-    valid = (positions != -1).astype(np.float32)
+    valid = (positions != -1).astype(np.float64)
     clamped = np.maximum(positions, 0)
-    table = np.asarray(pos_table, np.float32)
+    table = np.asarray(pos_table, np.float64)
     h = h + table[clamped[:, 0], 0] * valid[:, :1] + table[clamped[:, 1], 1] * valid[:, 1:2]
     h = _layer_norm(h, pos_ln_weight, pos_ln_bias, ln_eps)
     h = h / np.sqrt((h * h).mean(-1, keepdims=True) + rms_eps)
-    return (h @ np.asarray(proj_weight, np.float32).T).astype(np.float32)
+    return (h @ np.asarray(proj_weight, np.float64).T).astype(np.float32)
