@@ -76,7 +76,8 @@ def _classify(reg, layer: int, defaults: dict):
             outs["present_key"] = o
         elif o.name == f"present_value_{layer}":
             outs["present_value"] = o
-        elif "out" not in outs:
+        elif "out" not in outs and all(any(sc.endswith(".self_attn.o_proj") for sc in scopes_of(u.node))
+                                       for u in o.uses()):
             outs["out"] = o
         else:
             raise Refused(f"a value made inside ({o.name!r}) is used outside besides the attention output")

@@ -9,6 +9,7 @@ op by op): for tiny configs.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,5 +89,8 @@ class PluginRefRunner(_lazy_base()):
         return meta
 
     def infer_impl(self, feed_dict):
+        start = time.perf_counter()
         names = [o.name for o in self.ev.proto_.graph.output]
-        return dict(zip(names, self.ev.run(None, feed_dict)))
+        out = dict(zip(names, self.ev.run(None, dict(feed_dict))))
+        self.inference_time = time.perf_counter() - start
+        return out
