@@ -188,10 +188,12 @@ def test_plugin_graphs_run_with_the_numpy_references(preset, artifact_store):
         got = run_with_references(art / manifest["plugin_graphs"][graph]["file"], dict(feeds))
         want = dict(zip([o.name for o in _session(art / manifest["graphs"][graph]["file"]).get_outputs()],
                         _session(art / manifest["graphs"][graph]["file"]).run(None, feeds)))
-        # tiny-deep's 12 random layers amplify float32 rounding differences (other summation orders in numpy)
-        # about 100x (see test_calib: power-of-two SmoothQuant is bit-exact, real factors move it 2e-4)
-        rel = 3e-4 if preset == "tiny-deep" else 1e-4
+        # tiny-deep's 12 random layers amplify float32 rounding differences (numpy sums in other orders) about 2x per
+        # layer: measured 3e-7 of the range at layer 0's caches, 4.5e-4 at layer 11's.  The first layers are held
+        # tight (a wrong mask or RoPE would show there), the last ones and the logits at 1e-3.
         for name in want:
+            layer = int(name.rsplit("_", 1)[1]) if name.startswith("present_") else 99
+            rel = 1e-4 if preset != "tiny-deep" else (1e-5 if layer < 3 else 1e-3)
             assert_close(got[name], want[name], f"{preset} {graph} {name}: numpy references vs ONNX Runtime", rel)
     runners = [OnnxrtRunner(SessionFromOnnx(str(art / manifest["graphs"]["decode"]["file"]), providers=["cpu"])),
                PluginRefRunner(art / manifest["plugin_graphs"]["decode"]["file"])]
