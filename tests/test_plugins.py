@@ -199,7 +199,8 @@ def test_plugin_graphs_run_with_the_numpy_references(preset, artifact_store):
                PluginRefRunner(art / manifest["plugin_graphs"]["decode"]["file"])]
     feeds = feeds_for(cfg, "decode", manifest["graphs"]["decode"]["inputs"], batch=2, seq=1, max_len=41, seed=4)
     results = Comparator.run(runners, data_loader=[feeds])
-    assert Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=1e-4, rtol=1e-4))
+    tol = 1e-3 if preset == "tiny-deep" else 1e-4  # see above
+    assert Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol, rtol=tol))
 
 
 def test_rewrite_graph_counts_on_a_fresh_export(artifact_store):
