@@ -68,3 +68,24 @@ def test_triton_ring_wraps_over_many_decode_steps():
                                       *[torch.from_numpy(x) for x in common], **attrs)
         np.testing.assert_allclose(got.numpy(), out, atol=2e-5, err_msg=f"step {step}")
     np.testing.assert_allclose(tk.numpy(), ref_k, atol=1e-5)
+
+
+def test_triton_patch_embed_matches_the_reference():
+    from exporter.config import PRESETS
+    from plugins import patch_embed as pe
+    from plugins.triton_patch_embed import patch_embed
+
+    cfg = PRESETS["tiny"]
+    rng = np.random.default_rng(0)
+    e, hidden, p = cfg.vision.mm_embed_dim, cfg.text.hidden_size, cfg.vision.patch_dim
+    shapes = {"ln1_weight": (p,), "ln1_bias": (p,), "dense_weight": (e, p), "dense_bias": (e,), "ln2_weight": (e,),
+              "ln2_bias": (e,), "pos_table": (cfg.vision.mm_posemb_size, 2, e), "pos_ln_weight": (e,),
+              "pos_ln_bias": (e,), "proj_weight": (hidden, e)}
+    weights = {k: (0.3 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    patches = rng.random((19, p), dtype=np.float32)  # more rows than one GEMM block
+    positions = np.array([[i % 5, i // 5] for i in range(17)] + [[-1, -1]] * 2, np.int64)
+    args = [patches, positions, *[weights[n] for n in pe.INPUTS[2:]]]
+    want = pe.reference(*args, **pe.attributes(cfg.vision))
+    got = patch_embed(*[torch.from_numpy(a) for a in args], **pe.attributes(cfg.vision)).numpy()
+    err = np.abs(got - want)
+    assert err.max() <= 1e-4 * max(1.0, float(np.abs(want).max())), f"max err {err.max():.3g} mean {err.mean():.3g}"
