@@ -18,7 +18,7 @@ HELDOUT_DATA ?=
 # make calibrate writes OUT when given on the command line, else <SRC>-<PRECISION>
 QOUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(SRC)-$(PRECISION))
 
-.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant test bench clean
+.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -31,6 +31,7 @@ help:
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
+	@echo "make gpu-check                    on a CUDA machine: Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
 
@@ -72,6 +73,9 @@ calibrate: $(STAMP)
 
 check-quant: $(STAMP)
 	$(PY) -m calib.check --artifact $(OUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
+
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

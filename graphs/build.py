@@ -5,9 +5,9 @@
 * ``onnxruntime``: ONNX Runtime's extended graph optimisations (constant folding, redundant-node elimination,
   LayerNorm/GELU/MatMul fusions) applied once and saved as ``ort/prefill.onnx`` and ``ort/decode.onnx`` with
   their weights in external data, so loading does not redo them.  The saved graphs are checked to run.
-* ``tensorrt``: needs an NVIDIA GPU, the ``tensorrt`` package and the plugin graphs (issue: fused attention and
-  patch embedding plugins); until then it stops with the reason instead of building something half-working.
-* ``auto``: TensorRT where it can build, else ONNX Runtime.
+* ``tensorrt``: engines from the plugin graphs (`graphs.build_tensorrt`); needs an NVIDIA GPU, ``tensorrt`` >= 10.6,
+  torch with CUDA and triton, else it stops with the reason.
+* ``auto``: TensorRT where it can build, and the ONNX Runtime form in every case (it runs everywhere).
 
 New files are written beside the artifact and moved in only when complete; the manifest is rewritten last.
 """
@@ -32,12 +32,17 @@ def tensorrt_unavailable_reason() -> str | None:
     """Why a TensorRT engine cannot be built here, or None when it can."""
     try:
         import tensorrt  # noqa: F401
+        import tensorrt.plugin  # noqa: F401  (Python plugins: TensorRT >= 10.6)
     except ImportError as e:
-        return f"the tensorrt Python package is not installed ({e}); it needs an NVIDIA GPU machine"
-    return (
-        "TensorRT engines are built from the plugin graphs (FusedAttention/PatchEmbed), which this release does "
-        "not produce yet; use BACKEND=onnxruntime"
-    )
+        return f"the tensorrt Python package (>= 10.6, with tensorrt.plugin) is not importable ({e}); it needs an NVIDIA GPU machine"
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"the plugins' kernels need torch with CUDA and triton ({e})"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return None
 
 
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str]) -> dict:
@@ -89,6 +94,9 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
     manifest = read_manifest(root)
+    reason = tensorrt_unavailable_reason()
+    if backend == "tensorrt" and reason:
+        raise RuntimeError(f"cannot build a TensorRT engine for {root}: {reason}")
     sources = {g: manifest["graphs"][g]["file"] for g in ("prefill", "decode")}
     if plugins:
         from graphs.check_plugins import PluginGraphError
@@ -102,13 +110,18 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
                 raise RuntimeError(f"cannot build a TensorRT engine for {root}: {e}") from None
             log(f"[build-engine] plugin graphs not made ({e}); ONNX Runtime runs the exported graphs "
                 "(re-export with this version to get them)")
-    reason = tensorrt_unavailable_reason()
-    if backend == "tensorrt":
-        raise RuntimeError(f"cannot build a TensorRT engine for {root}: {reason}")
-    if backend == "auto":
-        log(f"[build-engine] TensorRT not used: {reason}; building the ONNX Runtime form")
     engines = dict(manifest.get("engines", {}))
-    engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources)
+    if backend == "tensorrt" and "plugin_graphs" not in manifest:
+        raise RuntimeError(f"cannot build a TensorRT engine for {root}: it is built from the plugin graphs "
+                           "(drop --no-plugins)")
+    if backend in ("tensorrt", "auto") and not reason and "plugin_graphs" in manifest:
+        from graphs.build_tensorrt import build_tensorrt
+
+        engines["tensorrt"] = build_tensorrt(root, manifest, sources, log=log)
+    elif backend == "auto":
+        log(f"[build-engine] TensorRT not used: {reason or 'no plugin graphs'}; building the ONNX Runtime form")
+    if backend in ("onnxruntime", "auto"):
+        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest

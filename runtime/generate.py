@@ -65,24 +65,33 @@ def _tensorrt_unavailable(manifest: dict) -> str | None:
         return "the artifact has no TensorRT engines (run `make build-engine BACKEND=tensorrt` on a GPU machine)"
     try:
         import tensorrt  # noqa: F401
+        import torch
     except ImportError as e:
-        return f"the tensorrt package is not importable ({e})"
-    return "the TensorRT runtime backend is not part of this release yet (see README, 'TensorRT')"
+        return f"tensorrt and torch (CUDA) must be importable ({e})"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, verify: bool = True, threads: int | None = None) -> LoadedModel:
-    """Open an artifact directory (its files are checked against the manifest) with the chosen backend."""
+    """Open an artifact directory (its files are checked against the manifest) with the chosen backend.
+
+    ``auto`` takes TensorRT when the artifact has engines and this machine can run them, else ONNX Runtime."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     root = Path(artifact_dir)
     manifest = read_manifest(root, verify=verify)
-    if backend == "tensorrt":  # "auto" falls back to ONNX Runtime, which runs every artifact
-        raise RuntimeError(f"{root}: cannot run with TensorRT: {_tensorrt_unavailable(manifest)}")
+    tokenizer = Tokenizer.from_dir(root) if manifest.get("tokenizer") else None
+    if backend in ("tensorrt", "auto"):
+        reason = _tensorrt_unavailable(manifest)
+        if reason is None:
+            from runtime.trt_backend import TrtBackend
+
+            return LoadedModel(root, manifest, TrtBackend(root, manifest), tokenizer)
+        if backend == "tensorrt":
+            raise RuntimeError(f"{root}: cannot run with TensorRT: {reason}")
     from runtime.ort_backend import OrtBackend
 
-    tokenizer = None
-    if manifest.get("tokenizer"):
-        tokenizer = Tokenizer.from_dir(root)
     return LoadedModel(root, manifest, OrtBackend(root, manifest, threads=threads), tokenizer)
 
 

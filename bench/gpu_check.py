@@ -1,0 +1,203 @@
+"""``make gpu-check``: the plugins' Triton kernels on a CUDA GPU, checked and timed -> bench/results/gpu_check.json.
+
+1. Correctness: FusedAttention (prefill and decode, sliding and full) and PatchEmbed kernels against the numpy
+   references, at the tiny test shapes and at the 12B's layer shapes (sliding: 16 query / 8 KV heads of 256,
+   window 1024; full: 16 query heads / 1 KV head of 512; PatchEmbed 6912 -> 3840 -> 3840).
+2. Speed, median of CUDA-event timings: decode attention (memory-bound: bytes of cache read per step, as GB/s),
+   prefill attention (TFLOP/s of the QK^T and PV products actually computed), PatchEmbed (TFLOP/s), next to a
+   device-to-device copy (GB/s) and an fp32/bf16 matmul (TFLOP/s) measured on the same GPU as the ceilings.
+3. Where TensorRT is importable: a tiny artifact's plugin graphs built into engines and compared with ONNX
+   Runtime through Polygraphy.
+On a machine without CUDA it says so and exits 2.  Usage: ``python bench/gpu_check.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _time(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _attention_case(text, layer, decode, batch, seq, past, t, seed=0):
+    rng = np.random.default_rng(seed)
+    h, hkv, d = text.num_heads, text.layer_kv_heads(layer), text.layer_head_dim(layer)
+    s = 1 if decode else seq
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in
+              [(batch, s, h, d), (batch, s, hkv, d), (batch, s, hkv, d), (batch, hkv, t, d), (batch, hkv, t, d)]]
+    past_lens = np.full(batch, past, np.int64)
+    seq_lens = np.full(batch, s, np.int64)
+    block = np.full((batch, s), -1, np.int64)
+    return [*arrays, past_lens, seq_lens, block]
+
+
+def check_attention(text, layer, decode, batch, seq, past, t, results, name, check=True):
+    import torch
+
+    from plugins import fused_attention as fa
+    from plugins.triton_attention import fused_attention
+
+    inputs = _attention_case(text, layer, decode, batch, seq, past, t)
+    attrs = fa.attributes(text, layer, decode=decode)
+    cuda = [torch.from_numpy(x).cuda() for x in inputs]
+    entry = {"batch": batch, "seq": 1 if decode else seq, "past": past, "cache_slots": t}
+    if check:
+        want = fa.reference(*inputs, **attrs)
+        got = fused_attention(*[x.clone() for x in cuda], **attrs)
+        entry["max_abs_err_out"] = float(np.abs(got[0].cpu().numpy() - want[0]).max())
+        entry["max_abs_err_cache"] = float(np.abs(got[1].cpu().numpy() - want[1]).max())
+        entry["ok"] = entry["max_abs_err_out"] <= 2e-3 * max(1.0, float(np.abs(want[0]).max()))
+    ms = _time(lambda: fused_attention(*cuda, **attrs))
+    entry["ms"] = ms
+    hkv, d, h = text.layer_kv_heads(layer), text.layer_head_dim(layer), text.num_heads
+    if decode:
+        keys = min(past + 1, t)
+        entry["cache_bytes_read"] = 2 * batch * hkv * keys * d * 4
+        entry["GB_per_s"] = entry["cache_bytes_read"] / ms / 1e6
+    else:
+        keys = past + seq if not text.is_sliding(layer) else min(text.sliding_window, past) + seq
+        entry["TFLOP_per_s"] = 4 * batch * h * seq * keys * d / ms / 1e9
+    results[name] = entry
+    print(f"[gpu-check] {name}: {json.dumps(entry)}", flush=True)
+
+
+def check_patch_embed(vision, hidden, n, results, name):
+    import torch
+
+    from plugins import patch_embed as pe
+    from plugins.triton_patch_embed import patch_embed
+
+    rng = np.random.default_rng(0)
+    e, p = vision.mm_embed_dim, vision.patch_dim
+    shapes = {"ln1_weight": (p,), "ln1_bias": (p,), "dense_weight": (e, p), "dense_bias": (e,), "ln2_weight": (e,),
+              "ln2_bias": (e,), "pos_table": (vision.mm_posemb_size, 2, e), "pos_ln_weight": (e,),
+              "pos_ln_bias": (e,), "proj_weight": (hidden, e)}
+    w = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    args = [rng.random((n, p), dtype=np.float32),
+            np.stack([np.arange(n) % 32, np.arange(n) // 32], 1).astype(np.int64), *[w[k] for k in pe.INPUTS[2:]]]
+    attrs = pe.attributes(vision)
+    want = pe.reference(*args, **attrs)
+    cuda = [torch.from_numpy(a).cuda() for a in args]
+    got = patch_embed(*cuda, **attrs).cpu().numpy()
+    ms = _time(lambda: patch_embed(*cuda, **attrs))
+    entry = {"tokens": n, "max_abs_err": float(np.abs(got - want).max()), "ms": ms,
+             "TFLOP_per_s": 2 * n * (p * e + e * hidden) / ms / 1e9}
+    entry["ok"] = entry["max_abs_err"] <= 1e-2 * max(1.0, float(np.abs(want).max()))
+    results[name] = entry
+    print(f"[gpu-check] {name}: {json.dumps(entry)}", flush=True)
+
+
+def ceilings(results):
+    import torch
+
+    x = torch.empty(512 * 2**20 // 4, device="cuda")
+    y = torch.empty_like(x)
+    ms = _time(lambda: y.copy_(x))
+    results["d2d_copy"] = {"bytes": 2 * x.numel() * 4, "ms": ms, "GB_per_s": 2 * x.numel() * 4 / ms / 1e6}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        ms = _time(lambda: a @ a, iters=10)
+        results[f"matmul_{str(dtype).split('.')[-1]}"] = {"n": 8192, "ms": ms, "TFLOP_per_s": 2 * 8192**3 / ms / 1e9}
+    print(f"[gpu-check] ceilings: {json.dumps({k: results[k] for k in ('d2d_copy', 'matmul_float32', 'matmul_bfloat16')})}")
+
+
+def tensorrt_check(results, work: Path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        results["tensorrt"] = {"skipped": f"tensorrt not importable ({e})"}
+        return
+    from exporter.export import export_artifact
+    from exporter.weights import random_model
+    from exporter.config import PRESETS
+    from graphs.build import build_engine
+    import runtime
+
+    art = work / "tiny"
+    export_artifact(random_model(PRESETS["tiny"], seed=0), art, max_len=64, log=lambda *_: None)
+    build_engine(art, "auto")
+    trt_model, ort_model = runtime.load(art, backend="tensorrt"), runtime.load(art, backend="onnxruntime")
+    a = runtime.generate(trt_model, [2, 17, 33, 45, 80], max_new_tokens=16).tokens
+    b = runtime.generate(ort_model, [2, 17, 33, 45, 80], max_new_tokens=16).tokens
+    results["tensorrt"] = {"greedy_tokens_equal": a == b, "trt": a, "ort": b}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    p.add_argument("--quick", action="store_true", help="fewer 12B-shape cases")
+    a = p.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("gpu-check: torch is not installed", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device visible; run this on a GPU machine", file=sys.stderr)
+        return 2
+    import dataclasses
+
+    from exporter.config import PRESETS
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "machine": platform.node()}
+    import triton
+
+    results["triton"] = triton.__version__
+    tiny = dataclasses.replace(PRESETS["tiny"].text, num_layers=2, layer_types=("sliding_attention", "full_attention"))
+    for layer, kind in ((0, "sliding"), (1, "full")):
+        check_attention(tiny, layer, False, 3, 11, 5, tiny.sliding_window if layer == 0 else 64, results,
+                        f"tiny_{kind}_prefill")
+        check_attention(tiny, layer, True, 3, 1, 13, tiny.sliding_window if layer == 0 else 64, results,
+                        f"tiny_{kind}_decode")
+    big = PRESETS["gemma4-12b"]
+    text = dataclasses.replace(big.text, num_layers=2, layer_types=("sliding_attention", "full_attention"))
+    ctx = (4096,) if a.quick else (1024, 8192, 32768)
+    for past in ctx:
+        check_attention(text, 0, True, 1, 1, past, text.sliding_window, results, f"12b_sliding_decode_past{past}",
+                        check=past <= 8192)
+        check_attention(text, 1, True, 1, 1, past, past + 64, results, f"12b_full_decode_past{past}",
+                        check=past <= 8192)
+    check_attention(text, 0, False, 1, 2048, 0, text.sliding_window, results, "12b_sliding_prefill_2048", check=False)
+    check_attention(text, 1, False, 1, 2048, 0, 4096, results, "12b_full_prefill_2048", check=False)
+    check_attention(text, 0, False, 1, 256, 700, text.sliding_window, results, "12b_sliding_prefill_256_wrap")
+    check_patch_embed(big.vision, big.text.hidden_size, 280, results, "12b_patch_embed_280")
+    ceilings(results)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tensorrt_check(results, Path(tmp))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    bad = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
+    print(f"[gpu-check] written {a.out}; {'FAILED: ' + ', '.join(bad) if bad else 'all checks passed'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
