@@ -135,7 +135,8 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from: Path
     with warnings.catch_warnings(), _quiet_torch_logs():
         # torch.onnx reports benign renames of shared dynamic axes and missing torchvision ops; keep output readable
         warnings.simplefilter("ignore")
-        program = _torch_export(module, args, dyn, inputs, outputs, optimize=weights_from is None)
+        # unoptimised: keeps module regions (plugin rewrites) and weight names (calibration); ORT optimises at build
+        program = _torch_export(module, args, dyn, inputs, outputs, optimize=False)
     if weights_from is None:
         program.save(str(path), external_data=True)
     else:
