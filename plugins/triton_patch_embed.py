@@ -16,9 +16,8 @@ __all__ = ["patch_embed"]
 
 
 @triton.jit
-def _row_layernorm(x, w, b, y, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = row * N
+def _moments(x, base, N, eps, BLOCK: tl.constexpr):
+    """Mean and 1/std of row ``x[base:base + N]`` (two passes over blocks)."""
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -29,7 +28,14 @@ def _row_layernorm(x, w, b, y, N, eps, BLOCK: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         d = tl.load(x + base + offs, mask=offs < N, other=0.0).to(tl.float32) - mean
         acc += tl.where(offs < N, d * d, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+    return mean, 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+
+
+@triton.jit
+def _row_layernorm(x, w, b, y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row * N
+    mean, rstd = _moments(x, base, N, eps, BLOCK)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < N
@@ -65,20 +71,8 @@ def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, ln_eps, rms_eps, 
     base = row * E
     px = tl.load(positions + 2 * row)
     py = tl.load(positions + 2 * row + 1)
-    # LayerNorm 1 (moments)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, E, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(h + base + offs, mask=offs < E, other=0.0)
-    mean = tl.sum(acc, axis=0) / E
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, E, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        d = tl.load(h + base + offs, mask=offs < E, other=0.0) - mean
-        acc += tl.where(offs < E, d * d, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / E + ln_eps)
-    # write LN1 + positions into y, collecting the moments of the sum
-    acc = tl.zeros([BLOCK], tl.float32)
+    mean, rstd = _moments(h, base, E, ln_eps, BLOCK)
+    # write LN1 + positions into y
     for start in range(0, E, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < E
@@ -88,14 +82,7 @@ def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, ln_eps, rms_eps, 
         v += tl.load(table + (tl.maximum(px, 0) * 2) * E + offs, mask=m & (zero + px >= 0), other=0.0)
         v += tl.load(table + (tl.maximum(py, 0) * 2 + 1) * E + offs, mask=m & (zero + py >= 0), other=0.0)
         tl.store(y + base + offs, v, mask=m)
-        acc += tl.where(m, v, 0.0)
-    mean2 = tl.sum(acc, axis=0) / E
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, E, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        d = tl.load(y + base + offs, mask=offs < E, other=0.0) - mean2
-        acc += tl.where(offs < E, d * d, 0.0)
-    rstd2 = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / E + ln_eps)
+    mean2, rstd2 = _moments(y, base, E, ln_eps, BLOCK)
     # LN2, then the RMS of the result
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, E, BLOCK):
