@@ -113,6 +113,7 @@ def quantize_graph(model, linears: dict[str, Linear], act_scales: dict[str, floa
             dq.outputs[0].name = f"{tag}.dq"
             dq.outputs[0].dtype = ir.DataType.FLOAT
             dq.outputs[0].shape = act.shape
+            _same_scope(node, q, dq)  # the plugin rewrites read module paths: Q/DQ belong to their Linear
             graph.insert_before(node, [q, dq])
             act_pairs[key] = dq.outputs[0]
             counts["activation_qdq"] += 1
@@ -138,6 +139,7 @@ def quantize_graph(model, linears: dict[str, Linear], act_scales: dict[str, floa
                       name=f"{module}.weight_dequantize")
         wdq.outputs[0].name = f"{module}.weight_dq"
         wdq.outputs[0].dtype = ir.DataType.FLOAT
+        _same_scope(node, wdq)
         graph.insert_before(node, [wdq])
         if node.op_type == "Gemm" and not keep_out_in:
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
@@ -146,6 +148,13 @@ def quantize_graph(model, linears: dict[str, Linear], act_scales: dict[str, floa
         counts["linears"] += 1
     _drop_unused(graph)
     return counts
+
+
+def _same_scope(src, *nodes) -> None:
+    key = "pkg.torch.onnx.name_scopes"
+    if key in src.metadata_props:
+        for n in nodes:
+            n.metadata_props[key] = src.metadata_props[key]
 
 
 def _drop_unused(graph) -> None:

@@ -393,6 +393,10 @@ def test_demo_checkpoint_meets_the_accuracy_targets(precision, demo_artifact, de
     out = tmp_path / f"demo-{precision}"
     calibrate(demo_artifact, out, precision, **QUIET)
     build_engine(out, "onnxruntime", **QUIET)
+    # the plugin rewrite applies to Q/DQ graphs too (the Linears stay outside the plugins)
+    plug = read_manifest(out)["plugin_graphs"]
+    assert plug["prefill"]["nodes"] == {"FusedAttention": 6, "PatchEmbed": 1}
+    assert plug["decode"]["nodes"] == {"FusedAttention": 6}
     rep = accuracy_report(out, **QUIET)
     assert rep["mean_kl"] <= TARGETS[precision]["mean_kl"] and rep["top1"] >= TARGETS[precision]["top1"], rep
     assert rep["positions"] >= 40 and len(rep["linear_snr_db"]) == 41
