@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= tiny
 OUT ?= artifacts/$(MODEL)
 BACKEND ?= auto
+DTYPE ?= bf16
 MAX_LEN ?=
 PROMPT ?=
 IDS ?=
@@ -26,7 +27,7 @@ help:
 	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n]   export prefill.onnx + decode.onnx into an artifact"
-	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt]   build engines for the artifact"
+	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32]   build engines (DTYPE: TensorRT Linears)"
 	@echo "make generate OUT=<dir> PROMPT='...' [MAX_NEW_TOKENS=n]   generate with runtime.generate"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
@@ -58,7 +59,7 @@ export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN))
 
 build-engine: $(STAMP)
-	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND)
+	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE)
 
 generate: $(STAMP)
 	$(PY) -m runtime --artifact $(OUT) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(PROMPT),--prompt "$(PROMPT)")$(if $(IDS),--ids $(IDS))

@@ -88,7 +88,8 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
     }
 
 
-def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, log=print) -> dict:
+def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, dtype: str = "bf16",
+                 log=print) -> dict:
     """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -117,7 +118,7 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
     if backend in ("tensorrt", "auto") and not reason and "plugin_graphs" in manifest:
         from graphs.build_tensorrt import build_tensorrt
 
-        engines["tensorrt"] = build_tensorrt(root, manifest, sources, log=log)
+        engines["tensorrt"] = build_tensorrt(root, manifest, sources, dtype=dtype, log=log)
     elif backend == "auto":
         log(f"[build-engine] TensorRT not used: {reason or 'no plugin graphs'}; building the ONNX Runtime form")
     if backend in ("onnxruntime", "auto"):
@@ -133,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--no-plugins", action="store_true",
                    help="build from the exported graphs instead of the plugin graphs (FusedAttention/PatchEmbed)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
     a = p.parse_args(argv)
     try:
-        build_engine(a.artifact, a.backend, plugins=not a.no_plugins)
+        build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype)
     except (RuntimeError, ValueError) as e:
         print(f"build-engine: error: {e}", file=sys.stderr)
         return 2
