@@ -212,3 +212,18 @@ def test_rewrite_graph_counts_on_a_fresh_export(artifact_store):
     assert res["FusedAttention"]["rewritten"] == cfg.text.num_layers
     assert res["PatchEmbed"] == {"rewritten": 1, "refused": None}
     assert res["nodes"] == {"FusedAttention": cfg.text.num_layers, "PatchEmbed": 1}
+
+
+def test_build_without_plugins_still_runs(artifact_store, tmp_path):
+    """``--no-plugins`` builds ONNX Runtime from the exported graphs; both engines generate the same tokens."""
+    import shutil
+
+    import runtime
+    from graphs.build import build_engine
+
+    art = tmp_path / "copy"
+    shutil.copytree(artifact_store("tiny-text"), art)
+    with_plugins = runtime.generate(runtime.load(art), [2, 30, 31, 32], max_new_tokens=12).tokens
+    manifest = build_engine(art, "onnxruntime", plugins=False, **QUIET)
+    assert manifest["engines"]["onnxruntime"]["from"] == {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+    assert runtime.generate(runtime.load(art), [2, 30, 31, 32], max_new_tokens=12).tokens == with_plugins
