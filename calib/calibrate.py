@@ -29,7 +29,6 @@ from calib.stats import Stats, collect_stats
 __all__ = ["calibrate"]
 
 GROUPS = ("decoder", "lm_head", "vision", "audio")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _peak_rss_mib() -> float:

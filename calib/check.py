@@ -17,20 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.report import TARGETS, log_softmax
+from calib.report import TARGETS, next_token_metrics
 
 __all__ = ["check_quantized", "distribution_metrics"]
 
 
 def distribution_metrics(ref_logits: np.ndarray, q_logits: np.ndarray) -> dict[str, np.ndarray]:
     """Per row of (N, vocab) logits: top-1 agreement, top-5 overlap, KL(ref || quant)."""
-    lp, lq = log_softmax(ref_logits), log_softmax(q_logits)
+    m = next_token_metrics(ref_logits, q_logits, ref_logits.argmax(-1))
     top5 = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) / 5.0 for a, b in zip(ref_logits, q_logits)]
-    return {
-        "top1": (ref_logits.argmax(-1) == q_logits.argmax(-1)).astype(np.float64),
-        "top5": np.asarray(top5),
-        "kl": np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0),
-    }
+    return {"top1": m["top1"], "top5": np.asarray(top5), "kl": m["kl"]}
 
 
 def _logits(results, runner: int) -> np.ndarray:

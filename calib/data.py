@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.tokenizer import chat_prompt
+
 __all__ = ["DEFAULT_DATA", "Prompt", "PromptSet", "PromptTooLong", "default_set", "load_dir", "prefill_inputs", "prompts_for"]
 
 DEFAULT_DATA = Path(__file__).parent / "default_data"
@@ -51,10 +53,6 @@ class PromptSet:
     prompts: list[Prompt]
     max_soft_tokens: int = 280
     source: str = ""
-
-
-def _chat(user: str) -> str:
-    return f"<|turn>user\n{user}<turn|>\n<|turn>model\n"
 
 
 def load_dir(path: str | Path) -> PromptSet:
@@ -84,7 +82,7 @@ def load_dir(path: str | Path) -> PromptSet:
     for m in media:
         if m not in used:
             kind = "image" if m.suffix.lower() in IMAGE_SUFFIXES else "audio"
-            prompts.append(Prompt(name=str(m), text=_chat(_LOOSE_QUESTION[kind]), **{
+            prompts.append(Prompt(name=str(m), text=chat_prompt(_LOOSE_QUESTION[kind]), **{
                 "images" if kind == "image" else "audio": [m]}))
     if not prompts:
         raise ValueError(

@@ -13,7 +13,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-__all__ = ["LM_HEAD", "Linear", "find_linears", "group_of", "layer_index", "trace_back"]
+__all__ = ["LM_HEAD", "Linear", "find_linears", "group_of", "layer_index", "trace_back", "drop_unused_weights"]
 
 LM_HEAD = "lm_head"
 _PREFIX = "m."  # the export wrappers hold the model as attribute ``m``
@@ -124,3 +124,15 @@ def trace_back(value):
         value = p.inputs[0]
         chain.append(value)
     return value, chain
+
+
+def drop_unused_weights(graph) -> None:
+    """Remove the Transposes and initializers a weight rewrite left without users (the old fp32 weights)."""
+    for node in list(graph):
+        if node.op_type == "Transpose" and all(not o.uses() for o in node.outputs) and not any(
+            o in graph.outputs for o in node.outputs
+        ):
+            graph.remove(node, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in graph.inputs and value not in graph.outputs:
+            graph.initializers.pop(name)

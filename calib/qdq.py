@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calib.linears import Linear
+from calib.linears import Linear, drop_unused_weights
 
 __all__ = ["PRECISIONS", "Precision", "activation_scales", "quantize_graph", "weight_scales"]
 
@@ -146,7 +146,7 @@ def quantize_graph(model, linears: dict[str, Linear], act_scales: dict[str, floa
         node.replace_input_with(1, wdq.outputs[0])
         counts["weights"] += 1
         counts["linears"] += 1
-    _drop_unused(graph)
+    drop_unused_weights(graph)
     return counts
 
 
@@ -155,15 +155,3 @@ def _same_scope(src, *nodes) -> None:
     if key in src.metadata_props:
         for n in nodes:
             n.metadata_props[key] = src.metadata_props[key]
-
-
-def _drop_unused(graph) -> None:
-    """Remove Transpose nodes and initializers the rewrite left without users (the fp32 weights)."""
-    for node in list(graph):
-        if node.op_type == "Transpose" and all(not o.uses() for o in node.outputs) and not any(
-            o in graph.outputs for o in node.outputs
-        ):
-            graph.remove(node, safe=True)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in graph.inputs and value not in graph.outputs:
-            graph.initializers.pop(name)

@@ -49,7 +49,7 @@ def next_token_metrics(ref_logits: np.ndarray, q_logits: np.ndarray, targets: np
     }
 
 
-def _teacher_forced(ref, quant, prompt_set, steps: int, log) -> dict[str, np.ndarray]:
+def _teacher_forced(ref, quant, prompt_set, steps: int) -> dict[str, np.ndarray]:
     from calib.data import PromptTooLong, prefill_inputs
 
     cfg, tk = ref.config, ref.config["tokens"]
@@ -196,7 +196,7 @@ def accuracy_report(quant_root: str | Path, *, reference: str | Path | None = No
     quant = runtime.load(q_root)
     prompts = prompts_for(data_dir, "heldout", ref.config, has_tokenizer=ref.tokenizer is not None)
     log(f"[report] {len(prompts.prompts)} held-out prompts from {prompts.source}")
-    m = _teacher_forced(ref, quant, prompts, steps, log)
+    m = _teacher_forced(ref, quant, prompts, steps)
     scales = json.loads((q_root / q_manifest["quantization"]["scales"]).read_text())
     modules = list(scales["activation_scale"])
     smooth = scales.get("smoothquant") or {"groups": []}

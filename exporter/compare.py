@@ -22,6 +22,7 @@ import torch
 
 from exporter.config import ModelConfig
 from exporter.model import Gemma4Model
+from runtime.ort_backend import cache_shape
 
 __all__ = ["TorchGemma4Runner", "compare_artifact", "feeds_for", "model_for_artifact"]
 
@@ -99,7 +100,7 @@ def feeds_for(cfg: ModelConfig, graph: str, input_specs: list[dict], *, batch: i
     feeds["past_lens"] = past.astype(np.int64)
     for spec in input_specs:
         if spec["name"].startswith(("past_key_", "past_value_")):
-            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+            shape = cache_shape(spec, batch, max_len)
             feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
     return OrderedDict((spec["name"], feeds[spec["name"]]) for spec in input_specs)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.linears import find_linears, group_of
+from calib.linears import drop_unused_weights, find_linears, group_of
 
 __all__ = ["DTYPES", "cast_linears"]
 
@@ -82,11 +82,5 @@ def cast_linears(model, dtype: str = "bf16") -> dict[str, int]:
                 up.outputs[0].name = name_out
         out.dtype = low
         casts += 1
-    for node in list(graph):  # the fp32 weights' Transposes and initializers nobody reads any more
-        if node.op_type == "Transpose" and not any(o.uses() for o in node.outputs) and not any(
-                o in graph.outputs for o in node.outputs):
-            graph.remove(node, safe=True)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in graph.outputs:
-            graph.initializers.pop(name)
+    drop_unused_weights(graph)
     return {"linears": len(linears), "casts": casts}

@@ -110,20 +110,8 @@ def _decode_kernel(
         else:
             ok = offs_t < hi
         rows = ((b * HKV + h) * T + offs_t[:, None]) * HEAD_DIM
-        kb1 = tl.load(kc + rows + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        kb2 = tl.load(kc + rows + HALF + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        s = (_qk(q1, kb1, USE_DOT) + _qk(q2, kb2, USE_DOT)) * scale  # (G, BLOCK_T)
-        s = tl.where(ok[None, :], s, NEG)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        p = tl.where(ok[None, :], p, 0.0)
-        vb1 = tl.load(vc + rows + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        vb2 = tl.load(vc + rows + HALF + offs_h[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc1 = acc1 * alpha[:, None] + _pv(p, vb1, USE_DOT)
-        acc2 = acc2 * alpha[:, None] + _pv(p, vb2, USE_DOT)
-        m = m_new
+        acc1, acc2, m, l_sum = _attend_block(acc1, acc2, m, l_sum, q1, q2, kc, vc, rows, ok, ok[None, :], offs_h,
+                                             scale, HALF, USE_DOT)  # all G query heads of this KV head
     o_base = out + (b * H + h * G + offs_g[:, None]) * HEAD_DIM
     tl.store(o_base + offs_h[None, :], (acc1 / l_sum[:, None]).to(out.dtype.element_ty))
     tl.store(o_base + HALF + offs_h[None, :], (acc2 / l_sum[:, None]).to(out.dtype.element_ty))

@@ -18,11 +18,16 @@ import numpy as np
 
 from runtime.prompt import PrefillInputs
 
-__all__ = ["OrtBackend", "prefill_feeds", "zero_cache"]
+__all__ = ["OrtBackend", "cache_shape", "is_cache", "prefill_feeds", "zero_cache"]
 
 
-def _is_cache(name: str) -> bool:
+def is_cache(name: str) -> bool:
     return name.startswith(("past_key_", "past_value_", "present_key_", "present_value_"))
+
+
+def cache_shape(spec: dict[str, Any], batch: int, max_len: int) -> list[int]:
+    """A cache input's shape from its manifest spec (dims ``batch``, ``max_len`` or numbers)."""
+    return [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
 
 
 def _spec_dim(manifest: dict[str, Any], name: str, axis: int) -> int | None:
@@ -61,9 +66,8 @@ def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int) -
     """Zeroed ``past_*`` inputs of ``graph`` as numpy arrays (for plain ``session.run`` callers)."""
     out = {}
     for spec in manifest["graphs"][graph]["inputs"]:
-        if _is_cache(spec["name"]):
-            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
-            out[spec["name"]] = np.zeros(shape, dtype=np.float32)
+        if is_cache(spec["name"]):
+            out[spec["name"]] = np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32)
     return out
 
 
@@ -90,17 +94,14 @@ class OrtBackend:
             sess = ort.InferenceSession(str(self.root / rel), opts, providers=["CPUExecutionProvider"])
             self.sessions[graph] = sess
             self.io[graph] = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
-        self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if _is_cache(i["name"])]
+        self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         self.layer_types = manifest["model_config"]["text"]["layer_types"]
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int) -> list:
         """Zeroed cache buffers for ``batch`` sequences of at most ``max_len`` tokens, as OrtValues."""
-        cache = []
-        for spec in self.cache_specs:
-            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
-            cache.append(self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32)))
-        return cache
+        zeros = (np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32) for spec in self.cache_specs)
+        return [self._ort.OrtValue.ortvalue_from_numpy(z) for z in zeros]
 
     def _is_sliding(self, cache_index: int) -> bool:
         return self.layer_types[cache_index // 2] == "sliding_attention"
@@ -113,8 +114,8 @@ class OrtBackend:
         for name in names_in:
             if name in feeds:
                 binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        past = [n for n in names_in if _is_cache(n)]
-        present = [n for n in names_out if _is_cache(n)]
+        past = [n for n in names_in if is_cache(n)]
+        present = [n for n in names_out if is_cache(n)]
         binding.bind_output("logits", "cpu")
         for i, (p_in, p_out) in enumerate(zip(past, present)):
             binding.bind_ortvalue_input(p_in, cache[i])

@@ -15,14 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.ort_backend import prefill_feeds
+from runtime.ort_backend import cache_shape, is_cache, prefill_feeds
 from runtime.prompt import PrefillInputs
 
 __all__ = ["TrtBackend"]
-
-
-def _is_cache(name: str) -> bool:
-    return name.startswith(("past_key_", "past_value_", "present_key_", "present_value_"))
 
 
 class TrtBackend:
@@ -48,16 +44,14 @@ class TrtBackend:
             self.engines[graph] = engine
             self.contexts[graph] = engine.create_execution_context()
         self.stream = torch.cuda.Stream()
-        self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if _is_cache(i["name"])]
+        self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         self.layer_types = manifest["model_config"]["text"]["layer_types"]
         self._graphs: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int) -> list:
-        cache = []
-        for spec in self.cache_specs:
-            shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
-            cache.append(self.torch.zeros(shape, dtype=self.torch.float32, device="cuda"))
+        cache = [self.torch.zeros(cache_shape(spec, batch, max_len), dtype=self.torch.float32, device="cuda")
+                 for spec in self.cache_specs]
         self._graphs.clear()  # captured decode graphs point at the previous cache
         return cache
 
@@ -72,13 +66,13 @@ class TrtBackend:
         inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
         keep = {}
         for name in inputs:
-            if _is_cache(name):
+            if is_cache(name):
                 continue
             t = torch.as_tensor(np.ascontiguousarray(feeds[name])).to("cuda", non_blocking=True)
             keep[name] = t
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
-        past = [n for n in inputs if _is_cache(n)]
+        past = [n for n in inputs if is_cache(n)]
         new_cache = list(cache)
         for i, name in enumerate(past):
             ctx.set_input_shape(name, tuple(cache[i].shape))
