@@ -2,22 +2,17 @@
 
 An artifact is a directory with ``manifest.json`` naming the model config, the graphs and their inputs/outputs,
 the KV-cache layout, precision, backends built, tool versions, and the sha256 of every file.  `read_manifest`
-refuses an artifact whose files are missing or differ from the manifest, naming the file.  `staged_artifact`
-writes a new artifact into a temporary sibling directory and moves it into place only when complete, so a failed
-export or build never leaves a half-written artifact behind.
+refuses an artifact whose files are missing or differ from the manifest, naming the file.  Writing a whole new
+artifact (staged, checked, swapped in atomically) is `runtime.staging`.
 
 Torch-free; the exporter and the engine builders use it to write, the runtime to read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +22,6 @@ __all__ = [
     "hash_files",
     "read_manifest",
     "sha256_file",
-    "staged_artifact",
     "write_manifest",
 ]
 
@@ -98,21 +92,8 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-@contextlib.contextmanager
-def staged_artifact(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; on success it replaces ``out``, on error it is removed."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def staged_artifact(out: str | Path, **kwargs):
+    """Moved to `runtime.staging.staged_artifact` (which checks OUT before replacing it); kept as a redirect."""
+    from runtime.staging import staged_artifact as staged
+
+    return staged(out, **kwargs)
