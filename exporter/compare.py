@@ -113,6 +113,10 @@ def model_for_artifact(root: Path, manifest: dict) -> Gemma4Model:
     source = manifest.get("source", {})
     if "checkpoint" in source:
         return load_model(source["checkpoint"], cfg=cfg)
+    if source.get("generator") == "exporter.stream.SeededWeights":  # a preset streamed with per-tensor seeds
+        from exporter.stream import preset_model
+
+        return preset_model(cfg, seed=int(source.get("seed", 0)))
     if "seed" in source:  # a preset exported with seeded random weights
         return random_model(cfg, seed=int(source.get("seed", 0)))
     raise ValueError(f"{root}/manifest.json: 'source' names neither a checkpoint nor a random-weights seed; cannot rebuild the model")

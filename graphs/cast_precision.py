@@ -30,15 +30,16 @@ def _np_dtype(dtype: str):
     return ml_dtypes.bfloat16
 
 
-def cast_linears(model, dtype: str = "bf16") -> dict[str, int]:
-    """Rewrite ``model`` (onnx_ir) in place; returns ``{"linears": n, "casts": m}``."""
+def cast_linears(model, dtype: str = "bf16", groups: tuple[str, ...] = ("decoder", "lm_head")) -> dict[str, int]:
+    """Rewrite ``model`` (onnx_ir) in place; returns ``{"linears": n, "casts": m}``.  ``groups``: which Linears
+    (`calib.linears.group_of`); the streaming exporter leaves the tied LM head out (it would copy the embedding)."""
     import onnx_ir as ir
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
     low = ir.DataType.BFLOAT16 if dtype == "bf16" else ir.DataType.FLOAT16
     graph = model.graph
-    linears = {m: lin for m, lin in find_linears(model).items() if group_of(m) in ("decoder", "lm_head")}
+    linears = {m: lin for m, lin in find_linears(model).items() if group_of(m) in groups}
     down: dict[int, object] = {}  # one down-cast per activation value
     casts = 0
     for module, lin in linears.items():
