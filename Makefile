@@ -18,15 +18,20 @@ CALIB_DATA ?=
 HELDOUT_DATA ?=
 # make calibrate writes OUT when given on the command line, else <SRC>-<PRECISION>
 QOUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(SRC)-$(PRECISION))
+# make eval reads OUT when given, else the demo artifact (the only kind it can score)
+EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifacts/demo)
+# FORCE=1: export/calibrate may replace an OUT that is a non-empty directory but not an artifact (never the source)
+FORCE ?=
+FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
 .PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
-	@echo "make eval OUT=<artifact>          exact-answer accuracy of a demo artifact on the held-out split"
+	@echo "make eval [OUT=<artifact>]        exact-answer accuracy of a demo artifact (default artifacts/demo) on the held-out split"
 	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
-	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n]   export prefill.onnx + decode.onnx into an artifact"
+	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1]   export prefill.onnx + decode.onnx into an artifact"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32]   build engines (DTYPE: TensorRT Linears)"
 	@echo "make generate OUT=<dir> PROMPT='...' [MAX_NEW_TOKENS=n]   generate with runtime.generate"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
@@ -50,13 +55,13 @@ demo: $(STAMP)
 	$(PY) -m demo.evaluate --artifact artifacts/demo --n 20 --show 2
 
 eval: $(STAMP)
-	$(PY) -m demo.evaluate --artifact $(OUT)
+	$(PY) -m demo.evaluate --artifact $(EVAL_OUT)
 
 train-demo: $(STAMP)
 	$(PY) -m demo.train --out demo/checkpoint
 
 export: $(STAMP)
-	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN))
+	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE)
@@ -69,7 +74,7 @@ compare: $(STAMP)
 
 calibrate: $(STAMP)
 	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact> (and OUT=<new artifact> PRECISION=int8|fp8)" >&2; exit 2; }
-	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA))
+	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA)) $(FORCE_FLAG)
 	$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
 
 check-quant: $(STAMP)

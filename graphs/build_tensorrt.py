@@ -63,12 +63,12 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
     import tensorrt as trt
 
     import plugins.tensorrt_plugins  # noqa: F401  (registers gemma4::FusedAttention and gemma4::PatchEmbed)
+    from runtime.staging import temp_name
 
     out_dir = root / "engines"
     out_dir.mkdir(exist_ok=True)
-    work = out_dir / "cast.tmp"
+    work = out_dir / temp_name("cast")  # this process's own; graphs.build cleans those of dead ones
     if dtype != "fp32" and manifest.get("precision", "fp32") == "fp32":
-        shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         sources = _cast_sources(root, sources, dtype, work, log)
     else:

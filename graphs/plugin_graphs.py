@@ -16,6 +16,7 @@ from exporter.config import ModelConfig
 from graphs.check_plugins import check_plugin_graph
 from graphs.fuse_attention import fuse_attention
 from graphs.fuse_patch_embed import fuse_patch_embed
+from runtime.staging import temp_name
 
 __all__ = ["plugin_graph_name", "make_plugin_graphs", "rewrite_graph"]
 
@@ -47,7 +48,7 @@ def make_plugin_graphs(root: str | Path, manifest: dict, *, log=print) -> dict:
             model = ir.load(str(root / src))
             report[graph] = rewrite_graph(model, cfg, graph, log=log)
             dst = root / plugin_graph_name(src)
-            tmp = dst.with_name(dst.name + ".tmp")
+            tmp = dst.with_name(temp_name(dst.name, "tmp"))
             onnx.save(ir.serde.serialize_model(model), str(tmp))  # weights stay in the shared external file
             written.append((tmp, dst))
             log(f"[plugins] {dst.name}: {report[graph]['nodes']}")
