@@ -47,9 +47,13 @@ def calibrate(
     smoothquant: float | None | str = "auto",
     percentile: float | None = None,
     quantize: tuple[str, ...] = ("decoder",),
+    force: bool = False,
     log=print,
 ) -> dict:
     """Write a quantized copy of the fp32 artifact ``src`` to ``out``; returns its manifest.
+
+    ``out`` may be new, empty or a previous artifact; anything else, or a path that is, contains or lies inside
+    ``src``, is refused before any work (`runtime.staging`; ``force`` allows other directories, never ``src``).
 
     ``smoothquant``: alpha in [0, 1], None for none, "auto" for 0.5 with INT8 and none with FP8.
     """
@@ -57,7 +61,8 @@ def calibrate(
 
     from calib.data import prompts_for
     from graphs.share_weights import share_external_data
-    from runtime.manifest import read_manifest, staged_artifact, write_manifest
+    from runtime.manifest import read_manifest, write_manifest
+    from runtime.staging import check_output, staged_artifact
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -69,8 +74,8 @@ def calibrate(
         raise ValueError(f"percentile={percentile}; expected a value in (50, 100]")
     alpha = (0.5 if precision == "int8" else None) if smoothquant == "auto" else smoothquant
     src, out = Path(src), Path(out)
-    if src.resolve() == out.resolve():
-        raise ValueError(f"OUT={out} is the source artifact; write the quantized artifact to a new directory")
+    sources = {"source artifact": src}
+    check_output(out, sources=sources, force=force)  # before any work; checked again when moved into place
     manifest = read_manifest(src)
     if manifest.get("precision", "fp32") != "fp32":
         raise ValueError(f"{src}: precision {manifest['precision']!r}; calibrate from an fp32 artifact")
@@ -120,7 +125,7 @@ def calibrate(
             "not_smoothed": plan.skipped,
         },
     }
-    with staged_artifact(out) as stage:
+    with staged_artifact(out, sources=sources, force=force, log=log) as stage:
         for g, model in graphs.items():
             path = stage / manifest["graphs"][g]["file"]
             ir.save(model, path, external_data=f"{path.name}.data", max_in_flight_bytes=256 << 20)
@@ -163,7 +168,10 @@ def calibrate(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calib.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="fp32 artifact directory (from `make export`)")
-    p.add_argument("--out", required=True, help="quantized artifact directory to write (replaced on success)")
+    p.add_argument("--out", required=True,
+                   help="quantized artifact directory to write: new, empty or a previous artifact (replaced on success)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even if it is a directory that is not an artifact (never the source)")
     p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
     p.add_argument("--data", default=None, help="calibration data directory (default: the built-in set)")
     p.add_argument("--stats", default=None, help="reuse a stats.npz from an earlier calibration of the same weights")
@@ -182,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         calibrate(a.src, a.out, a.precision, data_dir=a.data, stats_path=a.stats, smoothquant=sq,
-                  percentile=a.percentile, quantize=tuple(x.strip() for x in a.quantize.split(",") if x.strip()))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"calibrate: error: {e}", file=sys.stderr)
+                  percentile=a.percentile, quantize=tuple(x.strip() for x in a.quantize.split(",") if x.strip()),
+                  force=a.force)
+    except (ValueError, OSError) as e:  # ArtifactError, OutputRefused are ValueErrors; a full disk an OSError
+        from runtime.staging import error_message
+
+        print(f"calibrate: error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

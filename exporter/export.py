@@ -27,7 +27,8 @@ from torch import nn
 from exporter.config import ModelConfig, PRESETS, load_config
 from exporter.model import Gemma4Model, cache_shapes
 from graphs.share_weights import share_external_data
-from runtime.manifest import staged_artifact, write_manifest
+from runtime.manifest import write_manifest
+from runtime.staging import check_output, error_message, staged_artifact
 
 __all__ = ["OPSET", "export_artifact", "graph_io"]
 
@@ -217,18 +218,30 @@ def export_artifact(
     source: dict | None = None,
     tokenizer_dir: Path | None = None,
     weights_from: Path | None = None,
+    force: bool = False,
     log=print,
 ) -> dict:
     """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success).
+
+    ``out`` may be new, empty or a previous artifact; anything else, or a path that is, contains or lies inside the
+    checkpoint, is refused (`runtime.staging`; ``force`` allows replacing other directories, never the checkpoint).
 
     With ``weights_from`` (a checkpoint directory), ``model`` may be a fake model (`exporter.stream.fake_model`):
     weights are streamed from the checkpoint into external data instead of taken from the model.
     """
     cfg = model.cfg
-    max_len = max_len or min(cfg.text.max_position_embeddings, 8192)
+    if max_len is None:
+        max_len = min(cfg.text.max_position_embeddings, 8192)
     if max_len < 2 or max_len > cfg.text.max_position_embeddings:
         raise ValueError(f"max_len={max_len} must be in [2, {cfg.text.max_position_embeddings}] for this model")
-    with staged_artifact(out) as stage:
+    tokenizer_files = [n for n in TOKENIZER_FILES if tokenizer_dir and (Path(tokenizer_dir) / n).is_file()]
+    if not {"tokenizer.json", "tokenizer.model"} & set(tokenizer_files):
+        where = f"no tokenizer.json or tokenizer.model in {tokenizer_dir}" if tokenizer_dir else "none given"
+        log(f"[export] warning: no tokenizer ({where}): text prompts will not work with this artifact, "
+            "token-id prompts will")
+    sources = {"checkpoint": weights_from, "tokenizer directory": tokenizer_dir}
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    with staged_artifact(out, sources=sources, force=force, expected_bytes=fp32_bytes, log=log) as stage:
         timings = {}
         for graph in ("prefill", "decode"):
             log(f"[export] tracing {graph} graph ...")
@@ -239,12 +252,8 @@ def export_artifact(
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
         if share_external_data(stage, log=log):
             log("[export] prefill and decode share weights.data")
-        tokenizer_files = []
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, stage / name)
-                    tokenizer_files.append(name)
+        for name in tokenizer_files:
+            shutil.copy2(Path(tokenizer_dir) / name, stage / name)
         manifest = {
             "model_config": cfg.to_json_dict(),
             "source": source or getattr(model, "source", {}),
@@ -276,16 +285,32 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m exporter.export", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
-    p.add_argument("--out", required=True, help="artifact directory to write (replaced on success)")
-    p.add_argument("--max-len", type=int, default=None, help="maximum total tokens per sequence (KV cache length)")
+    p.add_argument("--out", required=True,
+                   help="artifact directory to write: new, empty or a previous artifact (replaced on success)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even if it is a directory that is not an artifact (never the checkpoint)")
+    p.add_argument("--max-len", type=_max_len, default=None,
+                   help="maximum total tokens per sequence (KV cache length, >= 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
     a = p.parse_args(argv)
     try:
         _run(a)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"export: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # CheckpointError, OutputRefused are ValueErrors; a full disk an OSError
+        print(f"export: error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _max_len(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of tokens >= 2")
+    return n
 
 
 def _run(a) -> None:
@@ -293,19 +318,22 @@ def _run(a) -> None:
     from exporter.weights import plan_checkpoint, random_model
 
     t0 = time.perf_counter()
+    # OUT is checked before any work (and again when the artifact is moved into place)
+    check_output(a.out, sources={"checkpoint": a.model if Path(a.model).exists() else None}, force=a.force)
     if a.model in PRESETS and not Path(a.model).exists():
         cfg = load_config(a.model)
         print(f"[export] preset {a.model!r}: seeded random weights (seed {a.seed})")
         model = random_model(cfg, seed=a.seed)
         source = {"preset": a.model, "seed": a.seed}
-        export_artifact(model, a.out, max_len=a.max_len, source=source)
+        export_artifact(model, a.out, max_len=a.max_len, source=source, force=a.force)
     else:
         ckpt = Path(a.model)
         cfg = load_config(ckpt)
         plan_checkpoint(ckpt, cfg)  # every tensor checked before any work
         print(f"[export] checkpoint {ckpt}: tracing without weights, streaming them into external data")
         source = {"checkpoint": str(ckpt.resolve())}
-        export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, tokenizer_dir=ckpt, weights_from=ckpt)
+        export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, tokenizer_dir=ckpt, weights_from=ckpt,
+                        force=a.force)
     print(f"[export] total {time.perf_counter() - t0:.1f} s")
 
 

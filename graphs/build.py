@@ -9,19 +9,20 @@
   torch with CUDA and triton, else it stops with the reason.
 * ``auto``: TensorRT where it can build, and the ONNX Runtime form in every case (it runs everywhere).
 
-New files are written beside the artifact and moved in only when complete; the manifest is rewritten last.
+New files are written beside the artifact and moved in only when complete; the manifest is rewritten last.  Only
+an artifact is written into, and only one holding no files its manifest does not list (`runtime.staging`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from runtime.manifest import read_manifest, write_manifest
+from runtime.staging import check_writable_artifact, error_message, replace_dir, temp_name
 
 __all__ = ["build_engine", "tensorrt_unavailable_reason"]
 
@@ -48,8 +49,7 @@ def tensorrt_unavailable_reason() -> str | None:
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str]) -> dict:
     import onnxruntime as ort
 
-    stage = root / "ort.staging"
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = root / temp_name("ort")
     stage.mkdir()
     try:
         for graph in ("prefill", "decode"):
@@ -72,9 +72,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
 
         if share_external_data(stage, log=log):
             log("[build-engine] onnxruntime graphs share ort/weights.data")
-        final = root / "ort"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(stage, final)
+        replace_dir(stage, root / "ort", log=log)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -95,6 +93,7 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
     manifest = read_manifest(root)
+    check_writable_artifact(root, manifest, log=log)
     reason = tensorrt_unavailable_reason()
     if backend == "tensorrt" and reason:
         raise RuntimeError(f"cannot build a TensorRT engine for {root}: {reason}")
@@ -139,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype)
-    except (RuntimeError, ValueError) as e:
-        print(f"build-engine: error: {e}", file=sys.stderr)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"build-engine: error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
 
