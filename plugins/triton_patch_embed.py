@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["patch_embed"]
+__all__ = ["LINEAR_BLOCKS", "patch_embed"]
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _moments(x, base, N, eps, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_layernorm(x, w, b, y, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     base = row * N
     mean, rstd = _moments(x, base, N, eps, BLOCK)
     for start in range(0, N, BLOCK):
@@ -48,7 +48,7 @@ def _row_layernorm(x, w, b, y, N, eps, BLOCK: tl.constexpr):
 def _linear(a, w, bias, c, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """c (M, N) = a (M, K) @ w (N, K)^T (+ bias)."""
-    pm, pn = tl.program_id(0), tl.program_id(1)
+    pm, pn = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -65,9 +65,11 @@ def _linear(a, w, bias, c, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, ln_eps, rms_eps, BLOCK: tl.constexpr):
-    """Per row: LN(h) (w2, b2) -> + table[x, 0] + table[y, 1] (skipped for -1) -> LN (wp, bp) -> RMSNorm."""
-    row = tl.program_id(0)
+def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, M, ln_eps, rms_eps, BLOCK: tl.constexpr):
+    """Per row: LN(h) (w2, b2) -> + table[x, 0] + table[y, 1] (skipped for -1) -> LN (wp, bp) -> RMSNorm.
+    A position outside [0, M) (M table rows; -1 is padding, anything else garbage) adds nothing: no read outside
+    the table whatever the input holds."""
+    row = tl.program_id(0).to(tl.int64)
     base = row * E
     px = tl.load(positions + 2 * row)
     py = tl.load(positions + 2 * row + 1)
@@ -79,8 +81,11 @@ def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, ln_eps, rms_eps, 
         v = (tl.load(h + base + offs, mask=m, other=0.0) - mean) * rstd * tl.load(w2 + offs, mask=m, other=1.0)
         v += tl.load(b2 + offs, mask=m, other=0.0)
         zero = tl.zeros([BLOCK], tl.int64)
-        v += tl.load(table + (tl.maximum(px, 0) * 2) * E + offs, mask=m & (zero + px >= 0), other=0.0)
-        v += tl.load(table + (tl.maximum(py, 0) * 2 + 1) * E + offs, mask=m & (zero + py >= 0), other=0.0)
+        x_ok = m & (zero + px >= 0) & (zero + px < M)
+        y_ok = m & (zero + py >= 0) & (zero + py < M)
+        xi, yi = tl.minimum(tl.maximum(px, 0), M - 1), tl.minimum(tl.maximum(py, 0), M - 1)
+        v += tl.load(table + (xi * 2) * E + offs, mask=x_ok, other=0.0)
+        v += tl.load(table + (yi * 2 + 1) * E + offs, mask=y_ok, other=0.0)
         tl.store(y + base + offs, v, mask=m)
     mean2, rstd2 = _moments(y, base, E, ln_eps, BLOCK)
     # LN2, then the RMS of the result
@@ -99,9 +104,12 @@ def _position_norms(h, positions, table, w2, b2, wp, bp, y, E, ln_eps, rms_eps, 
         tl.store(y + base + offs, tl.load(y + base + offs, mask=m, other=0.0) * rrms, mask=m)
 
 
+LINEAR_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+
+
 def patch_embed(patches, positions, ln1_weight, ln1_bias, dense_weight, dense_bias, ln2_weight, ln2_bias, pos_table,
-                pos_ln_weight, pos_ln_bias, proj_weight, *, ln_eps, rms_eps, block=256, **_):
-    """Torch tensors in (fp32, contiguous), (N, hidden) embeddings out."""
+                pos_ln_weight, pos_ln_bias, proj_weight, *, ln_eps, rms_eps, block=256, out=None, **_):
+    """Torch tensors in (fp32, contiguous), (N, hidden) embeddings out (into ``out`` when given)."""
     import torch
 
     n, p = patches.shape
@@ -109,15 +117,16 @@ def patch_embed(patches, positions, ln1_weight, ln1_bias, dense_weight, dense_bi
     dev = patches.device
     x = torch.empty((n, p), dtype=torch.float32, device=dev)
     if n == 0:
-        return torch.empty((0, hidden), dtype=torch.float32, device=dev)
+        return torch.empty((0, hidden), dtype=torch.float32, device=dev) if out is None else out
     _row_layernorm[(n,)](patches, ln1_weight, ln1_bias, x, p, ln_eps, BLOCK=block)
     h = torch.empty((n, e), dtype=torch.float32, device=dev)
-    grid = lambda m, k: (triton.cdiv(m, 16), triton.cdiv(k, 32))  # noqa: E731
-    _linear[grid(n, e)](x, dense_weight, dense_bias, h, n, e, p, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    bm, bn = LINEAR_BLOCKS["BLOCK_M"], LINEAR_BLOCKS["BLOCK_N"]
+    grid = lambda m, k: (triton.cdiv(m, bm), triton.cdiv(k, bn))  # noqa: E731
+    _linear[grid(n, e)](x, dense_weight, dense_bias, h, n, e, p, HAS_BIAS=True, **LINEAR_BLOCKS)
     y = torch.empty_like(h)
-    _position_norms[(n,)](h, positions, pos_table, ln2_weight, ln2_bias, pos_ln_weight, pos_ln_bias, y, e, ln_eps,
-                          rms_eps, BLOCK=min(block, triton.next_power_of_2(e)))
-    out = torch.empty((n, hidden), dtype=torch.float32, device=dev)
-    _linear[grid(n, hidden)](y, proj_weight, proj_weight, out, n, hidden, e, HAS_BIAS=False, BLOCK_M=16,
-                             BLOCK_N=32, BLOCK_K=32)
+    _position_norms[(n,)](h, positions, pos_table, ln2_weight, ln2_bias, pos_ln_weight, pos_ln_bias, y, e,
+                          pos_table.shape[0], ln_eps, rms_eps, BLOCK=min(block, triton.next_power_of_2(e)))
+    if out is None:
+        out = torch.empty((n, hidden), dtype=torch.float32, device=dev)
+    _linear[grid(n, hidden)](y, proj_weight, proj_weight, out, n, hidden, e, HAS_BIAS=False, **LINEAR_BLOCKS)
     return out
