@@ -47,6 +47,8 @@ def calibrate(
     smoothquant: float | None | str = "auto",
     percentile: float | None = None,
     quantize: tuple[str, ...] = ("decoder",),
+    block_size: int = 32,
+    int4_method: str = "awq",
     force: bool = False,
     log=print,
 ) -> dict:
@@ -55,7 +57,8 @@ def calibrate(
     ``out`` may be new, empty or a previous artifact; anything else, or a path that is, contains or lies inside
     ``src``, is refused before any work (`runtime.staging`; ``force`` allows other directories, never ``src``).
 
-    ``smoothquant``: alpha in [0, 1], None for none, "auto" for 0.5 with INT8 and none with FP8.
+    ``smoothquant``: alpha in [0, 1], None for none, "auto" for 0.5 with INT8 and none with FP8 and INT4.
+    ``block_size``, ``int4_method`` ("awq" or "rtn"): INT4 weight-only only (`calib.int4`).
     """
     import onnx_ir as ir
 
@@ -65,14 +68,23 @@ def calibrate(
     from runtime.staging import check_output, staged_artifact
 
     t0 = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ValueError(f"PRECISION={precision!r}; expected one of {', '.join(PRECISIONS)}")
-    prec = PRECISIONS[precision]
+    if precision not in PRECISIONS and precision != "int4":
+        raise ValueError(f"PRECISION={precision!r}; expected one of {', '.join([*PRECISIONS, 'int4'])}")
+    prec = PRECISIONS.get(precision)
+    if precision == "int4":
+        from calib.int4 import BLOCK_SIZES
+
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size {block_size}; expected one of {', '.join(map(str, BLOCK_SIZES))}")
+        if int4_method not in ("awq", "rtn"):
+            raise ValueError(f"INT4 method {int4_method!r}; expected 'awq' or 'rtn'")
     if bad := [g for g in quantize if g not in GROUPS]:
         raise ValueError(f"cannot quantize {bad}; choose from {', '.join(GROUPS)}")
     if percentile is not None and not 50.0 < percentile <= 100.0:
         raise ValueError(f"percentile={percentile}; expected a value in (50, 100]")
     alpha = (0.5 if precision == "int8" else None) if smoothquant == "auto" else smoothquant
+    if precision == "int4" and alpha is not None:
+        raise ValueError("SmoothQuant is for W8A8; INT4 weight-only takes --int4-method awq|rtn")
     src, out = Path(src), Path(out)
     sources = {"source artifact": src}
     check_output(out, sources=sources, force=force)  # before any work; checked again when moved into place
@@ -97,34 +109,43 @@ def calibrate(
     modules = [m for m in linears["prefill"] if group_of(m) in quantize]
     if missing := [m for m in modules if group_of(m) == "decoder" and m not in linears["decode"]]:
         raise ValueError(f"{src}: decode graph lacks Linears the prefill graph has: {missing[:3]}")
-    plan = plan_smoothing(linears["prefill"], stats, modules, alpha) if alpha is not None else None
-    if plan is not None:
+    extra = {}
+    if precision == "int4":
+        scales = _quantize_int4(graphs, linears, stats, modules, block_size, int4_method, log)
+        fmt = ("DequantizeLinear (opset %d) of INT4 weights: symmetric block-wise along the input dim (axis 0, "
+               "block_size %d, 2-D scales), zero points 0; activations fp32" % (manifest.get("opset", 24), block_size))
+        extra = {"block_size": block_size, "int4_method": int4_method}
+    else:
+        plan = plan_smoothing(linears["prefill"], stats, modules, alpha) if alpha is not None else None
+        if plan is not None:
+            for g in ("prefill", "decode"):
+                done = apply_smoothing(linears[g], plan)
+                log(f"[calibrate] {g}: SmoothQuant alpha {alpha} folded {done['groups']} groups "
+                    f"({done['norms']} norms, {done['linears']} Linears)")
+            for module, why in sorted(plan.skipped.items()):
+                log(f"[calibrate]   not smoothed: {module}: {why}")
+        a_scales = activation_scales(stats, modules, prec, smooth=plan, percentile=percentile)
+        w_scales = {m: weight_scales(linears["prefill"][m], prec) for m in modules}
+        counts = {}
         for g in ("prefill", "decode"):
-            done = apply_smoothing(linears[g], plan)
-            log(f"[calibrate] {g}: SmoothQuant alpha {alpha} folded {done['groups']} groups "
-                f"({done['norms']} norms, {done['linears']} Linears)")
-        for module, why in sorted(plan.skipped.items()):
-            log(f"[calibrate]   not smoothed: {module}: {why}")
-    a_scales = activation_scales(stats, modules, prec, smooth=plan, percentile=percentile)
-    w_scales = {m: weight_scales(linears["prefill"][m], prec) for m in modules}
-    counts = {}
-    for g in ("prefill", "decode"):
-        counts[g] = quantize_graph(graphs[g], linears[g], a_scales, w_scales, prec)
-        log(f"[calibrate] {g}: {counts[g]['linears']} Linears quantized to {precision}, "
-            f"{counts[g]['activation_qdq']} activation Q/DQ pairs")
+            counts[g] = quantize_graph(graphs[g], linears[g], a_scales, w_scales, prec)
+            log(f"[calibrate] {g}: {counts[g]['linears']} Linears quantized to {precision}, "
+                f"{counts[g]['activation_qdq']} activation Q/DQ pairs")
 
-    scales = {
-        "precision": precision,
-        "qmax": prec.qmax,
-        "activation_scale": a_scales,
-        "weight_scale": {m: w.tolist() for m, w in w_scales.items()},
-        "smoothquant": None if plan is None else {
-            "alpha": plan.alpha,
-            "groups": [{"modules": g.modules, "fold": g.kind, "into": g.source, "factors": g.factors.tolist()}
-                       for g in plan.groups],
-            "not_smoothed": plan.skipped,
-        },
-    }
+        scales = {
+            "precision": precision,
+            "qmax": prec.qmax,
+            "activation_scale": a_scales,
+            "weight_scale": {m: w.tolist() for m, w in w_scales.items()},
+            "smoothquant": None if plan is None else {
+                "alpha": plan.alpha,
+                "groups": [{"modules": g.modules, "fold": g.kind, "into": g.source, "factors": g.factors.tolist()}
+                           for g in plan.groups],
+                "not_smoothed": plan.skipped,
+            },
+        }
+        fmt = ("QuantizeLinear/DequantizeLinear (opset %d): static per-tensor activations, per-channel weights "
+               "(axis = output), zero points 0" % manifest.get("opset", 24))
     with staged_artifact(out, sources=sources, force=force, log=log) as stage:
         for g, model in graphs.items():
             path = stage / manifest["graphs"][g]["file"]
@@ -145,8 +166,8 @@ def calibrate(
             "source": {"artifact": str(src), "from": manifest.get("source", {})},
             "quantization": {
                 "precision": precision,
-                "format": "QuantizeLinear/DequantizeLinear (opset %d): static per-tensor activations, per-channel "
-                          "weights (axis = output), zero points 0" % manifest.get("opset", 24),
+                "format": fmt,
+                **extra,
                 "quantized": list(quantize),
                 "linears": len(modules),
                 "smoothquant_alpha": alpha,
@@ -165,6 +186,33 @@ def calibrate(
     return result
 
 
+def _quantize_int4(graphs, linears, stats, modules, block_size: int, method: str, log) -> dict:
+    """INT4 weight-only into both graphs (`calib.int4`); returns the scales.json content."""
+    from calib.int4 import plan_int4, quantize_graph_int4
+
+    plan, muls, summary = plan_int4(linears["prefill"], stats, modules, block_size, method, log=log)
+    for g in ("prefill", "decode"):
+        if plan.groups:
+            done = apply_smoothing(linears[g], plan)
+            log(f"[calibrate] {g}: AWQ factors folded for {done['groups']} groups ({done['norms']} norms)")
+        c = quantize_graph_int4(graphs[g], linears[g], modules, block_size, muls)
+        log(f"[calibrate] {g}: {c['linears']} Linears quantized to int4 (block {block_size}, {method}), "
+            f"{c['input_muls']} AWQ input Muls")
+    return {
+        "precision": "int4",
+        "qmax": 7,
+        "block_size": block_size,
+        "method": method,
+        "modules": modules,
+        "awq": {
+            "search": summary,
+            "groups": [{"modules": g.modules, "fold": g.kind, "into": g.source, "factors": g.factors.tolist()}
+                       for g in plan.groups],
+            "input_mul": {m: f.tolist() for m, f in muls.items()},
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calib.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="fp32 artifact directory (from `make export`)")
@@ -172,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="quantized artifact directory to write: new, empty or a previous artifact (replaced on success)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT even if it is a directory that is not an artifact (never the source)")
-    p.add_argument("--precision", required=True, choices=sorted(PRECISIONS))
+    p.add_argument("--precision", required=True, choices=sorted([*PRECISIONS, "int4"]))
     p.add_argument("--data", default=None, help="calibration data directory (default: the built-in set)")
     p.add_argument("--stats", default=None, help="reuse a stats.npz from an earlier calibration of the same weights")
     p.add_argument("--smoothquant", default="auto",
@@ -181,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="activation range from this percentile of |x| instead of the max (e.g. 99.99)")
     p.add_argument("--quantize", default="decoder",
                    help=f"comma-separated parts to quantize: {', '.join(GROUPS)} (default: decoder)")
+    p.add_argument("--block-size", type=int, default=32, help="INT4: input channels per weight scale (32, 64, 128)")
+    p.add_argument("--int4-method", default="awq", choices=("awq", "rtn"),
+                   help="INT4: activation-aware scale search (awq) or plain round-to-nearest (rtn)")
     a = p.parse_args(argv)
     sq = a.smoothquant
     try:
@@ -191,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         calibrate(a.src, a.out, a.precision, data_dir=a.data, stats_path=a.stats, smoothquant=sq,
                   percentile=a.percentile, quantize=tuple(x.strip() for x in a.quantize.split(",") if x.strip()),
-                  force=a.force)
+                  block_size=a.block_size, int4_method=a.int4_method, force=a.force)
     except (ValueError, OSError) as e:  # ArtifactError, OutputRefused are ValueErrors; a full disk an OSError
         from runtime.staging import error_message
 

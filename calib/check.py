@@ -76,7 +76,7 @@ def check_quantized(quant_root: str | Path, *, reference: str | Path | None = No
     q_manifest = read_manifest(q_root)
     precision = q_manifest.get("precision")
     if precision not in TARGETS:
-        raise ValueError(f"{q_root}: precision {precision!r} is not a quantized artifact (int8 or fp8)")
+        raise ValueError(f"{q_root}: precision {precision!r} is not a quantized artifact (int8, fp8 or int4)")
     ref_root = Path(reference or q_manifest["source"]["artifact"])
     ref_manifest = read_manifest(ref_root)
     prompts = prompts_for(data_dir, "heldout", ref_manifest["model_config"],

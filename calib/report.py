@@ -10,7 +10,8 @@
 
 Writes ``report.json``, ``report.md`` and ``report_snr.svg`` (the per-Linear plot, drawn here as plain SVG: no
 plotting library needed) into the artifact's ``calibration/`` directory and re-hashes its manifest.
-Targets (DESIGN.md section 5): FP8 mean KL <= 0.01 and top-1 >= 95 %; INT8 mean KL <= 0.03 and top-1 >= 92 %.
+Targets (DESIGN.md section 5): FP8 mean KL <= 0.01 and top-1 >= 95 %; INT8 mean KL <= 0.03 and top-1 >= 92 %;
+INT4 weight-only (ours) mean KL <= 0.05 and top-1 >= 90 %.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from calib.linears import find_linears, layer_index
 
 __all__ = ["TARGETS", "accuracy_report", "log_softmax", "next_token_metrics"]
 
-TARGETS = {"fp8": {"mean_kl": 0.01, "top1": 0.95}, "int8": {"mean_kl": 0.03, "top1": 0.92}}
+# INT4 weight-only (W4A16, AWQ): public results put it within about 1-3 % of fp16 on task scores, like W8A8; its
+# next-token distribution moves more than INT8's, hence a looser KL bound (ours; DESIGN.md section 5 has none).
+TARGETS = {"fp8": {"mean_kl": 0.01, "top1": 0.95}, "int8": {"mean_kl": 0.03, "top1": 0.92},
+           "int4": {"mean_kl": 0.05, "top1": 0.90}}
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -190,7 +194,7 @@ def accuracy_report(quant_root: str | Path, *, reference: str | Path | None = No
     q_manifest = read_manifest(q_root)
     precision = q_manifest.get("precision")
     if precision not in TARGETS:
-        raise ValueError(f"{q_root}: precision {precision!r} is not a quantized artifact (int8 or fp8)")
+        raise ValueError(f"{q_root}: precision {precision!r} is not a quantized artifact (int8, fp8 or int4)")
     ref_root = Path(reference or q_manifest.get("source", {}).get("artifact", ""))
     ref = runtime.load(ref_root)
     quant = runtime.load(q_root)
@@ -198,8 +202,8 @@ def accuracy_report(quant_root: str | Path, *, reference: str | Path | None = No
     log(f"[report] {len(prompts.prompts)} held-out prompts from {prompts.source}")
     m = _teacher_forced(ref, quant, prompts, steps)
     scales = json.loads((q_root / q_manifest["quantization"]["scales"]).read_text())
-    modules = list(scales["activation_scale"])
-    smooth = scales.get("smoothquant") or {"groups": []}
+    modules = list(scales.get("modules") or scales["activation_scale"])
+    smooth = scales.get("smoothquant") or scales.get("awq") or {"groups": []}
     rescale = {g["into"]: np.asarray(g["factors"], np.float32) for g in smooth["groups"] if g["fold"] == "linear"}
     snr = _linear_snr(ref_root, q_root, ref.manifest, q_manifest, modules, prompts, ref.tokenizer, rescale)
     targets = TARGETS[precision]

@@ -1,7 +1,8 @@
 """Activation statistics of every Linear input, collected once by running the fp32 prefill graph.
 
 For each Linear (decoder projections, LM head, vision and audio projections: `calib.linears`) the input
-activation's per-channel absmax (what SmoothQuant needs), per-tensor amax, and a histogram of ``|x|`` on fixed
+activation's per-channel absmax (what SmoothQuant needs), per-channel mean |x| and mean x^2 and a reservoir sample of
+128 rows (what INT4's AWQ search needs), per-tensor amax, and a histogram of ``|x|`` on fixed
 log-spaced bins (1e-10 .. 1e6, 2048 bins: under 1.2 % relative bin width) from which any percentile can be read
 later without re-running the model.  The prefill graph is run in ONNX Runtime with the activations added as graph
 outputs, one prompt at a time (batch 1, so no padding rows).  Decode shares every Linear with prefill and sees the
@@ -26,6 +27,7 @@ from calib.linears import find_linears
 __all__ = ["EDGES", "Stats", "TensorStats", "augmented_session", "collect_stats"]
 
 EDGES = np.logspace(-10, 6, 2049)  # histogram bin edges of |x|; values above 1e6 land in the last bin
+SAMPLE_ROWS = 128  # activation rows kept per Linear input for INT4's AWQ search
 
 
 @dataclass
@@ -33,15 +35,39 @@ class TensorStats:
     absmax: np.ndarray  # (in_features,) per-channel max |x|
     hist: np.ndarray  # (2048,) counts of |x| per EDGES bin
     rows: int = 0  # tokens seen
+    abssum: np.ndarray | None = None  # (in_features,) float64 sum of |x| (AWQ: mean |x| per channel)
+    sqsum: np.ndarray | None = None  # (in_features,) float64 sum of x^2 (AWQ's diagonal objective)
+    sample: np.ndarray | None = None  # (<= SAMPLE_ROWS, in_features) rows kept by reservoir sampling (AWQ)
+
+    @property
+    def absmean(self) -> np.ndarray:
+        return self.abssum / max(self.rows, 1)
+
+    @property
+    def sqmean(self) -> np.ndarray:
+        return self.sqsum / max(self.rows, 1)
 
     @property
     def amax(self) -> float:
         return float(self.absmax.max())
 
     def update(self, x: np.ndarray) -> None:
-        a = np.abs(x.reshape(-1, x.shape[-1]).astype(np.float32))
+        x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        a = np.abs(x)
         if a.size == 0:
             return
+        if self.abssum is None:
+            self.abssum, self.sqsum = np.zeros(a.shape[1]), np.zeros(a.shape[1])
+            self.sample = np.zeros((0, a.shape[1]), np.float32)
+        self.abssum += a.sum(axis=0, dtype=np.float64)
+        self.sqsum += np.square(x, dtype=np.float64).sum(axis=0)
+        rng = np.random.default_rng(self.rows)  # reservoir sampling, deterministic for the same prompts
+        for i, row in enumerate(x):
+            seen = self.rows + i
+            if len(self.sample) < SAMPLE_ROWS:
+                self.sample = np.concatenate([self.sample, row[None]])
+            elif (j := int(rng.integers(0, seen + 1))) < SAMPLE_ROWS:
+                self.sample[j] = row
         np.maximum(self.absmax, a.max(axis=0), out=self.absmax)
         idx = np.clip(np.searchsorted(EDGES, a.ravel(), side="right") - 1, 0, len(EDGES) - 2)
         self.hist += np.bincount(idx, minlength=len(EDGES) - 1)
@@ -67,6 +93,9 @@ class Stats:
             arrays[f"{name}/absmax"] = t.absmax
             arrays[f"{name}/hist"] = t.hist
             arrays[f"{name}/rows"] = np.array(t.rows)
+            if t.abssum is not None:
+                arrays[f"{name}/abssum"], arrays[f"{name}/sqsum"] = t.abssum, t.sqsum
+                arrays[f"{name}/sample"] = t.sample
         tmp = Path(str(path) + ".tmp.npz")
         np.savez_compressed(tmp, __meta__=np.array(json.dumps(self.meta)), **arrays)
         os.replace(tmp, path)
@@ -79,7 +108,9 @@ class Stats:
             raise ValueError(f"{path}: not a statistics file written by calibration ({e})") from None
         meta = json.loads(str(z["__meta__"]))
         names = sorted({k.rsplit("/", 1)[0] for k in z.files if k != "__meta__"})
-        tensors = {n: TensorStats(z[f"{n}/absmax"].copy(), z[f"{n}/hist"].copy(), int(z[f"{n}/rows"])) for n in names}
+        opt = lambda n, k: z[f"{n}/{k}"].copy() if f"{n}/{k}" in z.files else None  # noqa: E731 (older files)
+        tensors = {n: TensorStats(z[f"{n}/absmax"].copy(), z[f"{n}/hist"].copy(), int(z[f"{n}/rows"]),
+                                  opt(n, "abssum"), opt(n, "sqsum"), opt(n, "sample")) for n in names}
         return cls(tensors, meta)
 
 
