@@ -6,9 +6,10 @@ from 10.15.  Dynamic dims are named: ``batch``, ``seq`` (new tokens), ``max_len`
 ``image_tokens`` and ``audio_tokens``; sliding-layer ring buffers have the static window length.  Weights go to
 external data files next to each graph.
 
-The artifact is staged in a temporary directory and moved into place only when complete.  What this module does
-not do yet: trace the 12B on the meta device and stream weights into external data (the tiny and demo models are
-exported with their weights in memory; see README "Export memory").
+The artifact is staged in a temporary directory and moved into place only when complete.  The CLI traces a fake
+model and streams the weights (checkpoint tensors, or a preset's seeded ones) into external data one block at a time
+(`exporter.stream`), so memory does not grow with the model; ``--weight-dtype bf16|fp16`` stores the decoder Linears
+in that type (for GPU engines; ONNX Runtime on the CPU needs fp32 or a quantized artifact).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from graphs.share_weights import share_external_data
 from runtime.manifest import write_manifest
 from runtime.staging import check_output, error_message, staged_artifact
 
-__all__ = ["OPSET", "export_artifact", "graph_io"]
+__all__ = ["OPSET", "WEIGHT_DTYPES", "export_artifact", "graph_io"]
 
 OPSET = 24
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16")  # bf16/fp16: the decoder Linears (`exporter.stream.cast_rewrite`)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -125,7 +127,7 @@ def _example(cfg: ModelConfig, graph: str):
     return args, dyn
 
 
-def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from: Path | None, log) -> None:
+def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from, log, rewrite=None) -> None:
     """Trace one graph and save it; with ``weights_from`` the model is fake and weights stream from there."""
     import onnx
 
@@ -143,7 +145,7 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from: Path
     else:
         from exporter.stream import stream_graph
 
-        stream_graph(program, path, weights_from, cfg, log=log)
+        stream_graph(program, path, weights_from, cfg, rewrite=rewrite, log=log)
     del program
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, inputs + outputs)
@@ -219,6 +221,10 @@ def export_artifact(
     tokenizer_dir: Path | None = None,
     weights_from: Path | None = None,
     force: bool = False,
+    weights=None,
+    weight_dtype: str = "fp32",
+    rewrite=None,
+    manifest_extra: dict | None = None,
     log=print,
 ) -> dict:
     """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success).
@@ -240,6 +246,15 @@ def export_artifact(
         log(f"[export] warning: no tokenizer ({where}): text prompts will not work with this artifact, "
             "token-id prompts will")
     sources = {"checkpoint": weights_from, "tokenizer directory": tokenizer_dir}
+    stream = weights if weights is not None else weights_from
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={weight_dtype!r}; expected one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype != "fp32":
+        if stream is None:
+            raise ValueError(f"weight_dtype={weight_dtype} needs streamed weights (weights= or weights_from=)")
+        from exporter.stream import cast_rewrite
+
+        rewrite = cast_rewrite(weight_dtype)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     with staged_artifact(out, sources=sources, force=force, expected_bytes=fp32_bytes, log=log) as stage:
         timings = {}
@@ -247,7 +262,7 @@ def export_artifact(
             log(f"[export] tracing {graph} graph ...")
             t0 = time.perf_counter()
             with torch.no_grad():
-                _export_graph(model, graph, stage / f"{graph}.onnx", weights_from, log)
+                _export_graph(model, graph, stage / f"{graph}.onnx", stream, log, rewrite)
             timings[graph] = round(time.perf_counter() - t0, 2)
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
         if share_external_data(stage, log=log):
@@ -257,7 +272,7 @@ def export_artifact(
         manifest = {
             "model_config": cfg.to_json_dict(),
             "source": source or getattr(model, "source", {}),
-            "precision": "fp32",
+            "precision": weight_dtype,
             "max_len": max_len,
             "opset": OPSET,
             "graphs": {
@@ -275,6 +290,7 @@ def export_artifact(
             "versions": _versions(),
             "export_seconds": timings,
         }
+        manifest |= manifest_extra or {}  # e.g. precision/quantization of a quantizing rewrite
         manifest = write_manifest(stage, manifest)
     log(f"[export] artifact ready: {out}")
     return manifest
@@ -292,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=_max_len, default=None,
                    help="maximum total tokens per sequence (KV cache length, >= 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
+    p.add_argument("--weight-dtype", default="fp32", choices=WEIGHT_DTYPES,
+                   help="decoder Linear weights: fp32 (ONNX Runtime CPU) or bf16/fp16 (GPU engines: no fp32 copy)")
     a = p.parse_args(argv)
     try:
         _run(a)
@@ -315,7 +333,8 @@ def _max_len(text: str) -> int:
 
 def _run(a) -> None:
     from exporter.stream import fake_model
-    from exporter.weights import plan_checkpoint, random_model
+    from exporter.stream import SeededWeights
+    from exporter.weights import plan_checkpoint
 
     t0 = time.perf_counter()
     # OUT is checked before any work (and again when the artifact is moved into place)
@@ -323,9 +342,9 @@ def _run(a) -> None:
     if a.model in PRESETS and not Path(a.model).exists():
         cfg = load_config(a.model)
         print(f"[export] preset {a.model!r}: seeded random weights (seed {a.seed})")
-        model = random_model(cfg, seed=a.seed)
-        source = {"preset": a.model, "seed": a.seed}
-        export_artifact(model, a.out, max_len=a.max_len, source=source, force=a.force)
+        source = {"preset": a.model, "seed": a.seed, "generator": "exporter.stream.SeededWeights"}
+        export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, force=a.force,
+                        weights=SeededWeights(cfg, a.seed), weight_dtype=a.weight_dtype)
     else:
         ckpt = Path(a.model)
         cfg = load_config(ckpt)
@@ -333,7 +352,7 @@ def _run(a) -> None:
         print(f"[export] checkpoint {ckpt}: tracing without weights, streaming them into external data")
         source = {"checkpoint": str(ckpt.resolve())}
         export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, tokenizer_dir=ckpt, weights_from=ckpt,
-                        force=a.force)
+                        force=a.force, weight_dtype=a.weight_dtype)
     print(f"[export] total {time.perf_counter() - t0:.1f} s")
 
 

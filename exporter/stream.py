@@ -166,6 +166,9 @@ def lazy_tensor(blocks: Callable[[], Iterator[np.ndarray]], dtype, shape, *, nam
     import onnx_ir as ir
 
     class _Blocks(ir.LazyTensor):
+        def iter_blocks(self):
+            return blocks()
+
         def tofile(self, out) -> None:
             for b in blocks():
                 data = np.ascontiguousarray(b).tobytes()

@@ -1,0 +1,424 @@
+"""Quantize straight from a checkpoint in bounded memory: layer-by-layer statistics, then a streamed INT4 export.
+
+For models whose fp32 artifact does not fit (the 12B: 48 GB), `make calibrate` (which runs the fp32 graph) is not
+an option.  This module does what llm-compressor's sequential pipeline and AutoAWQ do:
+
+1. **Statistics, one decoder layer at a time** (`collect_sequential`): the calibration prompts are embedded (only
+   the embedding rows they use are read) and their hidden states carried from layer to layer through our PyTorch
+   model (`exporter.model`).  Each layer's weights are read from the checkpoint, run on every prompt with hooks
+   on its Linears (`calib.stats.TensorStats`: absmax, mean |x|, mean x^2, a row sample), then dropped.  While the
+   layer is in memory its AWQ factors are searched (`calib.int4.awq_search`) per group of Linears sharing an input.
+   Peak memory: one layer in fp32 plus the prompts' activations.
+2. **Export** (`quantize_checkpoint`): the model is traced without weights (`exporter.stream`), and every weight
+   streams from the checkpoint into external data, the decoder Linears quantized tensor by tensor on the way
+   (`calib.int4.quantize_graph_int4`: ``DequantizeLinear(int4, axis 0, block_size) -> MatMul``, the same graph
+   form as ``make calibrate PRECISION=int4``).  AWQ factors fold into the input RMSNorms (q/k/v, gate/up) and
+   up_proj's rows (down_proj) as the weights stream (`FoldedWeights`), or stay a ``Mul`` before o_proj.
+   The tied LM head is quantized too (``lm_head``), and the embedding gather reads an fp16 copy
+   of the table (rows are cast to fp32 after the gather), so the 12B's 1 B-parameter table costs 2 GB + 0.5 GB
+   instead of 4 GB: that is what keeps the INT4 12B under 9 GB.
+
+No fp32 artifact is written and no whole fp32 model is held.  Not done here: INT8/FP8 (W8A8) from a checkpoint
+(their activation ranges would come from the same per-layer statistics; the Q/DQ insertion reads the graph's
+weights the same lazy way), AWQ's clipping search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.config import ModelConfig
+
+__all__ = ["FoldedWeights", "LayerPlan", "collect_sequential", "quantize_checkpoint"]
+
+_LIN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")
+
+
+def _layer_prefix(i: int) -> str:
+    return f"model.language_model.layers.{i}."
+
+
+class LayerPlan:
+    """AWQ factors of one model: group (tuple of module names) -> (fold target or None for a Mul, factors)."""
+
+    def __init__(self):
+        self.groups: dict[tuple[str, ...], tuple[str | None, np.ndarray]] = {}
+        self.search: dict[str, dict] = {}
+
+    def input_muls(self) -> dict[str, np.ndarray]:
+        return {m: s for mods, (tgt, s) in self.groups.items() if tgt is None for m in mods}
+
+    def to_json(self) -> dict:
+        return {"search": self.search,
+                "groups": [{"modules": list(m), "fold": t or "Mul", "factors": s.tolist()}
+                           for m, (t, s) in self.groups.items()]}
+
+
+# ---------------------------------------------------------------------------------------------- reading rows
+def _rows(source, name: str, ids: np.ndarray) -> torch.Tensor:
+    """Rows ``ids`` of a 2-D source tensor (the embedding) without reading the rest."""
+    from exporter import stream
+
+    shape = source.shapes[name]
+    uniq = np.unique(ids)
+    table = {}
+    if hasattr(source, "plan"):
+        from exporter.weights import _open
+
+        path, key = source.plan[name]
+        with _open(path) as f:
+            view = f.get_slice(key)
+            for r in uniq:
+                table[int(r)] = view[int(r):int(r) + 1].to(torch.float32)[0]
+    else:
+        step = stream._block_rows(shape)
+        for b in np.unique(uniq // step):
+            start = int(b) * step
+            block = stream._seeded_block(name, shape, source.seed, start, min(start + step, shape[0]))
+            for r in uniq[(uniq // step) == b]:
+                table[int(r)] = block[int(r) - start]
+    return torch.stack([table[int(r)] for r in ids.reshape(-1)]).reshape(*ids.shape, shape[1])
+
+
+def _load_part(model, source, prefix: str) -> None:
+    """Assign the source tensors under ``prefix`` (fp32) into the meta model."""
+    state = {n: source.tensor(n) for n in source.shapes if n.startswith(prefix)}
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _drop_layer(model, i: int) -> None:
+    from exporter.model import DecoderLayer
+
+    with torch.device("meta"):
+        model.model.language_model.layers[i] = DecoderLayer(model.cfg.text, i)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _prompt_inputs(cfg: ModelConfig, data_dir, tokenizer_dir: Path | None, max_prompts: int, max_soft_tokens: int,
+                   max_len: int):
+    from calib.data import PromptTooLong, prefill_inputs, prompts_for
+
+    config = cfg.to_json_dict()
+    tok = None
+    if tokenizer_dir is not None and ((tokenizer_dir / "tokenizer.json").is_file()
+                                      or (tokenizer_dir / "tokenizer.model").is_file()):
+        from runtime.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(tokenizer_dir)
+    pset = prompts_for(data_dir, "calibration", config, has_tokenizer=tok is not None)
+    soft = min(pset.max_soft_tokens, max_soft_tokens)
+    out = []
+    for p in pset.prompts:
+        if len(out) >= max_prompts:
+            break
+        if (p.images and cfg.vision is None) or (p.audio and cfg.audio is None):
+            continue
+        try:
+            out.append(prefill_inputs(p, config, tok, max_soft_tokens=soft, max_len=max_len))
+        except PromptTooLong:
+            continue
+    if not out:
+        raise ValueError(f"no calibration prompt of {pset.source} fits this model")
+    return out, {"data": pset.source, "prompts": len(out), "max_soft_tokens": soft,
+                 "tokens": int(sum(int(x.seq_lens.sum()) for x in out))}
+
+
+@torch.no_grad()
+def _embed(model, source, x) -> torch.Tensor:
+    """Hidden states after the embedding (and the image/audio soft tokens) for one batch-1 prompt."""
+    from exporter.model import _place
+
+    cfg, tk = model.cfg, model.cfg.tokens
+    ids = torch.from_numpy(x.input_ids.astype(np.int64))
+    is_mm = (ids == tk.image) | (ids == tk.audio) | (ids == tk.video)
+    rows = _rows(source, "model.language_model.embed_tokens.weight", torch.where(is_mm, tk.pad, ids).numpy())
+    h = rows * float(cfg.text.hidden_size) ** 0.5
+    if x.image_patches is not None and len(x.image_patches) and cfg.vision is not None:
+        soft = model.embed_images(torch.from_numpy(x.image_patches), torch.from_numpy(x.image_positions))
+        h = _place(h, ids == tk.image, soft)
+    if x.audio_frames is not None and len(x.audio_frames) and cfg.audio is not None:
+        h = _place(h, ids == tk.audio, model.embed_audio(torch.from_numpy(x.audio_frames)))
+    return h
+
+
+def _groups(layer, i: int) -> list[tuple[tuple[str, ...], str | None]]:
+    """(Linears sharing an input, where AWQ factors fold: a norm/up_proj tensor name, or None for a Mul)."""
+    p = _layer_prefix(i)
+    qkv = tuple(p + f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")
+                if getattr(layer.self_attn, n) is not None)
+    return [
+        (qkv, p + "input_layernorm.weight"),
+        ((p + "self_attn.o_proj",), None),
+        ((p + "mlp.gate_proj", p + "mlp.up_proj"), p + "pre_feedforward_layernorm.weight"),
+        ((p + "mlp.down_proj",), p + "mlp.up_proj.weight"),
+    ]
+
+
+@torch.no_grad()
+def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: int = 128, method: str = "awq",
+                       awq_grid: int = 10, log=print):
+    """Per-Linear input statistics of the decoder, one layer in memory at a time; AWQ factors per group.
+
+    Returns (`calib.stats.Stats`, `LayerPlan`, per-layer records {seconds, peak RSS})."""
+    import resource
+
+    from calib.int4 import awq_search
+    from calib.stats import EDGES, Stats, TensorStats
+    from exporter.model import Gemma4Model
+    from runtime.progress import Progress
+
+    with torch.device("meta"):
+        model = Gemma4Model(cfg)
+    model.rope_sliding.inv_freq = _real_inv_freq(cfg)["rope_sliding.inv_freq"]
+    model.rope_full.inv_freq = _real_inv_freq(cfg)["rope_full.inv_freq"]
+    for part in ("model.vision_embedder.", "model.embed_vision.", "model.embed_audio."):
+        _load_part(model, source, part)
+    hs = [_embed(model, source, x) for x in inputs]
+    blocks = [_image_block(model, x) for x in inputs]
+    stats: dict[str, TensorStats] = {}
+    plan = LayerPlan()
+    records = []
+    t = cfg.text
+    with Progress(t.num_layers, "calibrate layers", unit="layers") as bar:
+        for i in range(t.num_layers):
+            t0 = time.perf_counter()
+            _load_part(model, source, _layer_prefix(i))
+            layer = model.model.language_model.layers[i]
+            hooks = []
+            for lin in _LIN:
+                parent, attr = lin.split(".")
+                mod = getattr(getattr(layer, parent), attr)
+                if mod is None:  # k_eq_v full layers have no v_proj
+                    continue
+                name = _layer_prefix(i) + lin
+                st = stats.setdefault(name, TensorStats(np.zeros(mod.in_features), np.zeros(len(EDGES) - 1, np.int64)))
+                hooks.append(mod.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0].detach().numpy())))
+            attn = layer.self_attn
+            inv_freq = (model.rope_sliding if attn.sliding else model.rope_full).inv_freq
+            for j, (h, x) in enumerate(zip(hs, inputs)):
+                s = h.shape[1]
+                shape = (1, t.layer_kv_heads(i), t.sliding_window if attn.sliding else s + 1, t.layer_head_dim(i))
+                past = torch.zeros(shape)
+                a, _, _ = attn(layer.input_layernorm(h), past, past.clone(), torch.zeros(1, dtype=torch.long),
+                               torch.from_numpy(x.seq_lens.astype(np.int64)), blocks[j], inv_freq)
+                hs[j] = layer.finish(h, a)
+            for hk in hooks:
+                hk.remove()
+            if method == "awq":
+                for mods, target in _groups(layer, i):
+                    w = np.concatenate([layer.get_submodule(m[len(_layer_prefix(i)):]).weight.numpy().T for m in mods],
+                                       axis=1)  # (in, sum of outs)
+                    res = awq_search(w, stats[mods[0]], block_size, grid=awq_grid)
+                    plan.search[",".join(mods)] = {"alpha": res.alpha, "loss": res.loss, "rtn_loss": res.rtn_loss}
+                    if res.alpha > 0:
+                        plan.groups[mods] = (target, res.factors.astype(np.float32))
+            _drop_layer(model, i)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            records.append({"layer": i, "seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": round(rss, 3)})
+            bar.update(1, note=f"layer {i} {records[-1]['seconds']:.1f} s, peak RSS {rss:.2f} GiB")
+    meta = {"prompts": len(inputs), "sequential": True}
+    return Stats(stats, meta), plan, records
+
+
+def _real_inv_freq(cfg):
+    from exporter.weights import real_buffers
+
+    return real_buffers(cfg)
+
+
+def _image_block(model, x) -> torch.Tensor:
+    from exporter.model import _image_blocks
+
+    ids = torch.from_numpy(x.input_ids.astype(np.int64))
+    return _image_blocks(ids == model.cfg.tokens.image)
+
+
+# ---------------------------------------------------------------------------------------------- folding
+class FoldedWeights:
+    """A weight source with AWQ factors applied as the tensors stream: norm weights / s, the Linears' input
+    columns * s, up_proj's output rows / s (down_proj's factors).  Mul groups are left to the graph rewrite."""
+
+    def __init__(self, source, plan: LayerPlan):
+        self.inner, self.shapes, self.source = source, source.shapes, source.source
+        self.col: dict[str, np.ndarray] = {}
+        self.row: dict[str, np.ndarray] = {}
+        self.vec: dict[str, np.ndarray] = {}
+        for mods, (target, s) in plan.groups.items():
+            if target is None:
+                continue
+            for m in mods:
+                self.col[m + ".weight"] = s
+            if target.endswith("up_proj.weight"):
+                self.row[target] = s
+            else:
+                self.vec[target] = s
+
+    def _apply(self, name: str, t: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if name in self.vec:
+            t = t / torch.from_numpy(self.vec[name])
+        if name in self.col:
+            t = t * torch.from_numpy(self.col[name])[None, :]
+        if name in self.row:
+            t = t / torch.from_numpy(self.row[name][start:start + t.shape[0]])[:, None]
+        return t
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._apply(name, self.inner.tensor(name))
+
+    def blocks(self, name: str):
+        start = 0
+        for b in self.inner.blocks(name):
+            yield self._apply(name, b, start)
+            start += b.shape[0] if b.dim() else 1
+
+
+# ---------------------------------------------------------------------------------------------- graph rewrite
+def int4_rewrite(plan: LayerPlan, block_size: int, *, lm_head: bool = True, embedding_fp16: bool = True):
+    """A `exporter.stream.stream_graph` rewrite: decoder Linears (and the LM head) to block-wise INT4."""
+
+    def rewrite(model, source, progress) -> None:
+        from calib.int4 import quantize_graph_int4
+        from calib.linears import find_linears, group_of
+
+        linears = find_linears(model)
+        groups = ("decoder", "lm_head") if lm_head else ("decoder",)
+        modules = [m for m in linears if group_of(m) in groups]
+        quantize_graph_int4(model, linears, modules, block_size, plan.input_muls())
+        if embedding_fp16:
+            _gather_fp16(model)
+
+    return rewrite
+
+
+def _gather_fp16(model) -> int:
+    """The embedding Gather reads an fp16 copy of the table (streamed in blocks) and casts its rows to fp32."""
+    import onnx_ir as ir
+
+    from exporter.stream import lazy_tensor
+
+    graph = model.graph
+    done = 0
+    for node in list(graph):
+        if node.op_type != "Gather":
+            continue
+        data = node.inputs[0]
+        if data is None or not data.is_initializer() or not data.name.endswith("embed_tokens.weight"):
+            continue
+        old = data.const_value
+        shape = tuple(old.shape.numpy())
+
+        def half(old=old):
+            if hasattr(old, "iter_blocks"):
+                return (np.asarray(b, np.float32).astype(np.float16) for b in old.iter_blocks())
+            return iter([old.numpy().astype(np.float16)])
+
+        name = data.name + "_fp16"
+        v = ir.Value(name=name, const_value=lazy_tensor(half, ir.DataType.FLOAT16, shape, name=name))
+        graph.register_initializer(v)
+        node.replace_input_with(0, v)
+        out = node.outputs[0]
+        users = list(out.uses())
+        cast = ir.node("Cast", [out], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}.cast_fp32")
+        cast.metadata_props.update(node.metadata_props)
+        cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, out.shape
+        graph.insert_after(node, [cast])
+        for use in users:
+            use.node.replace_input_with(use.idx, cast.outputs[0])
+        out.dtype = ir.DataType.FLOAT16
+        done += 1
+    from calib.linears import drop_unused_weights
+
+    drop_unused_weights(graph)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def quantize_checkpoint(model_arg: str, out: str | Path, *, block_size: int = 128, method: str = "awq",
+                        data_dir=None, max_prompts: int = 8, max_soft_tokens: int = 70, max_len: int | None = None,
+                        seed: int = 0, awq_grid: int = 10, force: bool = False, log=print) -> dict:
+    """INT4 artifact from a checkpoint directory (or a preset's seeded weights) in bounded memory."""
+    import resource
+
+    from exporter.config import PRESETS, load_config
+    from exporter.export import export_artifact
+    from exporter.stream import CheckpointWeights, SeededWeights, fake_model
+
+    t0 = time.perf_counter()
+    is_preset = model_arg in PRESETS and not Path(model_arg).exists()
+    cfg = load_config(model_arg)
+    source = SeededWeights(cfg, seed) if is_preset else CheckpointWeights(model_arg, cfg)
+    tok_dir = None if is_preset else Path(model_arg)
+    max_len = max_len or min(cfg.text.max_position_embeddings, 8192)
+    inputs, data_meta = _prompt_inputs(cfg, data_dir, tok_dir, max_prompts, max_soft_tokens, max_len)
+    log(f"[quantize] {data_meta['prompts']} calibration prompts ({data_meta['tokens']} tokens) from "
+        f"{data_meta['data']}; statistics layer by layer ({method}, block {block_size})")
+    stats, plan, records = collect_sequential(source, cfg, inputs, block_size=block_size, method=method,
+                                              awq_grid=awq_grid, log=log)
+    t_stats = time.perf_counter() - t0
+    rss_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    del inputs
+    log(f"[quantize] statistics in {t_stats:.0f} s (peak RSS {rss_stats:.2f} GiB); exporting with INT4 weights")
+    extra = {
+        "precision": "int4",
+        "quantization": {
+            "precision": "int4",
+            "format": "DequantizeLinear (opset 24) of INT4 weights: symmetric block-wise along the input dim "
+                      f"(axis 0, block_size {block_size}, 2-D scales), zero points 0; activations fp32",
+            "block_size": block_size,
+            "int4_method": method,
+            "quantized": ["decoder", "lm_head"],
+            "embedding": "fp16 table, rows cast to fp32 after the gather",
+            "from_checkpoint": True,
+            "sequential": {"layers": records, "statistics_seconds": round(t_stats, 1)},
+            "calibration_data": data_meta["data"],
+            "calibration_prompts": data_meta["prompts"],
+            "calibration_tokens": data_meta["tokens"],
+            "max_soft_tokens": data_meta["max_soft_tokens"],
+            "awq": plan.to_json()["search"],
+        },
+    }
+    src_meta = {"preset": model_arg, "seed": seed, "generator": "exporter.stream.SeededWeights"} if is_preset \
+        else {"checkpoint": str(Path(model_arg).resolve())}
+    manifest = export_artifact(fake_model(cfg), out, max_len=max_len, source=src_meta,
+                               tokenizer_dir=tok_dir, weights_from=None if is_preset else Path(model_arg),
+                               weights=FoldedWeights(source, plan), rewrite=int4_rewrite(plan, block_size),
+                               manifest_extra=extra, force=force, log=log)
+    log(f"[quantize] INT4 artifact ready: {out} ({time.perf_counter() - t0:.0f} s, peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m calib.sequential", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="bf16/fp32 checkpoint directory, or a preset (seeded weights)")
+    p.add_argument("--out", required=True, help="INT4 artifact directory to write")
+    p.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--method", default="awq", choices=("awq", "rtn"))
+    p.add_argument("--data", default=None, help="calibration data directory (default: the built-in set)")
+    p.add_argument("--max-prompts", type=int, default=8)
+    p.add_argument("--max-soft-tokens", type=int, default=70, choices=(70, 140, 280, 560, 1120))
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        quantize_checkpoint(a.model, a.out, block_size=a.block_size, method=a.method, data_dir=a.data,
+                            max_prompts=a.max_prompts, max_soft_tokens=a.max_soft_tokens, max_len=a.max_len,
+                            seed=a.seed, force=a.force)
+    except (ValueError, OSError) as e:
+        print(f"quantize: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
