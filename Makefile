@@ -24,7 +24,7 @@ EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifact
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench clean
+.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -40,6 +40,7 @@ help:
 	@echo "make gpu-check                    on a CUDA machine: Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
+	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +90,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/export_memory.py
 	$(PY) bench/calibrate_demo.py
+
+# Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --reuse, --only 1,3
+bench-runtime: $(STAMP)
+	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/runtime.py $(BENCH_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache
