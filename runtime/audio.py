@@ -5,7 +5,7 @@ This module loads a waveform (from an array or a WAV file) and cuts it into thos
 feature extractor (`Gemma4UnifiedAudioFeatureExtractor`) value for value.
 
 It deliberately does not resample, downmix channels, or decode compressed formats (MP3, FLAC, ...): doing any of these
-silently would hide a quality decision from the user, so such input is refused with a message that says what to do
+silently would hide a quality decision from the user, so such input is refused (`InputError`) with a message that says what to do
 (for example `ffmpeg -i in.mp3 -ac 1 -ar 16000 out.wav`). WAV files are parsed here (RIFF header plus numpy), not with
 the `wave` module, because `wave` cannot read IEEE-float or WAVE_FORMAT_EXTENSIBLE files on Python 3.11.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+
+from runtime.errors import InputError, InputFileNotFoundError
 
 __all__ = ["SAMPLES_PER_TOKEN", "SAMPLE_RATE", "AudioInput", "audio_frames", "load_audio"]
 
@@ -33,7 +35,7 @@ _HOW_TO_CONVERT = "Convert it to 16 kHz mono, e.g. `ffmpeg -i IN -ac 1 -ar 16000
 def _riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
     """The chunks of a RIFF/WAVE file by id (the first of each id wins)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise ValueError(f"{str(path)!r} is not a WAV file (no RIFF/WAVE header). {_HOW_TO_CONVERT}")
+        raise InputError(f"{str(path)!r} is not a WAV file (no RIFF/WAVE header). {_HOW_TO_CONVERT}")
     chunks: dict[bytes, bytes] = {}
     offset = 12
     while offset + 8 <= len(data):
@@ -45,26 +47,30 @@ def _riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
     for needed in (b"fmt ", b"data"):
         if needed not in chunks:
             name = needed.decode().strip()
-            raise ValueError(f"WAV file {str(path)!r} has no {name!r} chunk; it is truncated or broken.")
+            raise InputError(f"WAV file {str(path)!r} has no {name!r} chunk; it is truncated or broken.")
     return chunks
 
 
 def _read_wav(path: Path, sample_rate: int) -> np.ndarray:
     """Samples of a mono PCM (8/16/24/32-bit) or IEEE-float (32/64-bit) WAV file, as float32 in [-1, 1]."""
-    chunks = _riff_chunks(path.read_bytes(), path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"WAV file {str(path)!r} cannot be read ({err}).") from None
+    chunks = _riff_chunks(data, path)
     fmt = chunks[b"fmt "]
     if len(fmt) < 16:
-        raise ValueError(f"WAV file {str(path)!r} has a 'fmt' chunk of {len(fmt)} bytes; expected at least 16.")
+        raise InputError(f"WAV file {str(path)!r} has a 'fmt' chunk of {len(fmt)} bytes; expected at least 16.")
     tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
     if tag == _EXTENSIBLE and len(fmt) >= 26:
         (tag,) = struct.unpack_from("<H", fmt, 24)  # first two bytes of the SubFormat GUID
     if channels != 1:
-        raise ValueError(
+        raise InputError(
             f"WAV file {str(path)!r} has {channels} channels; expected mono (1 channel). It is not downmixed "
             f"automatically. {_HOW_TO_CONVERT}"
         )
     if rate != sample_rate:
-        raise ValueError(
+        raise InputError(
             f"WAV file {str(path)!r} is sampled at {rate} Hz; expected {sample_rate} Hz. "
             f"Resample it to 16 kHz mono, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`."
         )
@@ -74,12 +80,12 @@ def _read_wav(path: Path, sample_rate: int) -> np.ndarray:
     elif tag == _IEEE_FLOAT and bits in (32, 64):
         pass
     else:
-        raise ValueError(
+        raise InputError(
             f"WAV file {str(path)!r} has sample format {tag:#06x} with {bits} bits; expected PCM 8/16/24/32-bit or "
             f"IEEE float 32/64-bit. {_HOW_TO_CONVERT}"
         )
     if block_align != width:
-        raise ValueError(f"WAV file {str(path)!r} has block align {block_align}; expected {width} for mono {bits}-bit.")
+        raise InputError(f"WAV file {str(path)!r} has block align {block_align}; expected {width} for mono {bits}-bit.")
     raw = chunks[b"data"]
     raw = raw[: len(raw) - len(raw) % width]  # drop a trailing partial sample of a truncated file
     if tag == _IEEE_FLOAT:
@@ -105,14 +111,14 @@ def load_audio(audio: AudioInput, *, sample_rate: int = SAMPLE_RATE) -> np.ndarr
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         if not path.exists():
-            raise FileNotFoundError(f"Audio file {str(path)!r} does not exist.")
+            raise InputFileNotFoundError(f"Audio file {str(path)!r} does not exist.")
         if path.is_dir():
-            raise ValueError(f"{str(path)!r} is a directory; expected a WAV file.")
+            raise InputError(f"{str(path)!r} is a directory; expected a WAV file.")
         waveform = _read_wav(path, sample_rate)
         source = f"WAV file {str(path)!r}"
     elif isinstance(audio, np.ndarray):
         if audio.ndim != 1:
-            raise ValueError(
+            raise InputError(
                 f"Got an audio array of shape {audio.shape}; expected a 1-D mono waveform. Multi-channel audio is not "
                 "downmixed automatically: average the channels yourself if that is what you want."
             )
@@ -121,16 +127,16 @@ def load_audio(audio: AudioInput, *, sample_rate: int = SAMPLE_RATE) -> np.ndarr
         elif np.issubdtype(audio.dtype, np.floating):
             waveform = audio.astype(np.float32)
         else:
-            raise ValueError(
+            raise InputError(
                 f"Got an audio array of dtype {audio.dtype}; expected a float array in [-1, 1] or int16 PCM samples."
             )
         source = "audio array"
     else:
-        raise ValueError(f"Got audio of type {type(audio).__name__}; expected a WAV file path or a 1-D numpy array.")
+        raise InputError(f"Got audio of type {type(audio).__name__}; expected a WAV file path or a 1-D numpy array.")
     if waveform.size == 0:
-        raise ValueError(f"The {source} holds no samples; expected at least one.")
+        raise InputError(f"The {source} holds no samples; expected at least one.")
     if not np.all(np.isfinite(waveform)):
-        raise ValueError(f"The {source} contains NaN or infinite samples.")
+        raise InputError(f"The {source} contains NaN or infinite samples.")
     return waveform
 
 
@@ -141,9 +147,9 @@ def audio_frames(waveform: np.ndarray, *, samples_per_token: int = SAMPLES_PER_T
     """
     waveform = np.asarray(waveform)
     if waveform.ndim != 1 or waveform.size == 0:
-        raise ValueError(f"Got a waveform of shape {waveform.shape}; expected a non-empty 1-D array (see load_audio).")
+        raise InputError(f"Got a waveform of shape {waveform.shape}; expected a non-empty 1-D array (see load_audio).")
     if samples_per_token <= 0:
-        raise ValueError(f"samples_per_token={samples_per_token}; expected a positive number of samples.")
+        raise InputError(f"samples_per_token={samples_per_token}; expected a positive number of samples.")
     n = -(-waveform.size // samples_per_token)  # ceil
     frames = np.zeros(n * samples_per_token, dtype=np.float32)
     frames[: waveform.size] = waveform

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.manifest import read_manifest
-from runtime.prompt import expand_prompt, is_batch, pack_batch
+from runtime.errors import InputError
+from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
+from runtime.manifest import MANIFEST_NAME, ArtifactError, read_manifest
+from runtime.prompt import Prepared, expand_prompt, is_batch, pack_batch
 from runtime.sampling import make_sampler
 from runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -73,15 +75,31 @@ def _tensorrt_unavailable(manifest: dict) -> str | None:
     return None
 
 
+def _tokenizer(root: Path, manifest: dict) -> Tokenizer | None:
+    """The tokenizer file the manifest lists (tokenizer.json first, else tokenizer.model), or None."""
+    names = manifest.get("tokenizer") or []
+    for wanted in ("tokenizer.json", "tokenizer.model"):
+        for rel in names:
+            if rel.rsplit("/", 1)[-1] == wanted:
+                try:
+                    return Tokenizer.from_file(root / rel)
+                except (ValueError, OSError) as e:
+                    raise ArtifactError(f"{root / rel}: {e}") from None
+    if names:
+        raise ArtifactError(f"{root / MANIFEST_NAME}: tokenizer lists {names} but neither a tokenizer.json nor a "
+                            "tokenizer.model")
+    return None
+
+
 def load(artifact_dir: str | Path, backend: str = "auto", *, verify: bool = True, threads: int | None = None) -> LoadedModel:
     """Open an artifact directory (its files are checked against the manifest) with the chosen backend.
 
     ``auto`` takes TensorRT when the artifact has engines and this machine can run them, else ONNX Runtime."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+        raise InputError(f"backend={backend!r}; expected one of {BACKENDS}")
     root = Path(artifact_dir)
     manifest = read_manifest(root, verify=verify)
-    tokenizer = Tokenizer.from_dir(root) if manifest.get("tokenizer") else None
+    tokenizer = _tokenizer(root, manifest)
     if backend in ("tensorrt", "auto"):
         reason = _tensorrt_unavailable(manifest)
         if reason is None:
@@ -95,18 +113,65 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, verify: bool = True
     return LoadedModel(root, manifest, OrtBackend(root, manifest, threads=threads), tokenizer)
 
 
+def _token_ids(prompt: Any, index: int) -> list[int]:
+    """A prompt given as token ids, as Python ints: floats, bools, strings and negative ids are refused."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1:
+            raise InputError(f"prompt {index}: a token-id array of shape {prompt.shape}; expected 1-D (a batch is a "
+                             "list of prompts)")
+        if not np.issubdtype(prompt.dtype, np.integer):
+            raise InputError(f"prompt {index}: token ids of dtype {prompt.dtype}; expected integers")
+    ids = []
+    for pos, t in enumerate(prompt):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise InputError(f"prompt {index}: token {pos} is {t!r} ({type(t).__name__}); token ids are integers "
+                             "(a float is not truncated)")
+        if t < 0:
+            raise InputError(f"prompt {index}: token {pos} is {int(t)}; token ids are >= 0")
+        ids.append(int(t))
+    return ids
+
+
 def _prompt_ids(model: LoadedModel, prompt: str | Sequence[int], index: int) -> list[int]:
+    vocab = model.config["text"]["vocab_size"]
     if isinstance(prompt, str):
         if model.tokenizer is None:
-            raise ValueError(f"{model.root}: the artifact has no tokenizer; pass the prompt as a list of token ids")
-        return model.tokenizer.encode(prompt)
-    ids = [int(t) for t in prompt]
-    vocab = model.config["text"]["vocab_size"]
+            raise InputError(f"{model.root}: the artifact has no tokenizer; pass the prompt as a list of token ids")
+        ids = model.tokenizer.encode(prompt)
+        if bad := [(pos, t) for pos, t in enumerate(ids) if t >= vocab]:
+            pos, t = bad[0]
+            raise InputError(
+                f"prompt {index}: the tokenizer ({model.tokenizer.source.name}) gave id {t} for "
+                f"{model.tokenizer.decode([t], skip_special_tokens=False)!r} (token {pos}), but the model's vocabulary "
+                f"has {vocab} ids (model_config.text.vocab_size); the tokenizer does not belong to this model"
+            )
+        return ids
+    ids = _token_ids(prompt, index)
     if not ids:
-        raise ValueError(f"prompt {index} is empty")
-    if bad := [t for t in ids if not 0 <= t < vocab]:
-        raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        raise InputError(f"prompt {index} is empty")
+    if bad := [t for t in ids if t >= vocab]:
+        raise InputError(f"prompt {index} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
     return ids
+
+
+def _too_long(i: int, p: Prepared, max_len: int, max_soft_tokens: int) -> InputError:
+    """The error for a prompt that does not fit the cache, saying how much the images and audio take."""
+    parts = []
+    if p.image_patches:
+        counts = sorted({len(a) for a in p.image_patches})
+        each = f"{counts[0]} soft tokens each" if len(counts) == 1 else f"{sum(map(len, p.image_patches))} soft tokens"
+        parts.append(f"{len(p.image_patches)} image(s) at {each}, max_soft_tokens={max_soft_tokens}")
+    if p.audio_frames:
+        parts.append(f"{len(p.audio_frames)} audio clip(s), {sum(map(len, p.audio_frames))} soft tokens")
+    media = f" ({'; '.join(parts)})" if parts else ""
+    smallest = SUPPORTED_SOFT_TOKEN_BUDGETS[0]
+    hint = f"use max_soft_tokens={smallest} (--max-soft-tokens {smallest}), " if (
+        p.image_patches and max_soft_tokens > smallest) else ""
+    return InputError(
+        f"prompt {i} has {len(p.ids)} tokens{media} with images and audio expanded, but this artifact holds at most "
+        f"{max_len} tokens per sequence (max_len) including at least one new token; {hint}shorten the prompt, or "
+        f"re-export with a larger max_len (--max-len, MAX_LEN)"
+    )
 
 
 def _stream(
@@ -130,11 +195,7 @@ def _stream(
     max_len = model.max_len
     for i, p in enumerate(prepared):
         if len(p.ids) >= max_len:
-            raise ValueError(
-                f"prompt {i} has {len(p.ids)} tokens (images and audio expanded) but this artifact holds at most "
-                f"{max_len} tokens per sequence (max_len) including at least one new token; shorten the prompt or "
-                f"re-export with a larger --max-len"
-            )
+            raise _too_long(i, p, max_len, max_soft_tokens)
     batch = pack_batch(prepared, tk["pad"])
     results[:] = [GenerationResult([], None, "length", len(p.ids)) for p in prepared]
     decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer else None for _ in prepared]
@@ -192,15 +253,17 @@ def generate(
     instead; the final results are then in the iterator's ``results`` attribute once it is exhausted.
     """
     model = model_or_dir if isinstance(model_or_dir, LoadedModel) else load(model_or_dir)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
+    if max_soft_tokens not in SUPPORTED_SOFT_TOKEN_BUDGETS:
+        raise InputError(f"max_soft_tokens={max_soft_tokens!r}; expected one of {SUPPORTED_SOFT_TOKEN_BUDGETS}")
     batched = is_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
     if batched:
         images = list(images) if images is not None else [None] * len(prompts)
         audio = list(audio) if audio is not None else [None] * len(prompts)
         if len(images) != len(prompts) or len(audio) != len(prompts):
-            raise ValueError(
+            raise InputError(
                 f"a batch of {len(prompts)} prompts needs one images list and one audio list per prompt "
                 f"(got {len(images)} and {len(audio)})"
             )

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.manifest import ArtifactError, check_external_data
 from runtime.prompt import PrefillInputs
 
 __all__ = ["OrtBackend", "cache_shape", "is_cache", "prefill_feeds", "zero_cache"]
@@ -71,12 +72,25 @@ def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int) -
     return out
 
 
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises when it cannot load a model (none of them is a RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented",
+             "RuntimeException")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+
+
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, root: Path, manifest: dict[str, Any], *, threads: int | None = None):
         import onnxruntime as ort
 
+        if manifest.get("precision") == "bf16":
+            raise ValueError(
+                f"{root}: a bf16 artifact (--weight-dtype bf16) runs on TensorRT only; ONNX Runtime's CPU has no bf16 "
+                "MatMul. Export with --weight-dtype fp32 (or quantize: make calibrate) for the CPU")
         self._ort = ort
         self.root = Path(root)
         self.manifest = manifest
@@ -91,7 +105,11 @@ class OrtBackend:
         self.io: dict[str, tuple[list[str], list[str]]] = {}
         for graph in ("prefill", "decode"):
             rel = engine.get(graph, manifest["graphs"][graph]["file"])
-            sess = ort.InferenceSession(str(self.root / rel), opts, providers=["CPUExecutionProvider"])
+            path = check_external_data(self.root, manifest, rel)  # inside the artifact, listed, external data too
+            try:
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except (RuntimeError, *_ort_errors()) as e:
+                raise ArtifactError(f"{path}: ONNX Runtime {ort.__version__} cannot load this graph: {e}") from None
             self.sessions[graph] = sess
             self.io[graph] = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]

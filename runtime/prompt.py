@@ -3,6 +3,7 @@
 Each image in a prompt stands as one ``image`` token id (``<|image|>`` in text) and each audio clip as one
 ``audio`` token id (``<|audio|>``); they are expanded to ``boi, n x image, eoi`` and ``boa, n x audio, eoa`` as
 the reference processor does, and their soft tokens are gathered in prompt order.  Batches are right-padded.
+Bad input raises `runtime.errors.InputError` naming the prompt, the image or clip, and what was expected.
 
 Does not run the model or choose tokens.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtime.audio import audio_frames, load_audio
+from runtime.errors import InputError
 from runtime.images import preprocess_image
 
 __all__ = ["PrefillInputs", "Prepared", "expand_prompt", "is_batch", "pack_batch"]
@@ -64,40 +66,48 @@ def expand_prompt(
     n_img = sum(1 for t in ids if t == tk["image"])
     n_aud = sum(1 for t in ids if t == tk["audio"])
     if n_img != len(images):
-        raise ValueError(
+        raise InputError(
             f"{where}{n_img} image placeholder(s) (<|image|>, id {tk['image']}) in the prompt but {len(images)} "
             f"image(s) given; put one placeholder where each image goes"
         )
     if n_aud != len(audio):
-        raise ValueError(
+        raise InputError(
             f"{where}{n_aud} audio placeholder(s) (<|audio|>, id {tk['audio']}) in the prompt but {len(audio)} "
             f"audio clip(s) given; put one placeholder where each clip goes"
         )
     if images and not config.get("vision"):
-        raise ValueError("this model has no vision embedder (no vision_config); it cannot take images")
+        raise InputError("this model has no vision embedder (no vision_config); it cannot take images")
     if audio and not config.get("audio"):
-        raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+        raise InputError("this model has no audio embedder (no audio_config); it cannot take audio")
     out = Prepared(ids=[])
     img_iter, aud_iter = iter(images), iter(audio)
     for t in ids:
         if t == tk["image"]:
             v = config["vision"]
-            soft = preprocess_image(
-                next(img_iter),
-                max_soft_tokens=max_soft_tokens,
-                patch_size=v["patch_size"],
-                pooling_kernel_size=v["pooling_kernel_size"],
-            )
+            k = len(out.image_patches)
+            soft = _labelled(f"{where}image {k + 1} of {len(images)}", preprocess_image, next(img_iter),
+                             max_soft_tokens=max_soft_tokens, patch_size=v["patch_size"],
+                             pooling_kernel_size=v["pooling_kernel_size"], max_positions=v.get("mm_posemb_size"))
             out.ids += [tk["boi"], *[tk["image"]] * len(soft), tk["eoi"]]
             out.image_patches.append(soft.patches)
             out.image_positions.append(soft.positions)
         elif t == tk["audio"]:
-            frames = audio_frames(load_audio(next(aud_iter)), samples_per_token=config["audio"]["samples_per_token"])
+            k = len(out.audio_frames)
+            wave = _labelled(f"{where}audio clip {k + 1} of {len(audio)}", load_audio, next(aud_iter))
+            frames = audio_frames(wave, samples_per_token=config["audio"]["samples_per_token"])
             out.ids += [tk["boa"], *[tk["audio"]] * len(frames), tk["eoa"]]
             out.audio_frames.append(frames)
         else:
             out.ids.append(int(t))
     return out
+
+
+def _labelled(label: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its `InputError` (same type) prefixed with which prompt/image/clip it is about."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as err:
+        raise type(err)(f"{label}: {err}") from None
 
 
 def pack_batch(prepared: list[Prepared], pad_id: int):

@@ -1,7 +1,7 @@
 """Text <-> token ids for Gemma 4, and the chat prompt format, without transformers.
 
 `Tokenizer.from_dir` reads `tokenizer.json` with the `tokenizers` library, or failing that `tokenizer.model` with
-`sentencepiece`. Special tokens written in the text (`<|turn>`, `<|image|>`, ...) become their single ids.
+`sentencepiece`; `Tokenizer.from_file` reads one named file (the runtime opens only the file its manifest lists). Special tokens written in the text (`<|turn>`, `<|image|>`, ...) become their single ids.
 `IncrementalDecoder` turns a stream of generated ids into text pieces without splitting multi-byte characters.
 `chat_prompt` writes one user turn in Gemma 4's turn format.
 
@@ -71,30 +71,36 @@ class Tokenizer:
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"Tokenizer directory {str(directory)!r} does not exist or is not a directory.")
-        json_file, model_file = directory / "tokenizer.json", directory / "tokenizer.model"
-        if json_file.is_file():
-            import tokenizers
-
-            try:
-                backend = tokenizers.Tokenizer.from_file(str(json_file))
-            except Exception as err:  # the Rust library raises a bare Exception for malformed files
-                raise ValueError(
-                    f"{str(json_file)!r} is not a tokenizer file the `tokenizers` library can read: {err}"
-                ) from err
-            return cls(backend, kind="tokenizers", source=json_file)
-        if model_file.is_file():
-            import sentencepiece
-
-            backend = sentencepiece.SentencePieceProcessor()
-            try:
-                backend.Load(str(model_file))
-            except (OSError, RuntimeError) as err:
-                raise ValueError(f"{str(model_file)!r} is not a sentencepiece model: {err}") from err
-            return cls(backend, kind="sentencepiece", source=model_file)
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (directory / name).is_file():
+                return cls.from_file(directory / name)
         raise FileNotFoundError(
             f"No tokenizer in {str(directory)!r}: expected 'tokenizer.json' (read with `tokenizers`) or "
             "'tokenizer.model' (read with `sentencepiece`). Copy one from the checkpoint directory."
         )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load one tokenizer file: a `*.json` with `tokenizers`, anything else as a `sentencepiece` model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Tokenizer file {str(path)!r} does not exist.")
+        if path.suffix == ".json":
+            import tokenizers
+
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as err:  # the Rust library raises a bare Exception for malformed files
+                raise ValueError(f"{str(path)!r} is not a tokenizer file the `tokenizers` library can read: {err}") from err
+            return cls(backend, kind="tokenizers", source=path)
+        import sentencepiece
+
+        backend = sentencepiece.SentencePieceProcessor()
+        try:
+            backend.Load(str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{str(path)!r} is not a sentencepiece model: {err}") from err
+        return cls(backend, kind="sentencepiece", source=path)
 
     @property
     def vocab_size(self) -> int:
