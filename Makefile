@@ -12,6 +12,18 @@ MAX_LEN ?=
 PROMPT ?=
 IDS ?=
 MAX_NEW_TOKENS ?= 32
+# make generate: CHAT=1|0 (default: chat turn when the tokenizer has one), IMAGE/AUDIO (space-separated files),
+# MAX_SOFT_TOKENS=70|140|280|560|1120, sampling TEMPERATURE TOP_K TOP_P SEED
+CHAT ?=
+IMAGE ?=
+AUDIO ?=
+MAX_SOFT_TOKENS ?=
+TEMPERATURE ?=
+TOP_K ?=
+TOP_P ?=
+SEED ?=
+# one shell word, single-quoted
+shq = '$(subst ','\'',$(1))'
 SRC ?=
 PRECISION ?= int8
 CALIB_DATA ?=
@@ -33,7 +45,7 @@ help:
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1]   export prefill.onnx + decode.onnx into an artifact"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32]   build engines (DTYPE: TensorRT Linears)"
-	@echo "make generate OUT=<dir> PROMPT='...' [MAX_NEW_TOKENS=n]   generate with runtime.generate"
+	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
@@ -67,8 +79,16 @@ export: $(STAMP)
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE)
 
+# PROMPT reaches the CLI verbatim through the environment: neither make nor the shell expands it.
+generate: override export PROMPT := $(value PROMPT)
 generate: $(STAMP)
-	$(PY) -m runtime --artifact $(OUT) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(PROMPT),--prompt "$(PROMPT)")$(if $(IDS),--ids $(IDS))
+	$(PY) -m runtime --artifact $(call shq,$(OUT)) --max-new-tokens $(call shq,$(MAX_NEW_TOKENS)) \
+	  $(if $(value PROMPT),--prompt-env PROMPT)$(if $(IDS),--ids=$(call shq,$(IDS))) \
+	  $(if $(filter 1 yes true,$(CHAT)),--chat)$(if $(filter 0 no false,$(CHAT)),--no-chat) \
+	  $(foreach f,$(IMAGE),--image $(call shq,$(f))) $(foreach f,$(AUDIO),--audio $(call shq,$(f))) \
+	  $(if $(MAX_SOFT_TOKENS),--max-soft-tokens $(call shq,$(MAX_SOFT_TOKENS))) \
+	  $(if $(TEMPERATURE),--temperature $(call shq,$(TEMPERATURE))) $(if $(TOP_K),--top-k $(call shq,$(TOP_K))) \
+	  $(if $(TOP_P),--top-p $(call shq,$(TOP_P))) $(if $(SEED),--seed $(call shq,$(SEED)))
 
 compare: $(STAMP)
 	$(PY) -m exporter.compare --artifact $(OUT)
