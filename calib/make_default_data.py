@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import sys
 import wave
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from demo.tasks import SAMPLE_RATE, examples, prompt_text
 __all__ = ["write_split"]
 
 SPLITS = {"calibration": ("calibration", 32), "heldout": ("report", 24)}
+# what write_split writes: a directory holding anything else is not replaced
+_WRITTEN = re.compile(r"\d{3}_[a-z_]+(\.\d+)?\.(txt|png|wav)|dataset\.json")
 
 
 def _write_wav(path: Path, wave_f32: np.ndarray) -> None:
@@ -35,6 +39,9 @@ def _write_wav(path: Path, wave_f32: np.ndarray) -> None:
 def write_split(out: Path, split: str, n: int) -> None:
     from PIL import Image
 
+    if out.is_dir() and (foreign := sorted(p.name for p in out.iterdir() if not _WRITTEN.fullmatch(p.name))):
+        raise ValueError(f"{out} holds files this tool did not write ({', '.join(foreign[:3])}); it would replace "
+                         "the directory. Choose another --out")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for i, ex in enumerate(examples(split, n, seed=0)):
@@ -53,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_DATA))
     a = p.parse_args(argv)
     for name, (split, n) in SPLITS.items():
-        write_split(Path(a.out) / name, split, n)
+        try:
+            write_split(Path(a.out) / name, split, n)
+        except ValueError as e:
+            print(f"make_default_data: error: {e}", file=sys.stderr)
+            return 2
         print(f"[calib] wrote {n} {name} prompts to {Path(a.out) / name}")
     return 0
 

@@ -231,6 +231,9 @@ def accuracy_report(quant_root: str | Path, *, reference: str | Path | None = No
         f"{100 * r['top1']:.2f} % (target >= {100 * targets['top1']:.0f} %), perplexity ratio "
         f"{r['perplexity_ratio']:.4f}; worst Linear {r['worst_linears'][0][0]} at {r['worst_linears'][0][1]:.1f} dB")
     if write:
+        from runtime.staging import check_writable_artifact
+
+        check_writable_artifact(q_root, q_manifest, log=log)  # the rewritten manifest must not adopt others' files
         out = q_root / "calibration"
         (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
         (out / "report.md").write_text(_markdown(r))

@@ -387,3 +387,15 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path, cli):
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "error: " in done.stderr
     assert _tree(tmp_path) == before
+
+
+def test_default_data_writer_keeps_a_directory_it_did_not_write(tmp_path, capsys):
+    from calib.make_default_data import main as make_data_main
+
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "my_prompts.txt").write_text("mine")
+    before = _tree(tmp_path)
+    assert make_data_main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "make_default_data: error: " in err and "my_prompts.txt" in err, err
+    assert _tree(tmp_path) == before
