@@ -1,0 +1,255 @@
+"""ONNX Runtime lowering: each ``gemma4::FusedAttention`` node -> ONNX Runtime's own attention kernels, where exact.
+
+Pattern: a ``FusedAttention`` node of the plugin graphs (`plugins.fused_attention` is the contract).
+Check: scale 1.0, whole heads per KV head, an even ``rotary_dim`` <= ``head_dim``, cache inputs of static
+``(Hkv, T, D)`` matching the attributes, sliding rings of exactly ``window`` slots, decode with one new token.
+Rewrite:
+
+* full layers (prefill and decode): one ``com.microsoft.GroupQueryAttention`` over the shared past/present buffer
+  (in place under IOBinding) with ``do_rotary`` and cos/sin tables of ``max_len`` rows.  Gemma 4's proportional
+  RoPE is the rotate-half RoPE over the whole head_dim with zero frequencies beyond ``rotary_dim``, so the tables
+  span head_dim / 2 with cos = 1, sin = 0 in the tail (exact identity).  ``seqlens_k = past_lens + S - 1``: it reads
+  keys up to each query's position only, so a full layer costs the valid length, not ``max_len``.  GQA refuses a
+  prompt with past context at batch > 1, so prefill keeps the plugin node for that case behind an ``If``.
+* sliding layers, decode: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter`` circular, in place) and one
+  ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled iff j <= past_lens: a ring
+  slot holds a position within the window whenever it is filled, and attention does not depend on key order).
+* sliding layers, prefill: left as the plugin node (its function body runs): GroupQueryAttention has no ring buffer
+  and cannot open the bidirectional image blocks, so the exact body stays.
+
+Does not touch projections, norms or anything outside the nodes; the TensorRT plugin graphs are not modified (this
+runs on a copy loaded for the ONNX Runtime build).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from plugins import fused_attention as fa
+
+__all__ = ["lower_attention", "rope_tables"]
+
+
+class Refused(ValueError):
+    """A FusedAttention node this pass leaves alone; the message says why."""
+
+
+def rope_tables(head_dim: int, rotary_dim: int, theta: float, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (rows, head_dim / 2) float32 for positions 0..rows-1, angles as the contract computes them
+    (float32 position * float32 inv_freq), cos/sin rounded once from float64."""
+    ang = np.arange(rows, dtype=np.float32)[:, None] * fa.inv_freq(head_dim, rotary_dim, theta)[None, :]
+    return np.cos(ang.astype(np.float64)).astype(np.float32), np.sin(ang.astype(np.float64)).astype(np.float32)
+
+
+def _attrs(node) -> dict:
+    return {k: a.value for k, a in node.attributes.items()}
+
+
+def _check(node, decode: bool) -> dict:
+    a = _attrs(node)
+    need = ("mode", "sliding", "window", "num_heads", "num_kv_heads", "head_dim", "rotary_dim", "rope_theta")
+    missing = [k for k in need if k not in a]
+    if missing:
+        raise Refused(f"attributes {missing} missing")
+    if a["mode"] != int(decode):
+        raise Refused(f"mode={a['mode']} in a {'decode' if decode else 'prefill'} graph")
+    if float(a.get("scale", 1.0)) != 1.0:
+        raise Refused(f"scale={a['scale']}; the lowering is written for Gemma 4's scale 1.0")
+    h, hkv, d, rot = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["rotary_dim"]
+    if hkv <= 0 or h % hkv:
+        raise Refused(f"num_heads={h} is not a multiple of num_kv_heads={hkv}")
+    if rot % 2 or not 0 < rot <= d:
+        raise Refused(f"rotary_dim={rot} must be even and in (0, head_dim={d}]")
+    if len(node.inputs) != len(fa.INPUTS) or len(node.outputs) != len(fa.OUTPUTS):
+        raise Refused(f"{len(node.inputs)} inputs / {len(node.outputs)} outputs; the contract has "
+                      f"{len(fa.INPUTS)} / {len(fa.OUTPUTS)}")
+    for i, name in ((3, "past_key"), (4, "past_value")):
+        shape = node.inputs[i].shape
+        dims = None if shape is None else [x if isinstance(x, int) else None for x in shape]
+        if dims is None or len(dims) != 4 or dims[1] != hkv or dims[3] != d:
+            raise Refused(f"{name} has shape {shape}; expected (B, {hkv}, T, {d})")
+        if a["sliding"] and dims[2] != a["window"]:
+            raise Refused(f"{name} has {dims[2]} slots; a sliding ring has window={a['window']}")
+    if decode:
+        qs = node.inputs[0].shape
+        if qs is None or len(qs) != 4 or qs[1] != 1:
+            raise Refused(f"decode q has shape {qs}; expected one new token (B, 1, H, D)")
+    return a
+
+
+class _Builder:
+    """New nodes before the first FusedAttention node; shared helper values made once per graph."""
+
+    def __init__(self, model, max_len: int):
+        import onnx_ir as ir
+
+        self.ir, self.model, self.graph, self.max_len = ir, model, model.graph, max_len
+        self.cache: dict = {}
+        self.n = 0
+        self.inputs = {v.name: v for v in self.graph.inputs}
+
+    def const(self, key, array: np.ndarray, name: str):
+        if key not in self.cache:
+            t = self.ir.tensor(np.asarray(array), name=name)
+            v = self.ir.Value(name=name, type=self.ir.TensorType(t.dtype), shape=self.ir.Shape(t.shape), const_value=t)
+            self.graph.register_initializer(v)
+            self.cache[key] = v
+        return self.cache[key]
+
+    def ints(self, values) -> object:
+        values = tuple(int(x) for x in values)
+        return self.const(("i64", values), np.array(values, np.int64), f"ort_lower_i64_{'_'.join(map(str, values))}"
+                          .replace("-", "m"))
+
+    def node(self, op, inputs, *, before, domain="", attrs=None, outputs=1, name=None):
+        self.n += 1
+        nd = self.ir.node(op, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs,
+                          name=name or f"ort_lower_{op}_{self.n}")
+        self.graph.insert_before(before, nd)
+        return nd.outputs if outputs > 1 else nd.outputs[0]
+
+    def rope(self, a: dict):
+        key = ("rope", a["head_dim"], a["rotary_dim"], float(a["rope_theta"]))
+        if key not in self.cache:
+            cos, sin = rope_tables(a["head_dim"], a["rotary_dim"], a["rope_theta"], self.max_len)
+            tag = f"{a['head_dim']}_{a['rotary_dim']}_{int(a['rope_theta'])}"
+            self.cache[key] = (self.const(key + ("cos",), cos, f"ort_lower_rope_cos_{tag}"),
+                               self.const(key + ("sin",), sin, f"ort_lower_rope_sin_{tag}"))
+        return self.cache[key]
+
+    def shared(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+def _lens(b: _Builder, q, past_lens, before):
+    """seqlens_k = past_lens + S - 1 (int32, per sequence) and total_sequence_length = max(past_lens + S)."""
+    def make():
+        s = b.node("Shape", [q], before=before, attrs={"start": 1, "end": 2})  # (1,) new tokens S
+        end = b.node("Add", [past_lens, s], before=before)  # (B,)
+        seqlens_k = b.node("Cast", [b.node("Sub", [end, b.ints([1])], before=before)], before=before,
+                           attrs={"to": b.ir.DataType.INT32})
+        total = b.node("Cast", [b.node("ReduceMax", [end], before=before, attrs={"keepdims": 0})], before=before,
+                       attrs={"to": b.ir.DataType.INT32})
+        return seqlens_k, total
+
+    return b.shared(("lens", id(past_lens), repr(q.shape[1])), make)
+
+
+def _gqa(b: _Builder, node, a: dict, before, into=None):
+    """GroupQueryAttention for a full layer: helper nodes before ``before``, the GQA node there too or appended to
+    the graph ``into``; returns its (out, present_key, present_value)."""
+    q, k, v, pk, pv, past_lens = node.inputs[:6]
+    h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    seqlens_k, total = _lens(b, q, past_lens, before)
+    cos, sin = b.rope(a)
+    q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)  # (B, S, H * D)
+    k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
+    v3 = b.node("Reshape", [v, b.ints([0, 0, hkv * d])], before=before)
+    attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": 1.0, "do_rotary": 1, "rotary_interleaved": 0}
+    inputs = [q3, k3, v3, pk, pv, seqlens_k, total, cos, sin]
+    if into is None:
+        return b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3, attrs=attrs)
+    b.n += 1
+    nd = b.ir.node("GroupQueryAttention", inputs, attributes=attrs, domain="com.microsoft", num_outputs=3,
+                   name=f"ort_lower_GroupQueryAttention_{b.n}")
+    into.append(nd)
+    return nd.outputs
+
+
+def _sliding_decode(b: _Builder, node, a: dict, before):
+    q, k, v, pk, pv, past_lens = node.inputs[:6]
+    h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
+    cos, sin = b.rope(a)
+    pos_ids = b.shared(("pos_ids", id(past_lens)),
+                       lambda: b.node("Unsqueeze", [past_lens, b.ints([1])], before=before))  # (B, 1)
+    mask = b.shared(("ring_mask", w, id(past_lens)), lambda: b.node(  # (B, 1, 1, W): slot filled
+        "LessOrEqual", [b.const(("slots", w), np.arange(w, dtype=np.int64), f"ort_lower_slots_{w}"),
+                        b.node("Unsqueeze", [past_lens, b.ints([1, 2, 3])], before=before)], before=before))
+    q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)
+    k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
+    qr = b.node("RotaryEmbedding", [q3, cos, sin, pos_ids], before=before, attrs={"num_heads": h})
+    kr = b.node("RotaryEmbedding", [k3, cos, sin, pos_ids], before=before, attrs={"num_heads": hkv})
+    k4 = b.node("Reshape", [kr, b.ints([0, hkv, 1, d])], before=before)  # (B, Hkv, 1, D): S = 1
+    v4 = b.node("Reshape", [v, b.ints([0, hkv, 1, d])], before=before)
+    scatter = {"mode": "circular", "axis": -2}
+    present_k = b.node("TensorScatter", [pk, k4, past_lens], before=before, attrs=scatter)
+    present_v = b.node("TensorScatter", [pv, v4, past_lens], before=before, attrs=scatter)
+    q4 = b.node("Reshape", [qr, b.ints([0, h, 1, d])], before=before)  # (B, H, 1, D)
+    o4 = b.node("Attention", [q4, present_k, present_v, mask], before=before, attrs={"scale": 1.0})
+    out = b.node("Reshape", [o4, b.ints([0, 1, h * d])], before=before)  # (B, 1, H * D)
+    return out, present_k, present_v
+
+
+def _prefill_full(b: _Builder, node, a: dict, before):
+    """``If(batch > 1 and any past context)``: the plugin node (GQA refuses that case), else GroupQueryAttention."""
+    ir = b.ir
+    past_lens = node.inputs[5]
+
+    def general():
+        many = b.node("Greater", [b.node("Shape", [past_lens], before=before), b.ints([1])], before=before)  # (1,)
+        most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 0})
+        has_past = b.node("Greater", [most, b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0")],
+                          before=before)
+        return b.node("And", [many, has_past], before=before)
+
+    cond = b.shared(("general", id(past_lens)), general)
+    label = node.name or f"FusedAttention_{node.overload}"
+    plugin = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()),
+                     overload=node.overload, num_outputs=3, name=f"{label}_general")
+    else_graph = ir.Graph([], [], nodes=[], name=f"{label}_gqa")
+    gqa_outs = _gqa(b, node, a, before, into=else_graph)
+    for branch_outs, tag in ((plugin.outputs, "general"), (gqa_outs, "gqa")):
+        for o, ref in zip(branch_outs, node.outputs):
+            o.name, o.type, o.shape = f"{ref.name}_{tag}", ref.type, ref.shape
+    else_graph.outputs.extend(gqa_outs)
+    then_graph = ir.Graph([], list(plugin.outputs), nodes=[plugin], name=f"{label}_general")
+    return b.node("If", [cond], before=before, outputs=3,
+                  attrs={"then_branch": ir.AttrGraph("then_branch", then_graph),
+                         "else_branch": ir.AttrGraph("else_branch", else_graph)})
+
+
+def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
+    """Lower every FusedAttention node of one graph in place; returns counts per form and refusals by node."""
+    if model.opset_imports.get("", 0) < 24:
+        raise Refused(f"opset {model.opset_imports.get('')}: the lowering needs opset >= 24 (TensorScatter)")
+    b = _Builder(model, max_len)
+    counts = {"GroupQueryAttention": 0, "Attention": 0, "kept": 0}
+    refused = {}
+    targets = [n for n in model.graph if n.domain == fa.DOMAIN and n.op_type == fa.OP]
+    for node in targets:
+        try:
+            a = _check(node, decode)
+        except Refused as e:
+            refused[node.name or node.overload] = str(e)
+            log(f"[ort-lower] {node.name or node.overload}: left as the plugin node: {e}")
+            continue
+        if a["sliding"] and not decode:
+            counts["kept"] += 1
+            continue
+        if a["sliding"]:
+            new = _sliding_decode(b, node, a, node)
+            counts["Attention"] += 1
+        elif decode:
+            new = _gqa(b, node, a, node)
+            counts["GroupQueryAttention"] += 1
+        else:
+            new = _prefill_full(b, node, a, node)
+            counts["GroupQueryAttention"] += 1
+        for old, nv in zip(node.outputs, new):
+            name = old.name
+            nv.shape, nv.type = old.shape, old.type
+            old.replace_all_uses_with(nv, replace_graph_outputs=True)
+            old.name, nv.name = f"{name}__lowered", name  # graph outputs keep their names (present_key_N ...)
+        model.graph.remove(node, safe=True)
+    if counts["GroupQueryAttention"]:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    if not decode and counts["GroupQueryAttention"]:
+        # the If branches call the plugin function: inline them here, with names unique across subgraphs (ONNX
+        # Runtime's own inliner reuses names across subgraphs, and the optimised graph it saves would not load)
+        import onnx_ir.passes.common as common
+
+        common.InlinePass()(model)
+        common.NameFixPass()(model)
+    return {**counts, "refused": refused}
