@@ -4,9 +4,10 @@ On the bench checkpoint (`bench/make_bench_checkpoint.py`: 234 M parameters, the
 
 - ours: ``exporter.export`` at max_len 512 and 4096, ``graphs.build --backend onnxruntime``, and
   ``calib.calibrate`` INT8 / FP8 / INT4 of the max_len-512 artifact (each then built the same way): the commands
-  behind ``make export`` / ``make calibrate`` / ``make build-engine``, rebuilt on every run so the numbers are for
-  the code as it is (``--reuse`` keeps existing ones).  A precision ``calib.calibrate`` refuses is skipped and its
-  reason recorded;
+  behind ``make export`` / ``make calibrate`` / ``make build-engine``, rebuilt whenever the code they depend on
+  changed (a hash of the source directories, committed or not), so the numbers are for the code as it is
+  (``--reuse`` keeps existing ones regardless).  A precision ``calib.calibrate`` refuses is skipped and its reason
+  recorded;
 - onnxruntime-genai's own builder output at fp32 / int8 / int4 (``bench/genai_build.py``, reused while the
   checkpoint and the genai version are unchanged);
 - transformers (eager attention, torch with the same thread count) as the floor and the greedy reference;
@@ -308,18 +309,49 @@ def _run(cmd: list[str], log: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def source_key(dirs: tuple[str, ...]) -> str:
+    """A hash of the code in ``dirs`` as it is now: tracked blobs, uncommitted changes and untracked files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for args in (["ls-files", "-s", "--", *dirs], ["diff", "HEAD", "--", *dirs]):
+        h.update(subprocess.run(["git", *args], cwd=ROOT, capture_output=True).stdout)
+    untracked = subprocess.run(["git", "ls-files", "-o", "--exclude-standard", "--", *dirs], cwd=ROOT,
+                               capture_output=True, text=True).stdout.split()
+    for rel in sorted(untracked):
+        h.update(rel.encode() + (ROOT / rel).read_bytes())
+    return h.hexdigest()
+
+
+CODE = ("exporter", "graphs", "plugins", "runtime")
+
+
 def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str, Path], dict[str, str]]:
-    """name -> artifact dir for what builds; name -> reason for what does not."""
+    """name -> artifact dir for what builds; name -> reason for what does not.
+
+    A step is skipped when its artifact exists and was made by the same code from the same inputs (a stamp in
+    ``bench/work/stamps``: a hash of the code directories it depends on, the checkpoint and the command); ``reuse``
+    skips whenever the artifact exists."""
     py = sys.executable
     made, skipped = {}, {}
-    logs = WORK / "logs"
+    logs, stamps = WORK / "logs", WORK / "stamps"
     logs.mkdir(parents=True, exist_ok=True)
+    stamps.mkdir(parents=True, exist_ok=True)
+    ckpt_id = (ckpt / "bench_checkpoint.json").read_text() if (ckpt / "bench_checkpoint.json").exists() else str(ckpt)
+    code = {d: source_key(d) for d in (CODE, (*CODE, "calib"))}
+    keys: dict[str, str] = {}
 
-    def step(name, cmds):
+    def step(name, cmds, dirs, after=None):
         out = WORK / name
-        if reuse and (out / "manifest.json").exists():
+        key = json.dumps([code[dirs], ckpt_id, keys.get(after), cmds[0][1:]])
+        keys[name] = key
+        stamp = stamps / f"{name}.json"
+        current = (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == key
+        if (reuse and (out / "manifest.json").exists()) or current:
+            print(f"[bench] {name}: up to date", flush=True)
             made[name] = out
             return True
+        stamp.unlink(missing_ok=True)
         print(f"[bench] building {name} ...", flush=True)
         t0 = time.perf_counter()
         for i, cmd in enumerate(cmds):
@@ -328,6 +360,7 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str
                 skipped[name] = why
                 print(f"[bench] {name}: skipped ({why})", flush=True)
                 return False
+        stamp.write_text(key)
         print(f"[bench] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         made[name] = out
         return True
@@ -338,7 +371,7 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str
     for max_len in (512, 4096):
         name = f"ours-fp32-{max_len}"
         step(name, [[py, "-m", "exporter.export", "--model", str(ckpt), "--out", str(WORK / name), "--force",
-                     "--max-len", str(max_len)], build(name)])
+                     "--max-len", str(max_len)], build(name)], CODE)
     src = WORK / "ours-fp32-512"
     for prec in precisions:
         name = f"ours-{prec}"
@@ -346,7 +379,7 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str
             skipped[name] = "no fp32 artifact to calibrate"
             continue
         step(name, [[py, "-m", "calib.calibrate", "--src", str(src), "--out", str(WORK / name), "--force",
-                     "--precision", prec], build(name)])
+                     "--precision", prec], build(name)], (*CODE, "calib"), after="ours-fp32-512")
     return made, skipped
 
 
@@ -634,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 cycle, 16 tokens, a 512-token long prompt")
-    ap.add_argument("--reuse", action="store_true", help="keep our artifacts from a previous run instead of rebuilding")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep our existing artifacts even if the code changed since they were built")
     ap.add_argument("--baseline", action="store_true", help="also store this run as `baseline` in the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default="", help="comma-separated case numbers to run (1-4), default all")
