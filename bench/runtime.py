@@ -326,12 +326,15 @@ def source_key(dirs: tuple[str, ...]) -> str:
 CODE = ("exporter", "graphs", "plugins", "runtime")
 
 
-def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str, Path], dict[str, str]]:
+def build_ours(ckpt: Path, precisions: list[str], reuse: bool,
+               jobs: int = 2) -> tuple[dict[str, Path], dict[str, str]]:
     """name -> artifact dir for what builds; name -> reason for what does not.
 
     A step is skipped when its artifact exists and was made by the same code from the same inputs (a stamp in
     ``bench/work/stamps``: a hash of the code directories it depends on, the checkpoint and the command); ``reuse``
-    skips whenever the artifact exists."""
+    skips whenever the artifact exists.  ``jobs`` steps run at a time (the two fp32 exports, then the calibrations)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     py = sys.executable
     made, skipped = {}, {}
     logs, stamps = WORK / "logs", WORK / "stamps"
@@ -368,18 +371,22 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool) -> tuple[dict[str
     def build(name):
         return [py, "-m", "graphs.build", "--artifact", str(WORK / name), "--backend", "onnxruntime"]
 
-    for max_len in (512, 4096):
+    def export(max_len):
         name = f"ours-fp32-{max_len}"
         step(name, [[py, "-m", "exporter.export", "--model", str(ckpt), "--out", str(WORK / name), "--force",
                      "--max-len", str(max_len)], build(name)], CODE)
-    src = WORK / "ours-fp32-512"
-    for prec in precisions:
+
+    def calibrate(prec):
         name = f"ours-{prec}"
-        if "ours-fp32-512" not in made:
-            skipped[name] = "no fp32 artifact to calibrate"
-            continue
-        step(name, [[py, "-m", "calib.calibrate", "--src", str(src), "--out", str(WORK / name), "--force",
-                     "--precision", prec], build(name)], (*CODE, "calib"), after="ours-fp32-512")
+        step(name, [[py, "-m", "calib.calibrate", "--src", str(WORK / "ours-fp32-512"), "--out", str(WORK / name),
+                     "--force", "--precision", prec], build(name)], (*CODE, "calib"), after="ours-fp32-512")
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(export, (512, 4096)))
+        if "ours-fp32-512" in made:
+            list(pool.map(calibrate, precisions))
+        else:
+            skipped.update({f"ours-{p}": "no fp32 artifact to calibrate" for p in precisions})
     return made, skipped
 
 
@@ -505,7 +512,8 @@ def peak_rss(stack: Stack, threads: int, prompt_len: int, new_tokens: int) -> di
     d = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 1 << 20
     return {"peak_mib": round(d["peak"] / mib), "imports_mib": round(d["after_imports"] / mib),
-            "artifact_mib": round((d["peak"] - d["after_imports"]) / mib), "after_load_mib": round(d["after_load"] / mib)}
+            "artifact_mib": round((d["peak"] - d["after_imports"]) / mib),
+            "after_load_mib": round(d["after_load"] / mib)}
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -554,7 +562,8 @@ def run_case(case: Case, available: dict[str, Stack], threads: int, probe, refer
         loaded[s] = available[s].load(threads)
         print(f"[bench]   loaded {s} in {time.perf_counter() - t0:.1f} s", flush=True)
     prompts = [make_prompt(case.prompt_len, i) for i in range(case.batch)]
-    warm = {s: loaded[s].run(prompts, case.new_tokens, case.max_len) for s in names}  # warm-up; its tokens for agreement
+    # A warm-up run of each stack, not timed; its tokens give the greedy agreement.
+    warm = {s: loaded[s].run(prompts, case.new_tokens, case.max_len) for s in names}
     if reference is None and "transformers" in warm and case.batch == 1 and case.prompt_len == 128:
         reference = warm["transformers"].tokens[0]
     runs: dict[str, list[Timing]] = {s: [] for s in names}
@@ -637,14 +646,16 @@ def markdown(run: dict) -> str:
                 f"| {r['prefill_ms']:.0f} | {_fmt(r.get('prefill_vs_genai-fp32'))} "
                 f"| {_fmt(r.get('share_of_bound'), '{:.0%}')} "
                 f"| {eq} |")
-    lines += ["", "| stack | peak RSS MiB (artifact part) | weights read per decode step MB | kernels per decode step |",
+    lines += ["", "| stack | peak RSS MiB (artifact part) | weights read per decode step MB "
+              "| kernels per decode step |",
               "|---|---|---|---|"]
     for s, r in run["stacks"].items():
         rss = r.get("rss", {})
         rs = f"{rss['peak_mib']} ({rss['artifact_mib']})" if "peak_mib" in rss else rss.get("error", "")
         wb = r.get("weight_bytes_per_step")
         k = r.get("kernels", {})
-        lines.append(f"| {s} | {rs} | {'' if wb is None else round(wb / 1e6)} | {k.get('kernels', k.get('error', ''))} |")
+        wb = "" if wb is None else round(wb / 1e6)
+        lines.append(f"| {s} | {rs} | {wb} | {k.get('kernels', k.get('error', ''))} |")
     if run["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in run["skipped"].items())]
     return "\n".join(lines)
@@ -669,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 cycle, 16 tokens, a 512-token long prompt")
     ap.add_argument("--reuse", action="store_true",
                     help="keep our existing artifacts even if the code changed since they were built")
+    ap.add_argument("--jobs", type=int, default=2, help="artifact builds run at a time")
     ap.add_argument("--baseline", action="store_true", help="also store this run as `baseline` in the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default="", help="comma-separated case numbers to run (1-4), default all")
@@ -688,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                        cwd=ROOT, check=True)
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "logs").mkdir(exist_ok=True)
-    ours, skipped = build_ours(a.checkpoint, ["int8", "fp8", "int4"], a.reuse)
+    ours, skipped = build_ours(a.checkpoint, ["int8", "fp8", "int4"], a.reuse, a.jobs)
     genai, genai_skipped = build_genai(a.checkpoint, ["fp32", "int8", "int4"])
     skipped.update(genai_skipped)
     stacks = {n: Stack(n, "ours", p, n.split("-")[1]) for n, p in ours.items()}
