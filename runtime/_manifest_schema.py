@@ -36,7 +36,9 @@ Check = Callable[[Any, str], None]
 
 def _fail(where: str, expected: str, got: Any) -> None:
     shown = repr(got)
-    raise SchemaError(where, f"expected {expected}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
+    if not isinstance(got, str) and len(shown) > 120:  # a whole object or list: its start is enough
+        shown = shown[:117] + "..."
+    raise SchemaError(where, f"expected {expected}, got {shown}")
 
 
 def is_relative_inside(rel: Any) -> bool:
