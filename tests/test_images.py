@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import runtime
 from runtime.images import (
     SUPPORTED_SOFT_TOKEN_BUDGETS,
     ImageSoftTokens,
@@ -194,3 +195,114 @@ def test_unsupported_budget():
 def test_soft_tokens_len():
     tokens = ImageSoftTokens(patches=np.zeros((5, 6912), np.float32), positions=np.zeros((5, 2), np.int64))
     assert len(tokens) == 5
+
+
+# ------------------------------------------------------------------ modes, bit depths, damaged files, the position table
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 0..65535 gradient keeps its shape: each value loses its low byte (torchvision's to_dtype(uint8, scale=True));
+    Pillow's own conversion, which the reference processor uses for PIL input, turns 99.6 % of it white."""
+    gradient = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as opened:
+        assert opened.mode.startswith("I;16")
+        assert (np.asarray(opened.convert("RGB")) == 255).mean() > 0.99  # the bug this guards against
+    got = load_image(tmp_path / "deep.png")
+    assert np.array_equal(got, np.repeat((gradient >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+    assert (got == 255).mean() < 0.01 and len(np.unique(got)) == 256
+    as_i32 = Image.fromarray(gradient.astype(np.int32))  # mode I, as older Pillow opens 16-bit PNGs
+    assert as_i32.mode == "I" and np.array_equal(load_image(as_i32), got)
+
+
+def test_32_bit_integer_and_float_images():
+    with pytest.raises(runtime.InputError, match=r"mode I.*\[-5, 70000\].*16-bit"):
+        load_image(Image.fromarray(np.array([[-5, 70000]], np.int32)))
+    values = np.array([[0.0, 1.5, 127.9, 255.0]], np.float32)
+    f_image = Image.fromarray(values)
+    assert np.array_equal(load_image(f_image)[..., 0], np.asarray(f_image.convert("L")))  # Pillow's 0..255 scale
+    for bad in (np.array([[0.5, 300.0]], np.float32), np.array([[np.nan, 1.0]], np.float32)):
+        with pytest.raises(runtime.InputError, match=r"mode F.*\[0, 255\]"):
+            load_image(Image.fromarray(bad))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "RGBa"])
+def test_pil_modes_equal_reference_conversion(mode):
+    """The reference's conversion, except where it drops an alpha channel it does not recognise (a palette with
+    alpha, premultiplied RGBa): those are composited onto white like every other transparent image."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(len(mode))
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), mode="RGBA").convert(mode)
+    hidden_alpha = mode == "RGBa" or (mode == "P" and image.palette.mode == "RGBA")
+    assert hidden_alpha == (mode in ("P", "RGBa"))
+    expected = convert_to_rgb(image.convert("RGBA") if hidden_alpha else image, return_numpy=True)
+    assert np.array_equal(load_image(image), expected)
+    if hidden_alpha:
+        assert not np.array_equal(expected, convert_to_rgb(image, return_numpy=True))
+
+
+def test_palette_transparency_and_premultiplied_alpha(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    palette = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), mode="L").convert("P")
+    palette.info["transparency"] = 5
+    palette.save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as opened:
+        got = load_image(opened)
+        assert np.array_equal(got, convert_to_rgb(opened, return_numpy=True))
+    assert (got.reshape(-1, 3)[5] == 255).all() and (got.reshape(-1, 3)[4] == 4).all()  # only index 5 is clear
+    la = Image.fromarray(np.dstack([np.full((2, 2), 200, np.uint8), np.full((2, 2), 128, np.uint8)]), mode="LA")
+    premultiplied = la.convert("La")  # Pillow converts La to nothing but LA; the reference's conversion fails on it
+    assert np.abs(load_image(premultiplied).astype(int) - load_image(la).astype(int)).max() <= 1
+
+
+def test_exif_orientation_is_applied_to_files(tmp_path):
+    from transformers.image_utils import load_image as reference_load_image
+
+    pixels = _random_image(24, 40, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    got = load_image(tmp_path / "photo.jpg")
+    assert got.shape == (40, 24, 3)
+    assert np.array_equal(got, np.asarray(reference_load_image(str(tmp_path / "photo.jpg"))))
+
+
+def test_truncated_file_is_an_input_error(tmp_path):
+    Image.fromarray(_random_image(64, 64, seed=6)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(runtime.InputError, match=r"cut\.png' is truncated or corrupt"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_decompression_bomb_is_an_input_error(tmp_path, monkeypatch):
+    Image.new("1", (200, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 20000 pixels is more than twice the limit
+    with pytest.raises(runtime.InputError, match=r"bomb\.png' is refused as a possible decompression bomb.*"
+                                                 r"MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_grid_wider_than_the_position_table_is_refused():
+    """The demo's table has 16 positions: 384x1920 at budget 70 is a 3x18 grid (ONNX Runtime's GatherND crashed)."""
+    wide = _random_image(384, 1920, seed=7)
+    with pytest.raises(runtime.InputError, match=r"384x1920 \(HxW\) image at max_soft_tokens=70 becomes a grid of 3x18 "
+                                                 r"soft tokens.*holds at most 16 per row.*pad or crop"):
+        preprocess_image(wide, max_soft_tokens=70, max_positions=16)
+    assert len(preprocess_image(wide, max_soft_tokens=70, max_positions=18)) == 3 * 18
+    long_strip = _random_image(48, 1920, seed=8)  # 2x105 at 280, 1x74 at 140, 1x52 at 70
+    with pytest.raises(runtime.InputError, match=r"grid of 2x105 .* use max_soft_tokens=70 \(--max-soft-tokens 70\)"):
+        preprocess_image(long_strip, max_soft_tokens=280, max_positions=64)
+    assert len(preprocess_image(long_strip, max_soft_tokens=70, max_positions=64)) == 52
+
+
+def test_image_errors_are_typed(tmp_path):
+    assert issubclass(runtime.InputError, ValueError)
+    with pytest.raises(runtime.InputFileNotFoundError):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(runtime.InputError):
+        load_image(np.zeros((4, 4), np.uint8))
+    with pytest.raises(runtime.InputError):
+        preprocess_image(_random_image(48, 48), max_soft_tokens=300)
