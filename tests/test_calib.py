@@ -427,7 +427,7 @@ def test_calibrate_errors_leave_nothing_behind(artifact_store, quantized, tmp_pa
     src = artifact_store("tiny-text")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="expected one of"):
-        calibrate(src, out, "int4", **QUIET)
+        calibrate(src, out, "int3", **QUIET)
     with pytest.raises(ValueError, match="is the source artifact"):
         calibrate(src, src, "int8", **QUIET)
     with pytest.raises(ValueError, match="calibrate from an fp32 artifact"):
