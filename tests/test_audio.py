@@ -128,3 +128,28 @@ def test_pcm_widths(tmp_path, width):
     assert waveform.shape == (999,)
     assert np.abs(waveform - ints / 2.0 ** (bits - 1)).max() <= 2.0**-24
     assert waveform.min() >= -1.0 and waveform.max() <= 1.0
+
+
+def test_audio_errors_are_typed(tmp_path):
+    import runtime
+
+    with pytest.raises(runtime.InputFileNotFoundError):
+        load_audio(tmp_path / "absent.wav")
+    for bad in (np.zeros(0, np.float32), np.zeros(10, np.uint8), np.zeros((2, 2), np.float32), [0.0, 0.1]):
+        with pytest.raises(runtime.InputError):
+            load_audio(bad)
+    _write_wav(tmp_path / "phone.wav", np.zeros(10, np.int16), rate=8000)
+    with pytest.raises(runtime.InputError, match="8000 Hz"):
+        load_audio(tmp_path / "phone.wav")
+
+
+@pytest.mark.parametrize("length", [1, 639, 641])
+def test_one_frame_edges_equal_reference(length):
+    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor,
+    )
+
+    waveform = np.full(length, 0.25, np.float32)
+    frames = audio_frames(load_audio(waveform))
+    assert frames.shape == (-(-length // SAMPLES_PER_TOKEN), SAMPLES_PER_TOKEN)
+    assert np.array_equal(frames, Gemma4UnifiedAudioFeatureExtractor()(waveform)["input_features"][0])
