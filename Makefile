@@ -8,6 +8,8 @@ MODEL ?= tiny
 OUT ?= artifacts/$(MODEL)
 BACKEND ?= auto
 DTYPE ?= bf16
+WEIGHT_DTYPE ?=
+LAYERS ?= 48
 MAX_LEN ?=
 PROMPT ?=
 IDS ?=
@@ -36,7 +38,7 @@ EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifact
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime clean
+.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime bench-12b clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -52,6 +54,7 @@ help:
 	@echo "make gpu-check                    on a CUDA machine: Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
+	@echo "make bench-12b [LAYERS=48]         the 12B (or a slice): checkpoint, export, INT4 from the checkpoint, generate -> bench/results/12b.json"
 	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
 
 $(STAMP): pyproject.toml
@@ -74,7 +77,7 @@ train-demo: $(STAMP)
 	$(PY) -m demo.train --out demo/checkpoint
 
 export: $(STAMP)
-	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)
+	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE)
@@ -110,6 +113,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/export_memory.py
 	$(PY) bench/calibrate_demo.py
+
+bench-12b: $(STAMP)
+	nice -n 10 $(PY) bench/bench_12b.py --layers $(LAYERS)
 
 # Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --reuse, --only 1,3
 bench-runtime: $(STAMP)

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,43 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_checkpoint(cfg, path: Path, shard_bytes: int = 1 << 30) -> int:
-    """Random bf16 weights in HF shards of about ``shard_bytes``, written shard by shard; returns total bytes."""
-    import torch
-    from safetensors.torch import save_file
+    """Random bf16 weights in the HF layout, streamed tensor by tensor (`bench.make_12b_checkpoint`)."""
+    from bench.make_12b_checkpoint import write_checkpoint as write
 
-    from exporter.weights import expected_tensors
-
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    gen = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    shard: dict = {}
-    size = total = 0
-
-    def flush():
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        shard.clear()
-
-    for name, shape in expected_tensors(cfg).items():
-        shard[name] = (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-        size += shard[name].numel() * 2
-        total += shard[name].numel() * 2
-        if size >= shard_bytes:
-            flush()
-            size = 0
-    if shard:
-        flush()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return total
+    return write(cfg, path, shard_bytes=shard_bytes, tokenizer=False, log=lambda *_: None)
 
 
 def _config(layers: int):
-    from exporter.config import PRESETS
+    from bench.make_12b_checkpoint import config_12b
 
-    base = PRESETS["gemma4-12b"]
-    return replace(base, text=replace(base.text, num_layers=layers, layer_types=()))
+    return config_12b(layers)
 
 
 def _child_write(layers: int, path: Path) -> int:

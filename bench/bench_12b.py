@@ -1,0 +1,213 @@
+"""Benchmark: the 12B (or a slice with its exact dimensions) through the whole pipeline on this machine.
+
+``python bench/bench_12b.py [--layers 48] [--steps checkpoint,export,int4,generate] [--work DIR] [--keep]``
+(``make bench-12b``) -> ``bench/results/12b.json``.
+
+Each step runs in a child process; its peak resident memory is that child's own ``ru_maxrss`` (``os.wait4``), its
+wall time is measured around it, and the disk in use under the work directory is sampled every second while it
+runs (the peak is what the step needs on disk at once).  Steps:
+
+1. ``checkpoint``: `bench/make_12b_checkpoint.py` (seeded bf16 weights, HF layout, streamed);
+2. ``export``: ``make export`` of that checkpoint (``--weight-dtype``, bf16 by default: the GPU path; fp32 needs
+   twice the disk), then deleted;
+3. ``int4``: `calib.sequential` from the checkpoint (layer-by-layer statistics on the built-in calibration set,
+   AWQ or RTN, block-wise INT4 streamed export);
+4. ``generate``: `runtime.generate` on the INT4 artifact, 16 new tokens for a text and for an image prompt: load
+   time, time to first token, decode tokens/s, and the weight-read bound (bytes of the decode graph's weights over
+   the memory bandwidth measured in the same process).
+
+With ``--layers`` < 48 the numbers are for that slice; ``extrapolated_48_layers`` scales the per-layer part
+linearly (stated as such in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def run_step(name: str, argv: list[str], work: Path, log) -> dict:
+    """Run ``argv`` as a child; wall time, the child's peak RSS (wait4) and the peak disk use under ``work``."""
+    log(f"[bench-12b] {name}: {' '.join(argv)}")
+    peak_disk = [_du(work)]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(1.0):
+            peak_disk[0] = max(peak_disk[0], _du(work))
+
+    th = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    th.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    peak_disk[0] = max(peak_disk[0], _du(work))
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"step {name} failed (exit {code}); its output:\n{out[-4000:]}")
+    rec = {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+           "peak_disk_gib": round(peak_disk[0] / 2**30, 3)}
+    last = [line for line in out.splitlines() if line.startswith("{")]
+    if last:
+        rec |= json.loads(last[-1])
+    log(f"[bench-12b] {name}: {json.dumps(rec)}")
+    return rec
+
+
+def _child_generate(art: str) -> int:
+    """Load the artifact and generate 16 tokens for a text and an image prompt; prints one JSON line."""
+    import numpy as np
+
+    import runtime
+
+    buf = np.ones(1 << 28, np.float32)  # 1 GiB: read bandwidth
+    buf.sum()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        buf.sum()
+    bw = 3 * buf.nbytes / (time.perf_counter() - t0)
+    del buf
+    t0 = time.perf_counter()
+    model = runtime.load(art)
+    load_s = time.perf_counter() - t0
+    man = json.loads((Path(art) / "manifest.json").read_text())
+    tk = man["model_config"]["tokens"]
+    out = {"load_s": round(load_s, 2), "read_bandwidth_gbs": round(bw / 1e9, 2)}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(480, 672, 3), dtype=np.uint8)
+    prompts = {"text": [2, 105, 17, 42, 99, 7, 250, 3, 11, 106, 105],
+               "image": [2, 105, 17, tk["image"], 42, 99, 106, 105]}
+    for kind, ids in prompts.items():
+        times = []
+        t0 = time.perf_counter()
+        stream = runtime.generate(model, ids, images=[image] if kind == "image" else None, max_new_tokens=16,
+                                  stream=True, stop=[])
+        n = 0
+        for _ in stream:
+            times.append(time.perf_counter() - t0)
+            n += 1
+        decode = (times[-1] - times[0]) / max(1, n - 1) if n > 1 else float("nan")
+        out[kind] = {"new_tokens": n, "ttft_s": round(times[0], 2), "decode_tok_s": round(1 / decode, 3)}
+    weights = sum(f.stat().st_size for f in Path(art).glob("*.data"))
+    out["weights_gib"] = round(weights / 2**30, 3)
+    out["decode_bound_tok_s"] = round(bw / weights, 3)  # every weight byte read once per token (an upper bound)
+    print(json.dumps(out))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--steps", default="checkpoint,export,int4,generate")
+    p.add_argument("--work", default=str(ROOT / "bench" / "work" / "12b"))
+    p.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--method", default="rtn", choices=("awq", "rtn"))
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--max-prompts", type=int, default=8)
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint and the INT4 artifact")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "12b.json"))
+    p.add_argument("--child-generate", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child_generate:
+        return _child_generate(a.child_generate)
+    steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, art, exp = work / "ckpt", work / "int4", work / "export"
+    py = [sys.executable]
+    results: dict = {"layers": a.layers, "steps": {}}
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        if "checkpoint" in steps:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            results["steps"]["checkpoint"] = run_step(
+                "checkpoint", py + ["bench/make_12b_checkpoint.py", str(ckpt), "--layers", str(a.layers)], work, log)
+        if "export" in steps:
+            results["steps"]["export"] = run_step(
+                "export", py + ["-m", "exporter.export", "--model", str(ckpt), "--out", str(exp), "--max-len", "4096",
+                                "--weight-dtype", a.weight_dtype], work, log)
+            results["steps"]["export"]["weight_dtype"] = a.weight_dtype
+            results["steps"]["export"]["artifact_gib"] = round(_du(exp) / 2**30, 3)
+            shutil.rmtree(exp, ignore_errors=True)
+        if "int4" in steps:
+            results["steps"]["int4"] = run_step(
+                "int4", py + ["-m", "calib.sequential", "--model", str(ckpt), "--out", str(art), "--max-len", "4096",
+                              "--method", a.method, "--block-size", str(a.block_size),
+                              "--max-prompts", str(a.max_prompts), "--force"], work, log)
+            man = json.loads((art / "manifest.json").read_text())
+            q = man["quantization"]
+            results["steps"]["int4"] |= {
+                "artifact_gib": round(_du(art) / 2**30, 3), "method": a.method, "block_size": a.block_size,
+                "calibration": f"{q['calibration_prompts']} prompts, {q['calibration_tokens']} tokens from "
+                               f"{q['calibration_data']} (images at {q['max_soft_tokens']} soft tokens)",
+                "per_layer": q["sequential"]["layers"],
+            }
+        if "generate" in steps:
+            results["steps"]["generate"] = run_step(
+                "generate", py + ["bench/bench_12b.py", "--child-generate", str(art)], work, log)
+        ck = results["steps"].get("checkpoint")
+        if ck is not None:
+            ck["checkpoint_gib"] = round(_du(ckpt) / 2**30, 3)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if a.layers < 48:
+        results["extrapolated_48_layers"] = _extrapolate(results, a.layers)
+    results |= {"machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def _extrapolate(results: dict, layers: int) -> dict:
+    """Linear in the layer count for what scales with layers; the rest (embedding, vision, tracing) kept as is.
+    Rough: stated as extrapolated, never measured."""
+    from bench.make_12b_checkpoint import config_12b
+    from exporter.weights import expected_tensors
+
+    def params(n):
+        shapes = expected_tensors(config_12b(n))
+        return sum(int(__import__("math").prod(s)) for s in shapes.values())
+
+    ratio = params(48) / params(layers)
+    out = {"method": f"wall time and disk scaled by the parameter ratio {ratio:.2f} (48 layers / {layers}); peak RSS "
+                     "kept as measured (one layer or one tensor in memory: it does not grow with the layer count)"}
+    for step, rec in results["steps"].items():
+        if step == "generate":
+            continue
+        out[step] = {"wall_s": round(rec["wall_s"] * ratio, 0), "peak_disk_gib": round(rec["peak_disk_gib"] * ratio, 1),
+                     "peak_rss_gib": rec["peak_rss_gib"]}
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Streaming exports without a checkpoint in memory: presets' seeded weights, bf16 weight storage, and INT4 made
+layer by layer from the weights (`calib.sequential`).  All on the smallest preset (tiny-text)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.config import PRESETS
+
+PRESET = "tiny-text"
+
+
+def _initializers(path):
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, m
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    from exporter.export import export_artifact
+    from exporter.stream import SeededWeights, fake_model
+
+    cfg = PRESETS[PRESET]
+    out = tmp_path_factory.mktemp("stream") / "fp32"
+    source = {"preset": PRESET, "seed": 5, "generator": "exporter.stream.SeededWeights"}
+    export_artifact(fake_model(cfg), out, max_len=64, source=source, weights=SeededWeights(cfg, 5),
+                    log=lambda *_: None)
+    return out
+
+
+def test_seeded_blocks_regenerate_alone(monkeypatch):
+    from calib.sequential import _rows
+    from exporter import stream
+
+    monkeypatch.setattr(stream, "_BLOCK_ELEMS", 64)  # many blocks per tensor
+    cfg = PRESETS[PRESET]
+    src = stream.SeededWeights(cfg, 5)
+    name = "model.language_model.embed_tokens.weight"
+    whole = stream.seeded_tensor(name, src.shapes[name], 5)
+    parts = list(src.blocks(name))
+    assert len(parts) > 10
+    assert torch.equal(torch.cat(parts), whole)
+    ids = np.array([[7, 300, 7, 2]])
+    assert torch.equal(_rows(src, name, ids)[0], whole[[7, 300, 7, 2]])
+    assert not torch.equal(whole, stream.seeded_tensor(name, src.shapes[name], 6)), "the seed must matter"
+    scal = "model.language_model.layers.0.layer_scalar"
+    assert torch.equal(src.tensor(scal), torch.ones(1))
+
+
+def test_streamed_preset_equals_in_memory_model(streamed):
+    """The artifact's weights are `preset_model`'s bit for bit, and ONNX Runtime's logits match it."""
+    import runtime
+    from exporter.stream import preset_model
+
+    model = preset_model(PRESETS[PRESET], seed=5)
+    state = model.state_dict()
+    inits, _ = _initializers(streamed / "decode.onnx")
+    compared = 0
+    for name, arr in inits.items():
+        ours = name.removeprefix("m.")
+        if ours in state:
+            assert np.array_equal(arr, state[ours].numpy()), f"{ours} differs from the seeded generator"
+            compared += 1
+    assert compared >= len([k for k in state if "vision" not in k and "audio" not in k]) - 1
+    ids = [2, 105, 9, 17, 33, 80, 12]
+    art = runtime.load(streamed)
+    got = runtime.generate(art, ids, max_new_tokens=8)
+    with torch.no_grad():
+        n = len(ids)
+        logits, caches = model.prefill(torch.tensor([ids]), torch.tensor([0]), torch.tensor([n]),
+                                       model.empty_caches(1, 64))
+        want = [int(logits[0].argmax())]
+        for step in range(7):
+            lg, caches = model.decode(torch.tensor([[want[-1]]]), torch.tensor([n + step]), caches)
+            want.append(int(lg[0].argmax()))
+    assert got.tokens[: len(want)] == want[: len(got.tokens)] and len(got.tokens) >= 1
+
+
+def test_bf16_weights_stay_bf16(tmp_path):
+    """--weight-dtype bf16: every decoder projection is stored bf16 (no fp32 copy), the tied embedding stays fp32."""
+    import onnx
+
+    from exporter.export import _export_graph
+    from exporter.stream import SeededWeights, cast_rewrite, fake_model
+
+    cfg = PRESETS[PRESET]
+    path = tmp_path / "decode.onnx"
+    with torch.no_grad():
+        _export_graph(fake_model(cfg), "decode", path, SeededWeights(cfg, 5), lambda *_: None, cast_rewrite("bf16"))
+    m = onnx.load(str(path))
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    bf16 = sorted(n for n, t in types.items() if t == onnx.TensorProto.BFLOAT16)
+    assert len(bf16) == 5 * 7 + 1 * 6, bf16  # sliding q/k/v/o/gate/up/down; the k_eq_v full layer has no v_proj
+    assert types["m.model.language_model.embed_tokens.weight"] == onnx.TensorProto.FLOAT
+    assert not [n for n in types if n.endswith("proj.weight")], "an fp32 copy of a projection was kept"
+    from onnx import numpy_helper
+
+    w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    name = "model.language_model.layers.2.mlp.up_proj"
+    want = SeededWeights(cfg, 5).tensor(name + ".weight").numpy().T  # (in, out)
+    got = w[f"{name}.weight_bf16"].astype(np.float32)
+    assert got.shape == want.shape and np.abs(got - want).max() <= np.abs(want).max() * 2**-8
+
+
+def test_ort_refuses_bf16_artifact(streamed, tmp_path):
+    import shutil
+
+    import runtime
+    from runtime.manifest import read_manifest, write_manifest
+
+    art = tmp_path / "as-bf16"
+    shutil.copytree(streamed, art)
+    write_manifest(art, dict(read_manifest(art), precision="bf16"))
+    with pytest.raises(ValueError, match="bf16.*TensorRT"):
+        runtime.load(art, backend="onnxruntime")
+
+
+def test_sequential_statistics_equal_a_full_forward():
+    """Layer-by-layer statistics (one layer in memory, activations carried) equal hooks on the whole model."""
+    from calib.sequential import _prompt_inputs, collect_sequential
+    from calib.stats import EDGES, TensorStats
+    from exporter.stream import SeededWeights, preset_model
+
+    cfg = PRESETS[PRESET]
+    inputs, _ = _prompt_inputs(cfg, None, None, max_prompts=3, max_soft_tokens=70, max_len=128)
+    stats, plan, records = collect_sequential(SeededWeights(cfg, 5), cfg, inputs, block_size=16, log=lambda *_: None)
+    assert len(records) == cfg.text.num_layers
+    model = preset_model(cfg, seed=5)
+    ref: dict[str, TensorStats] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            st = ref.setdefault(name, TensorStats(np.zeros(mod.in_features), np.zeros(len(EDGES) - 1, np.int64)))
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0].numpy())))
+    with torch.no_grad():
+        for x in inputs:
+            n = int(x.seq_lens[0])
+            model.prefill(torch.from_numpy(x.input_ids), torch.tensor([0]), torch.tensor([n]),
+                          model.empty_caches(1, n + 1))
+    assert set(ref) == set(stats.tensors)
+    for name, st in ref.items():
+        got = stats.tensors[name]
+        assert got.rows == st.rows
+        np.testing.assert_allclose(got.absmax, st.absmax, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got.sqmean, st.sqmean, rtol=1e-4, atol=1e-9, err_msg=name)
+    assert plan.search, "AWQ searched no group"
+
+
+def test_int4_from_weights_graph_form_and_values(tmp_path):
+    """The streamed INT4 export has block-wise int4 DequantizeLinear -> MatMul for every decoder Linear and the LM
+    head (the `calib.int4` form), values equal to `calib.int4.int4_values` of the source weights (round to
+    nearest: no AWQ factors), the embedding gather on an fp16 table, and runs in ONNX Runtime."""
+    import onnx
+
+    import runtime
+    from calib.int4 import int4_values
+    from calib.sequential import quantize_checkpoint
+    from exporter.stream import SeededWeights
+
+    out = tmp_path / "int4"
+    manifest = quantize_checkpoint(PRESET, out, block_size=16, method="rtn", seed=5, max_prompts=2, max_len=64,
+                                   log=lambda *_: None)
+    assert manifest["precision"] == "int4" and manifest["quantization"]["block_size"] == 16
+    inits, m = _initializers(out / "decode.onnx")
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    cfg = PRESETS[PRESET]
+    assert len(dq) == 5 * 7 + 1 * 6 + 1  # sliding q/k/v/o/gate/up/down, full (k_eq_v) without v, LM head
+    for node in dq:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"axis": 0, "block_size": 16}, node.name
+        assert [u.op_type for u in m.graph.node if node.output[0] in u.input] == ["MatMul"]
+    assert not [n for n in inits if n.endswith("proj.weight")], "fp32 projection weights left behind"
+    assert inits["m.model.language_model.embed_tokens.weight_fp16"].dtype == np.float16
+    src = SeededWeights(cfg, 5)
+    for name in ("model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.5.self_attn.k_proj"):
+        want_q, want_s = int4_values(src.tensor(name + ".weight").numpy().T, 16)
+        assert np.array_equal(inits[f"{name}.weight_int4"].astype(np.int8), want_q), name
+        assert np.array_equal(inits[f"{name}.weight_scale"], want_s), name
+    got = runtime.generate(runtime.load(out), [2, 105, 9, 17], max_new_tokens=4)
+    assert len(got.tokens) >= 1
