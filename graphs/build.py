@@ -49,13 +49,19 @@ def tensorrt_unavailable_reason() -> str | None:
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str]) -> dict:
     import onnxruntime as ort
 
+    from graphs.lower_qdq_ort import lower_quantized_for_ort
+
     stage = root / temp_name("ort")
     stage.mkdir()
     try:
         for graph in ("prefill", "decode"):
             t0 = time.perf_counter()
             src = root / sources[graph]
+            # quantized graphs: integer kernels for INT8, fp32 weights for FP8, MatMulNBits for INT4
+            model, config, disabled, _ = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage, log=log)
             opts = ort.SessionOptions()
+            for key, value in config.items():
+                opts.add_session_config_entry(key, value)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             opts.optimized_model_filepath = str(stage / f"{graph}.onnx")
             opts.add_session_config_entry(
@@ -63,7 +69,10 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
             )
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             opts.log_severity_level = 3
-            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                 providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+            for tmp in stage.glob("*.tmp"):
+                tmp.unlink()
             check = ort.SessionOptions()
             check.log_severity_level = 3
             ort.InferenceSession(str(stage / f"{graph}.onnx"), check, providers=["CPUExecutionProvider"])

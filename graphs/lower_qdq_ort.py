@@ -1,0 +1,179 @@
+"""ONNX Runtime (CPU) lowering of quantized Q/DQ graphs, applied by ``make build-engine`` before ORT's optimiser.
+
+The artifact keeps the TensorRT-legal Q/DQ form; only the graph handed to ONNX Runtime changes:
+
+* **INT8** (W8A8): ORT's QDQ optimiser turns ``DQ(Q(x)) @ DQ(W_int8)`` into an integer matmul
+  (``MatMulIntegerToFloat``) only when the activation's DequantizeLinear has that MatMul as its single consumer.
+  Linears that share an input (q/k/v, gate/up) share one activation Q/DQ pair in the artifact, so ORT left them as
+  fp32 MatMuls on weights dequantized every step.  `split_shared_activation_qdq` gives each such Linear its own
+  Q/DQ copy (same scale, same zero point: identical numbers), and the build disables ORT's
+  CommonSubexpressionElimination, which would merge the copies back before the QDQ fusion.
+* **FP8**: CPUs have no FP8 arithmetic; ORT would dequantize every FP8 weight on every step.
+  `fold_weight_dequantize` replaces each constant weight ``DequantizeLinear(W_fp8, scale)`` by its fp32 result
+  (``float(W_fp8) * scale``, the same IEEE product ORT computes, so the numbers are exactly those of the Q/DQ graph
+  run by ORT).  Activation Q/DQ stay (the fake-quant semantics of the artifact are kept).
+* **INT4** (W4A16): nothing to do here: ORT's QDQ optimiser fuses ``DequantizeLinear(int4, block_size, axis 0)``
+  + ``MatMul`` into ``MatMulNBits`` itself; the build sets ``session.qdq_matmulnbits_accuracy_level``.
+
+Works on the graph proto without loading its weights; folded FP8 weights are written to a temporary data file
+beside the ORT build.  Does not touch fp32 graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ORT_INT4_ACCURACY_LEVEL", "fold_weight_dequantize", "lower_quantized_for_ort", "split_shared_activation_qdq"]
+
+# MatMulNBits accuracy level for INT4: 4 = int8 activations inside the kernel (block-wise dynamic quantization).
+# Measured on the 225 M bench model and the demo (README, INT4 section): see `lower_quantized_for_ort`.
+ORT_INT4_ACCURACY_LEVEL = 4
+
+
+def _consumers(graph) -> dict[str, list]:
+    uses: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                uses.setdefault(name, []).append(node)
+    return uses
+
+
+def split_shared_activation_qdq(proto) -> int:
+    """Give every consumer of a shared activation ``QuantizeLinear -> DequantizeLinear`` pair its own copy.
+    Returns the number of copies made.  Edits ``proto`` (an onnx ModelProto) in place."""
+    import onnx
+
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = _consumers(graph)
+    made = 0
+    new_nodes = []
+    for node in graph.node:
+        new_nodes.append(node)
+        if node.op_type != "DequantizeLinear" or node.input[0] not in producer:
+            continue
+        q = producer[node.input[0]]
+        users = uses.get(node.output[0], [])
+        if q.op_type != "QuantizeLinear" or len(users) < 2 or len(uses.get(q.output[0], [])) != 1:
+            continue
+        for i, user in enumerate(users[1:], start=1):
+            q_out, dq_out = f"{q.output[0]}.split{i}", f"{node.output[0]}.split{i}"
+            q2 = onnx.helper.make_node("QuantizeLinear", list(q.input), [q_out], name=f"{q.name}.split{i}")
+            q2.attribute.extend(q.attribute)
+            dq2 = onnx.helper.make_node("DequantizeLinear", [q_out, *node.input[1:]], [dq_out],
+                                        name=f"{node.name}.split{i}")
+            dq2.attribute.extend(node.attribute)
+            for k, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[k] = dq_out
+            new_nodes += [q2, dq2]
+            made += 1
+    if made:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return made
+
+
+def _read_initializer(tensor, base: Path) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        t = onnx.TensorProto()
+        t.CopyFrom(tensor)
+        onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
+        return numpy_helper.to_array(t)
+    return numpy_helper.to_array(tensor)
+
+
+def _used_names(graph) -> set[str]:
+    """Every value name read by a node of ``graph`` or of its subgraphs (If/Loop bodies read outer initializers)."""
+    import onnx
+
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used |= _used_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    used |= _used_names(g)
+    return used
+
+
+def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8E4M3FN",)) -> int:
+    """Replace ``DequantizeLinear(constant W of one of ``types``, constant scale)`` by an fp32 initializer holding its
+    result, written to ``data_file`` (external data; its location is stored relative to ``base``, the directory the
+    graph's external data is read from).  Returns the number of weights folded."""
+    import onnx
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    kinds = {getattr(onnx.TensorProto, t) for t in types}
+    folded, keep = 0, []
+    written: list[onnx.TensorProto] = []
+    data_file = Path(data_file)
+    offset = 0
+    with open(data_file, "wb") as f:
+        for node in graph.node:
+            w = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+            if w is None or w.data_type not in kinds or any(n not in inits for n in node.input[1:] if n):
+                keep.append(node)
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if any(a.name == "block_size" and a.i for a in node.attribute):
+                keep.append(node)
+                continue
+            q = _read_initializer(w, base).astype(np.float32)
+            scale = _read_initializer(inits[node.input[1]], base).astype(np.float32)
+            if scale.ndim == 1:
+                shape = [1] * q.ndim
+                shape[axis % q.ndim] = -1
+                scale = scale.reshape(shape)
+            y = np.ascontiguousarray(q * scale, dtype=np.float32)  # DequantizeLinear with zero point 0
+            raw = y.tobytes()
+            f.write(raw)
+            t = onnx.TensorProto(name=node.output[0], data_type=onnx.TensorProto.FLOAT, dims=list(y.shape))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_file.relative_to(base).as_posix()), ("offset", str(offset)),
+                         ("length", str(len(raw)))):
+                t.external_data.add(key=k, value=v)
+            offset += len(raw)
+            written.append(t)
+            folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(written)
+        used = _used_names(graph)
+        for t in list(graph.initializer):
+            if t.name not in used and t.name not in {o.name for o in graph.output}:
+                graph.initializer.remove(t)
+    else:
+        data_file.unlink()
+    return folded
+
+
+def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, log=print):
+    """What ONNX Runtime should load to optimise ``src`` (a graph of the artifact): (model path or serialized bytes,
+    session config entries, optimisers to disable, counts).  fp32 graphs are returned unchanged."""
+    src = Path(src)
+    if precision == "int4":
+        return src, {"session.qdq_matmulnbits_accuracy_level": str(ORT_INT4_ACCURACY_LEVEL)}, [], {}
+    if precision not in ("int8", "fp8"):
+        return src, {}, [], {}
+    import onnx
+
+    proto = onnx.load(str(src), load_external_data=False)
+    config = {"session.model_external_initializers_file_folder_path": str(src.parent)}
+    if precision == "int8":
+        n = split_shared_activation_qdq(proto)
+        log(f"[build-engine] {src.name}: {n} shared activation Q/DQ pairs split (one per Linear: integer matmuls)")
+        return proto.SerializeToString(), config, ["CommonSubexpressionElimination"], {"activation_qdq_split": n}
+    n = fold_weight_dequantize(proto, src.parent, Path(stage) / f"{src.stem}.fp8_folded.tmp")
+    log(f"[build-engine] {src.name}: {n} FP8 weights dequantized to fp32 once (activation Q/DQ kept)")
+    return proto.SerializeToString(), config, [], {"weights_folded": n}
