@@ -287,16 +287,73 @@ def int4_rewrite(plan: LayerPlan, block_size: int, *, lm_head: bool = True, embe
 
     def rewrite(model, source, progress) -> None:
         from calib.int4 import quantize_graph_int4
-        from calib.linears import find_linears, group_of
+        from calib.linears import LM_HEAD, find_linears, group_of
 
         linears = find_linears(model)
-        groups = ("decoder", "lm_head") if lm_head else ("decoder",)
-        modules = [m for m in linears if group_of(m) in groups]
+        modules = [m for m in linears if group_of(m) == "decoder"]
         quantize_graph_int4(model, linears, modules, block_size, plan.input_muls())
+        if lm_head and LM_HEAD in linears:
+            _quantize_lm_head(model, linears[LM_HEAD], block_size)
         if embedding_fp16:
             _gather_fp16(model)
 
     return rewrite
+
+
+def _quantize_lm_head(model, lin, block_size: int) -> None:
+    """The tied LM head in the same INT4 form, quantized from the embedding's row blocks (each block of rows is a
+    block of output columns, quantized independently), so the 262144 x 3840 table is never held in fp32: the
+    int4 values (1 byte each while collected, 0.5 packed) and the small scales are all that is kept."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from calib.int4 import int4_values
+    from calib.linears import LM_HEAD
+
+    emb = lin.weight.const_value  # (out, in) lazy block tensor of the embedding
+    out_f, in_f = (int(d) for d in emb.shape.numpy())
+    nb = -(-in_f // block_size)
+    cache: dict = {}
+
+    def compute():
+        if "q" not in cache:
+            q = np.empty((in_f, out_f), ml_dtypes.int4)
+            scales = np.empty((nb, out_f), np.float32)
+            start = 0
+            blocks = emb.iter_blocks() if hasattr(emb, "iter_blocks") else iter([emb.numpy()])
+            for rows in blocks:
+                rows = np.asarray(rows, np.float32)
+                qb, sb = int4_values(rows.T, block_size)
+                q[:, start:start + len(rows)] = qb.astype(ml_dtypes.int4)
+                scales[:, start:start + len(rows)] = sb
+                start += len(rows)
+            cache["q"], cache["scales"] = q, scales
+        return cache["q"], cache["scales"]
+
+    def make():
+        q = compute()[0]
+        cache.clear()  # the values are written once per graph; recomputed for the next one
+        return ir.tensor(q)
+
+    name = f"{LM_HEAD}.weight_int4"
+    wq = ir.Value(name=name, const_value=ir.LazyTensor(make, dtype=ir.DataType.INT4, shape=ir.Shape((in_f, out_f)),
+                                                       name=name))
+    scales = compute()[1]  # one pass now for the scales (small); the values are recomputed when saved
+    cache.pop("q", None)
+    ws = ir.Value(name=f"{LM_HEAD}.weight_scale", const_value=ir.tensor(scales, name=f"{LM_HEAD}.weight_scale"))
+    zp = ir.Value(name=f"{LM_HEAD}.weight_zero_point",
+                  const_value=ir.tensor(np.zeros(scales.shape, ml_dtypes.int4), name=f"{LM_HEAD}.weight_zero_point"))
+    graph = model.graph
+    for v in (wq, ws, zp):
+        graph.register_initializer(v)
+    node = lin.node
+    dq = ir.node("DequantizeLinear", [wq, ws, zp], attributes={"axis": 0, "block_size": block_size},
+                 name=f"{LM_HEAD}.weight_dequantize")
+    dq.outputs[0].name = f"{LM_HEAD}.weight_dq"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.metadata_props.update(node.metadata_props)
+    graph.insert_before(node, [dq])
+    node.replace_input_with(1, dq.outputs[0])
 
 
 def _gather_fp16(model) -> int:

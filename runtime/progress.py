@@ -63,7 +63,8 @@ class Progress:
         if note is not None:
             self.note = note
         now = time.perf_counter()
-        if now - self._last >= self.interval:
+        finished = bool(self.total) and self.done >= self.total  # close() prints the last line
+        if now - self._last >= self.interval and not finished:
             self._last = now
             self._emit(final=False)
 

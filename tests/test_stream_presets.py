@@ -177,9 +177,33 @@ def test_int4_from_weights_graph_form_and_values(tmp_path):
     assert not [n for n in inits if n.endswith("proj.weight")], "fp32 projection weights left behind"
     assert inits["m.model.language_model.embed_tokens.weight_fp16"].dtype == np.float16
     src = SeededWeights(cfg, 5)
-    for name in ("model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.5.self_attn.k_proj"):
-        want_q, want_s = int4_values(src.tensor(name + ".weight").numpy().T, 16)
+    for name, weight in (("model.language_model.layers.0.mlp.down_proj", None),
+                         ("model.language_model.layers.5.self_attn.k_proj", None),
+                         ("lm_head", "model.language_model.embed_tokens.weight")):  # tied: from the embedding
+        want_q, want_s = int4_values(src.tensor(weight or name + ".weight").numpy().T, 16)
         assert np.array_equal(inits[f"{name}.weight_int4"].astype(np.int8), want_q), name
         assert np.array_equal(inits[f"{name}.weight_scale"], want_s), name
     got = runtime.generate(runtime.load(out), [2, 105, 9, 17], max_new_tokens=4)
     assert len(got.tokens) >= 1
+
+
+def test_progress_lines(monkeypatch):
+    """Not a terminal: one line per interval and a last line at 100 % with an ETA; silenced by GEMMA4_PROGRESS=0."""
+    import io
+
+    from runtime.progress import Progress
+
+    monkeypatch.delenv("GEMMA4_PROGRESS", raising=False)
+    out = io.StringIO()
+    with Progress(4, "work", unit="layers", stream=out, every=0.0) as bar:
+        for i in range(4):
+            bar.update(1, note=f"layer {i}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in out.getvalue(), lines  # 3 periodic + the final one, no redraws
+    assert lines[0].startswith("[work] ") and "25%" in lines[0] and "ETA" in lines[0]
+    assert "100%" in lines[-1] and "4 layers/4 layers" in lines[-1]
+    monkeypatch.setenv("GEMMA4_PROGRESS", "0")
+    quiet = io.StringIO()
+    with Progress(2, "work", stream=quiet, every=0.0) as bar:
+        bar.update(2)
+    assert quiet.getvalue() == ""
