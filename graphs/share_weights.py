@@ -2,8 +2,9 @@
 
 Both graphs hold the same decoder weights; written separately the artifact would carry them twice (96 GB instead
 of 48 GB for the 12B in fp32).  Tensors are matched by content (sha256 of their bytes), so the check is exact and
-works whatever names the exporter gave them; only when every decode tensor is found in the prefill file is the
-decode file dropped.  Tensors are read one at a time.
+works whatever names the exporter gave them.  The few decode tensors the prefill file lacks (tables only the
+lowered decode graph uses) are appended to it, page-aligned; when most are missing the files stay separate.
+Tensors are read one at a time.
 """
 
 from __future__ import annotations
@@ -64,16 +65,28 @@ def share_external_data(root: Path, primary: str = "prefill.onnx", secondary: st
             int(info.get("offset", 0)), int(info["length"]),
         )
     p_files = {_external(t)["location"] for t in _ext_tensors(p_proto)}
-    moves = []
+    moves, extra = [], []
     for t in _ext_tensors(s_proto):
         info = _external(t)
         found = by_hash.get(_digest(root / info["location"], info))
         if found is None:
-            log(f"[export] {secondary}: tensor {t.name} not in {primary}; keeping separate weight files")
-            return False
+            extra.append(t)  # e.g. tables only one graph uses: appended to the shared file below
+            continue
         moves.append((t, found))
     if len(p_files) != 1:
         return False
+    if len(extra) * 4 > len(moves):
+        log(f"[export] {secondary}: {len(extra)} tensors not in {primary}; keeping separate weight files")
+        return False
+    with open(root / next(iter(p_files)), "ab") as out:  # secondary-only tensors, page-aligned (mmap-able)
+        for t in extra:
+            info = _external(t)
+            out.write(b"\0" * (-out.tell() % 4096))
+            offset = out.tell()
+            with open(root / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                out.write(f.read(int(info["length"])))
+            moves.append((t, (offset, int(info["length"]))))
     s_files = {_external(t)["location"] for t in _ext_tensors(s_proto)}
     for t in _ext_tensors(p_proto):
         _set_location(t, SHARED)
