@@ -51,12 +51,16 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
 
+    from graphs.lower_ort import lower_to_file, remove_lowered
+
     stage = root / temp_name("ort")
     stage.mkdir()
+    lowering: dict[str, dict] = {}
     try:
         for graph in ("prefill", "decode"):
             t0 = time.perf_counter()
-            src = root / sources[graph]
+            # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
+            src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log)
             # quantized graphs: integer kernels for INT8, fp32 weights for FP8, MatMulNBits for INT4
             model, config, disabled, _ = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage, log=log)
             opts = ort.SessionOptions()
@@ -71,6 +75,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
             opts.log_severity_level = 3
             ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                  providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+            remove_lowered(root)
             for tmp in stage.glob("*.tmp"):
                 tmp.unlink()
             check = ort.SessionOptions()
@@ -84,12 +89,15 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
         replace_dir(stage, root / "ort", log=log)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        remove_lowered(root)
         raise
     return {
         "prefill": "ort/prefill.onnx",
         "decode": "ort/decode.onnx",
         "from": sources,
         "optimization": "ORT_ENABLE_EXTENDED",
+        "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k != "refused"},
+                         "norms": r["norms"]["SimplifiedLayerNormalization"]} for g, r in lowering.items()},
         "onnxruntime": ort.__version__,
         "providers": ["CPUExecutionProvider"],
     }
