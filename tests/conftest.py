@@ -16,6 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from exporter.config import PRESETS, TEST_PRESETS  # noqa: E402
 
+
+def pytest_sessionstart(session):
+    """Hypothesis writes caches (./.hypothesis) while collecting: keep them in this session's temporary directory."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    set_hypothesis_home_dir(session.config._tmp_path_factory.mktemp("hypothesis"))
+
 # The artifacts are exported with this maximum length; tests run other shapes.
 ARTIFACT_MAX_LEN = 200
 
