@@ -5,9 +5,22 @@ Registers the plugins (`plugins.tensorrt_plugins`), casts an fp32 artifact's Lin
 ``NetworkFromOnnxPath`` as a strongly typed network (precision comes from the graph: fp32, or Q/DQ from
 `calib`; TensorRT 11 has no other way), where nodes carrying ``plugin_namespace`` resolve to the registered plugins
 ahead of their function bodies, and builds one engine per graph with one optimization profile each:
-prefill ``input_ids`` (1..max_batch, 1..max_len) with 0..max_image_tokens image and audio soft tokens, decode
-(1..max_batch, 1); caches are (batch, heads, window or max_len, head_dim) with max_len fixed by the artifact.
-Engines are written to ``engines/`` and recorded with the TensorRT version and profiles.
+prefill ``input_ids`` (1..max_batch, 1..prefill_chunk) with 0..max_image_tokens image and audio soft tokens,
+decode (1..max_batch, 1); caches are (batch, heads, window or max_len, head_dim) with max_len fixed by the artifact.
+A prefill call takes at most ``prefill_chunk`` tokens per sequence (default 2048, so at most max_batch x 2048
+tokens of activations; `runtime.generate` prefills longer prompts in chunks): the 12B at max_len 32768 x batch 8
+in one call would need tens of GB of activations and pass 2^31 elements in its MLP.
+
+Before parsing, every plugin creator the graph's nodes name is checked to be registered (else the parser silently
+inlines the nodes' model-local functions, keyed by name only: every layer would run layer 0's body).  The builder
+config enables ``PreviewFeature.ALIASED_PLUGIN_IO_10_03``, without which TensorRT ignores the plugins' output
+aliasing (present_* = past_*, the in-place KV cache).  Engines are written to ``engines/`` and recorded with the
+TensorRT version, profiles and chunk.
+
+The two engines each hold all the weights (2 x 24 GB in bf16 for the 12B): TensorRT documents no way for two
+engines to share device weights (a refit copies the given weights, device pointers included, into the engine),
+and one engine with two profiles needs one network, while the prefill and decode graphs differ (see the README,
+"Not yet").
 """
 
 from __future__ import annotations
@@ -15,7 +28,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["build_tensorrt", "profiles_for"]
+__all__ = ["PREFILL_CHUNK", "aliasing_config", "build_tensorrt", "plugin_creators", "profiles_for",
+           "require_plugin_creators"]
+
+PREFILL_CHUNK = 2048  # tokens per sequence per prefill call (the engine's profile; runtime.generate chunks)
 
 
 def _dims(spec: dict, batch: int, max_len: int, seq: int, tokens: int) -> tuple[int, ...]:
@@ -23,10 +39,12 @@ def _dims(spec: dict, batch: int, max_len: int, seq: int, tokens: int) -> tuple[
     return tuple(named[d] if isinstance(d, str) else int(d) for d in spec["shape"])
 
 
-def profiles_for(manifest: dict, graph: str, *, max_batch: int, opt_seq: int, max_soft_tokens: int) -> dict:
-    """input name -> (min, opt, max) shapes."""
+def profiles_for(manifest: dict, graph: str, *, max_batch: int, opt_seq: int, max_soft_tokens: int,
+                 prefill_chunk: int = PREFILL_CHUNK) -> dict:
+    """input name -> (min, opt, max) shapes; prefill takes up to ``prefill_chunk`` tokens per sequence."""
     max_len = int(manifest["max_len"])
-    seq = (1, min(opt_seq, max_len), max_len) if graph == "prefill" else (1, 1, 1)
+    top = min(prefill_chunk, max_len)
+    seq = (1, min(opt_seq, top), top) if graph == "prefill" else (1, 1, 1)
     out = {}
     for spec in manifest["graphs"][graph]["inputs"]:
         out[spec["name"]] = (
@@ -35,6 +53,35 @@ def profiles_for(manifest: dict, graph: str, *, max_batch: int, opt_seq: int, ma
             _dims(spec, max_batch, max_len, seq[2], max_soft_tokens),
         )
     return out
+
+
+def plugin_creators(onnx_path: Path) -> set[tuple[str, str, str]]:
+    """(name, version, namespace) of every node that routes the TensorRT parser to a plugin creator (nodes with
+    a ``plugin_namespace`` attribute; ``plugin_version`` defaults to "1")."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    out = set()
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if "plugin_namespace" in attrs:
+            version = attrs["plugin_version"].s.decode() if "plugin_version" in attrs else "1"
+            out.add((node.op_type, version, attrs["plugin_namespace"].s.decode()))
+    return out
+
+
+def require_plugin_creators(onnx_path: Path) -> None:
+    """Raise unless TensorRT's registry has a creator for every plugin node of the graph."""
+    from plugins.tensorrt_plugins import check_registered
+
+    missing = check_registered(sorted(plugin_creators(onnx_path)))
+    if missing:
+        raise RuntimeError(
+            f"{onnx_path}: TensorRT has no plugin creator for {', '.join(missing)}; the ONNX parser would inline "
+            "these nodes' model-local functions instead, keyed by name only (every layer would run layer 0's "
+            "body). Import plugins.tensorrt_plugins (it registers gemma4::FusedAttention and gemma4::PatchEmbed) "
+            "and check that tensorrt.plugin imports"
+        )
 
 
 def _cast_sources(root: Path, sources: dict[str, str], dtype: str, work: Path, log) -> dict[str, str]:
@@ -55,7 +102,8 @@ def _cast_sources(root: Path, sources: dict[str, str], dtype: str, work: Path, l
 
 
 def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype: str = "bf16", max_batch: int = 8,
-                   opt_seq: int = 512, max_soft_tokens: int = 1120, log=print) -> dict:
+                   opt_seq: int = 512, max_soft_tokens: int = 1120, prefill_chunk: int = PREFILL_CHUNK,
+                   log=print) -> dict:
     """``dtype``: bf16 / fp16 casts an fp32 artifact's Linears for the GPU (Q/DQ artifacts keep their precision);
     fp32 builds the graphs as they are."""
     import shutil
@@ -73,7 +121,8 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
         sources = _cast_sources(root, sources, dtype, work, log)
     else:
         dtype = manifest.get("precision", "fp32")
-    record = {"tensorrt": trt.__version__, "dtype": dtype, "max_batch": max_batch, "profiles": {}}
+    record = {"tensorrt": trt.__version__, "dtype": dtype, "max_batch": max_batch,
+              "prefill_chunk": min(prefill_chunk, int(manifest["max_len"])), "profiles": {}}
     try:
         _build(root, manifest, sources, out_dir, record, max_batch, opt_seq, max_soft_tokens, log)
     finally:
@@ -81,17 +130,34 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
     return record
 
 
+def aliasing_config(profiles: list):
+    """A Polygraphy config loader: TensorRT's defaults, our profiles, and plugin output aliasing enabled."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig
+
+    base = CreateConfig(profiles=profiles)
+
+    def load(builder, network):
+        config = base(builder, network)
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+        return config
+
+    return load
+
+
 def _build(root, manifest, sources, out_dir, record, max_batch, opt_seq, max_soft_tokens, log) -> None:
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     for graph in ("prefill", "decode"):
         t0 = time.perf_counter()
-        shapes = profiles_for(manifest, graph, max_batch=max_batch, opt_seq=opt_seq, max_soft_tokens=max_soft_tokens)
+        shapes = profiles_for(manifest, graph, max_batch=max_batch, opt_seq=opt_seq, max_soft_tokens=max_soft_tokens,
+                              prefill_chunk=record["prefill_chunk"])
         profile = Profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.add(name, min=lo, opt=opt, max=hi)
+        require_plugin_creators(root / sources[graph])
         network = NetworkFromOnnxPath(str(root / sources[graph]), strongly_typed=True)
-        engine = EngineFromNetwork(network, config=CreateConfig(profiles=[profile]))
+        engine = EngineFromNetwork(network, config=aliasing_config([profile]))
         SaveEngine(engine, path=str(out_dir / f"{graph}.engine"))()
         record[graph] = f"engines/{graph}.engine"
         record["profiles"][graph] = {k: [list(s) for s in v] for k, v in shapes.items()}

@@ -1,11 +1,23 @@
 """TensorRT backend: runs an artifact's prefill and decode engines on a GPU with the KV cache updated in place.
 
 Same interface as `runtime.ort_backend.OrtBackend` (``new_cache``, ``prefill``, ``decode``), so `runtime.generate`
-drives either.  Engines are deserialized once (the plugins are registered first: `plugins.tensorrt_plugins`); the
-cache is a list of CUDA tensors allocated once per generation and bound by address as both ``past_*`` and
-``present_*`` (the plugin aliases them), except sliding rings in prefill, whose new buffers replace the old.  Steps
-run with ``execute_async_v3`` on one stream; the decode step of each batch size is captured in a CUDA graph on first
-use and replayed afterwards (its inputs are copied into fixed buffers first).  Needs torch with CUDA and tensorrt.
+drives either.  Engines are deserialized once (the plugins are registered first: `plugins.tensorrt_plugins`).
+
+* One CUDA stream (``self.stream``) carries everything: cache allocation, host-to-device copies, the engines'
+  ``execute_async_v3`` and the device-to-host copies of the logits, so nothing runs unordered with TensorRT.
+* Tensors are bound by name: each cache tensor is the one the manifest's decode graph names (``past_key_3`` is
+  ``cache[i]`` where the manifest lists it at i), whatever order the engine lists its I/O in.
+* In place where the engine says so: ``present_X`` is bound to ``past_X``'s buffer when
+  ``engine.get_aliased_input_tensor(present_X) == past_X`` (the plugin aliases them, the engine was built with
+  ``ALIASED_PLUGIN_IO_10_03``); otherwise a new buffer receives it and replaces the cache entry.
+* An image/audio input with zero rows is bound to a 1-element buffer (TensorRT refuses a null address).
+* Every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` result is checked; a failure raises
+  with the tensor's name.
+* Decode replays a CUDA graph captured on first use for the current batch size (when the decode engine updates
+  every cache in place); binding the context for another batch size, a new cache or a prefill drops it.
+
+The engines' prefill profile takes at most ``prefill_chunk`` tokens per sequence (manifest), which
+`runtime.generate` respects by prefilling longer prompts in chunks.  Needs torch with CUDA and tensorrt.
 """
 
 from __future__ import annotations
@@ -28,11 +40,13 @@ class TrtBackend:
         import tensorrt as trt
         import torch
 
-        import plugins.tensorrt_plugins  # noqa: F401  (the engines reference the plugins)
+        import plugins.tensorrt_plugins as tp  # the engines reference the plugins
 
         self.torch, self.trt = torch, trt
         self.root, self.manifest = Path(root), manifest
         engines = manifest["engines"]["tensorrt"]
+        if missing := tp.check_registered():
+            raise RuntimeError(f"TensorRT has no plugin creator for {', '.join(missing)} (tensorrt.plugin)")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts = {}, {}
         for graph in ("prefill", "decode"):
@@ -43,83 +57,159 @@ class TrtBackend:
                                    f"(built with TensorRT {engines.get('tensorrt')}, this is {trt.__version__})")
             self.engines[graph] = engine
             self.contexts[graph] = engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
+        self.stream, self.device = torch.cuda.Stream(), "cuda"
+        self._setup(manifest)
+
+    def _setup(self, manifest: dict[str, Any]) -> None:
+        """Everything that does not need TensorRT or a GPU (tests construct a backend around fakes with it)."""
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
-        self.layer_types = manifest["model_config"]["text"]["layer_types"]
-        self._graphs: dict[int, tuple] = {}
+        self.cache_index = {spec["name"]: i for i, spec in enumerate(self.cache_specs)}
+        self.prefill_chunk = manifest["engines"]["tensorrt"].get("prefill_chunk")
+        self.vocab = int(manifest["model_config"]["text"]["vocab_size"])
+        self.aliased = {g: self._aliases(g) for g in self.engines}
+        self._graph: tuple | None = None  # (batch, CUDAGraph, ids buffer, lens buffer, logits)
+
+    # ------------------------------------------------------------------ engine facts
+    def _io(self, graph: str) -> tuple[list[str], list[str]]:
+        engine = self.engines[graph]
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        return inputs, [n for n in names if n not in inputs]
+
+    def _aliases(self, graph: str) -> dict[str, bool]:
+        """past name -> whether the engine aliases its present output to it (in-place update)."""
+        engine = self.engines[graph]
+        inputs, _ = self._io(graph)
+        out = {}
+        for name in inputs:
+            if is_cache(name):
+                if name not in self.cache_index:
+                    raise RuntimeError(f"{self.root}: the {graph} engine has cache input {name!r}, which the "
+                                       f"manifest's decode graph does not list")
+                present = name.replace("past_", "present_", 1)
+                out[name] = engine.get_aliased_input_tensor(present) == name
+        return out
+
+    # ------------------------------------------------------------------ device helpers (one stream)
+    def _on_stream(self):
+        return self.torch.cuda.stream(self.stream)
+
+    def _to_device(self, array: np.ndarray):
+        """A device copy of ``array`` ordered on ``self.stream`` (call inside `_on_stream`); an empty array gets a
+        1-element buffer instead (torch gives an empty tensor a null address, which TensorRT refuses)."""
+        torch = self.torch
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if host.numel() == 0:
+            return torch.zeros(1, dtype=host.dtype, device=self.device)
+        if self.device == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _empty(self, shape, like=None):
+        torch = self.torch
+        if like is not None:
+            return torch.empty_like(like)
+        return torch.empty(tuple(shape), dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def _check(ok, what: str) -> None:
+        if not ok:
+            raise RuntimeError(f"TensorRT refused {what}")
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int) -> list:
-        cache = [self.torch.zeros(cache_shape(spec, batch, max_len), dtype=self.torch.float32, device="cuda")
-                 for spec in self.cache_specs]
-        self._graphs.clear()  # captured decode graphs point at the previous cache
+        torch = self.torch
+        with self._on_stream():
+            cache = [torch.zeros(cache_shape(spec, batch, max_len), dtype=torch.float32, device=self.device)
+                     for spec in self.cache_specs]
+        self.stream.synchronize()
+        self._graph = None  # a captured decode graph points at the previous cache
         return cache
 
-    def _is_sliding(self, i: int) -> bool:
-        return self.layer_types[i // 2] == "sliding_attention"
-
     # ------------------------------------------------------------------ steps
-    def _bind(self, graph: str, feeds: dict, cache: list, in_place: list[bool]):
-        torch = self.torch
-        ctx, engine = self.contexts[graph], self.engines[graph]
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
-        keep = {}
+    def _bind(self, graph: str, feeds: dict, cache: list):
+        """Bind inputs, caches and logits of ``graph``'s context by name (on ``self.stream``); returns the logits
+        buffer, the cache after the step and the device inputs (kept alive until the step is done)."""
+        ctx = self.contexts[graph]
+        inputs, outputs = self._io(graph)
+        keep, new_cache = {}, list(cache)
         for name in inputs:
             if is_cache(name):
-                continue
-            t = torch.as_tensor(np.ascontiguousarray(feeds[name])).to("cuda", non_blocking=True)
-            keep[name] = t
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-        past = [n for n in inputs if is_cache(n)]
-        new_cache = list(cache)
-        for i, name in enumerate(past):
-            ctx.set_input_shape(name, tuple(cache[i].shape))
-            ctx.set_tensor_address(name, cache[i].data_ptr())
-            present = name.replace("past_", "present_")
-            if not in_place[i]:
-                new_cache[i] = torch.empty_like(cache[i])
-            ctx.set_tensor_address(present, new_cache[i].data_ptr())
-        batch = int(feeds["input_ids"].shape[0])
-        logits = torch.empty((batch, int(self.manifest["model_config"]["text"]["vocab_size"])), device="cuda")
-        ctx.set_tensor_address("logits", logits.data_ptr())
-        return logits, new_cache, keep
+                buf = cache[self.cache_index[name]]
+                shape = tuple(buf.shape)
+            else:
+                if name not in feeds:
+                    raise RuntimeError(f"{self.root}: the {graph} engine wants input {name!r}, which the runtime does "
+                                       f"not provide (has {sorted(feeds)})")
+                shape = tuple(feeds[name].shape)
+                buf = keep[name] = self._to_device(feeds[name])
+            self._check(ctx.set_input_shape(name, shape),
+                        f"shape {shape} for {graph} input {name!r} (outside the engine's profile?)")
+            self._check(ctx.set_tensor_address(name, buf.data_ptr()), f"the address of {graph} input {name!r}")
+        for name in outputs:
+            if name == "logits":
+                batch = int(feeds["input_ids"].shape[0])
+                buf = keep["logits"] = self._empty((batch, self.vocab))
+            elif is_cache(name):
+                past = name.replace("present_", "past_", 1)
+                i = self.cache_index[past]
+                if not self.aliased[graph][past]:
+                    new_cache[i] = self._empty(None, like=cache[i])
+                buf = new_cache[i]
+            else:
+                raise RuntimeError(f"{self.root}: the {graph} engine has an unexpected output {name!r}")
+            self._check(ctx.set_tensor_address(name, buf.data_ptr()), f"the address of {graph} output {name!r}")
+        return keep["logits"], new_cache, keep
+
+    def _execute(self, graph: str) -> None:
+        self._check(self.contexts[graph].execute_async_v3(self.stream.cuda_stream),
+                    f"to run the {graph} engine (execute_async_v3 returned False; see TensorRT's log above)")
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
         feeds = prefill_feeds(inputs, self.manifest)
-        in_place = [not self._is_sliding(i) for i in range(len(cache))]
-        logits, new_cache, _keep = self._bind("prefill", feeds, cache, in_place)
-        self.contexts["prefill"].execute_async_v3(self.stream.cuda_stream)
+        with self._on_stream():
+            logits, new_cache, _keep = self._bind("prefill", feeds, cache)
+            self._execute("prefill")
+            out = logits.to("cpu", non_blocking=False)
         self.stream.synchronize()
         cache[:] = new_cache
-        self._graphs.clear()
-        return logits.cpu().numpy()
+        self._graph = None  # the prefill may have replaced cache buffers
+        return out.numpy()
 
     def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
-        """One step; the first call per batch size runs eagerly and captures a CUDA graph, later calls replay it."""
+        """One step.  When every cache is updated in place, the first call for a batch size runs eagerly and
+        captures a CUDA graph; later calls with that batch size (and the same cache) replay it."""
         torch = self.torch
         batch = int(input_ids.shape[0])
         ids = np.asarray(input_ids, np.int64).reshape(-1, 1)
         lens = np.asarray(past_lens, np.int64)
-        if batch not in self._graphs:
-            feeds = {"input_ids": ids, "past_lens": lens}
-            logits, _, keep = self._bind("decode", feeds, cache, [True] * len(cache))
-            with torch.cuda.stream(self.stream):
-                self.contexts["decode"].execute_async_v3(self.stream.cuda_stream)  # eager step (also warms up)
+        in_place = all(self.aliased["decode"].values())
+        if self._graph is not None and self._graph[0] == batch and in_place:
+            _, graph, ids_buf, lens_buf, logits = self._graph
+            with self._on_stream():
+                ids_buf.copy_(torch.from_numpy(ids), non_blocking=False)
+                lens_buf.copy_(torch.from_numpy(lens), non_blocking=False)
+                graph.replay()
+                out = logits.to("cpu")
             self.stream.synchronize()
-            out = logits.cpu().numpy()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.contexts["decode"].execute_async_v3(self.stream.cuda_stream)
-            self._graphs[batch] = (graph, keep["input_ids"], keep["past_lens"], logits)
-            return out
-        graph, ids_buf, lens_buf, logits = self._graphs[batch]
-        ids_buf.copy_(torch.from_numpy(ids))
-        lens_buf.copy_(torch.from_numpy(lens))
-        graph.replay()
-        torch.cuda.synchronize()
-        return logits.cpu().numpy()
+            return out.numpy()
+        self._graph = None  # re-binding the context invalidates a graph captured for another batch size
+        with self._on_stream():
+            logits, new_cache, keep = self._bind("decode", {"input_ids": ids, "past_lens": lens}, cache)
+            self._execute("decode")  # eager step (also warms up)
+            out = logits.to("cpu")
+        self.stream.synchronize()
+        cache[:] = new_cache
+        if in_place:
+            self._graph = (batch, self._capture(), keep["input_ids"], keep["past_lens"], logits)
+        return out.numpy()
+
+    def _capture(self):
+        """A CUDA graph of the decode step as bound now (capturing records the launches without running them)."""
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph, stream=self.stream):
+            self._execute("decode")
+        return graph
 
     @staticmethod
     def cache_arrays(cache: list) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ what the tests check; they are provided as inert placeholders and never reach Te
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -67,6 +68,7 @@ def install():
         if not hasattr(trt, name):
             setattr(trt, name, _placeholder(name))
     trt.__path__ = []  # a package, so that ``tensorrt.plugin`` resolves
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None, is_package=True)
     spec = importlib.util.find_spec("tensorrt_bindings")  # locates the package without running its __init__
     pdir = Path(spec.submodule_search_locations[0]) / "plugin"
     sys.modules["tensorrt"] = trt
