@@ -233,9 +233,9 @@ def test_too_long_message_names_the_image_budget(artifact_store):
     with pytest.raises(runtime.InputError) as e:
         runtime.generate(model, prompt, images=[image], max_new_tokens=1)
     msg = str(e.value)
-    assert f"prompt 0 has 285 tokens (1 image(s) at 280 soft tokens each, max_soft_tokens=280)" in msg
+    assert "prompt 0 has 284 tokens (1 image(s) at 280 soft tokens each, max_soft_tokens=280)" in msg
     assert f"at most {model.max_len} tokens" in msg and "use max_soft_tokens=70 (--max-soft-tokens 70)" in msg
-    assert runtime.generate(model, prompt, images=[image], max_new_tokens=1, max_soft_tokens=70).prompt_tokens == 75
+    assert runtime.generate(model, prompt, images=[image], max_new_tokens=1, max_soft_tokens=70).prompt_tokens == 74
 
 
 def test_position_table_is_checked_before_onnxruntime(tmp_path):
