@@ -89,3 +89,101 @@ def test_triton_patch_embed_matches_the_reference():
     got = patch_embed(*[torch.from_numpy(a) for a in args], **pe.attributes(cfg.vision)).numpy()
     err = np.abs(got - want)
     assert err.max() <= 1e-4 * max(1.0, float(np.abs(want).max())), f"max err {err.max():.3g} mean {err.mean():.3g}"
+
+
+def _guarded(shape, fill, guard=64, dtype=torch.float32):
+    """A tensor of ``shape`` inside a larger buffer whose ``guard`` elements either side hold a sentinel."""
+    n = int(np.prod(shape))
+    buf = torch.full((n + 2 * guard,), 12345.0, dtype=dtype)
+    view = buf[guard:guard + n].view(shape)
+    view.copy_(fill)
+    return buf, view
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_triton_garbage_indices_stay_in_bounds(layer, decode):
+    """TensorRT times tactics on garbage inputs: negative and huge past_lens / seq_lens must not make a kernel
+    write outside its buffers (guard elements keep their sentinel) or loop past the buffer."""
+    from plugins.triton_attention import fused_attention
+
+    inputs = _case(layer, decode, seed=11)
+    attrs = fa.attributes(TEXT, layer, decode=decode)
+    b = inputs[0].shape[0]
+    past = np.array([-7, 10**12, -(10**12)], np.int64)[:b]
+    seqs = np.array([-3, 10**9, 0], np.int64)[:b] if not decode else np.ones(b, np.int64)
+    bufs, views = [], []
+    for x in inputs[:5]:
+        buf, view = _guarded(x.shape, torch.from_numpy(x))
+        bufs.append(buf)
+        views.append(view)
+    shape_out = (inputs[0].shape[0], inputs[0].shape[1], attrs["num_heads"], attrs["head_dim"])
+    out_buf, out = _guarded(shape_out, torch.zeros(shape_out))
+    pk_buf, pk = _guarded(inputs[3].shape, torch.zeros(inputs[3].shape))
+    pv_buf, pv = _guarded(inputs[4].shape, torch.zeros(inputs[4].shape))
+    sliding_prefill = attrs["sliding"] and not decode
+    fused_attention(*views, torch.from_numpy(past), torch.from_numpy(seqs), torch.from_numpy(inputs[7]), **attrs,
+                    out=out, present_key=pk if sliding_prefill else None,
+                    present_value=pv if sliding_prefill else None, block_m=4, block_n=4)
+    for name, buf in [("q", bufs[0]), ("k", bufs[1]), ("v", bufs[2]), ("past_key", bufs[3]),
+                      ("past_value", bufs[4]), ("out", out_buf), ("present_key", pk_buf), ("present_value", pv_buf)]:
+        assert (buf[:64] == 12345.0).all() and (buf[-64:] == 12345.0).all(), f"{name}: written out of bounds"
+    if not attrs["sliding"]:
+        # a full layer's cache slots outside [0, T) are not written at all (rows 1 and 2: +-10^12 tokens cached)
+        np.testing.assert_array_equal(views[3].numpy()[1:], inputs[3][1:])
+
+
+def test_triton_patch_embed_garbage_positions_stay_in_the_table():
+    from exporter.config import PRESETS
+    from plugins import patch_embed as pe
+    from plugins.triton_patch_embed import patch_embed
+
+    cfg = PRESETS["tiny"]
+    rng = np.random.default_rng(3)
+    e, hidden, p = cfg.vision.mm_embed_dim, cfg.text.hidden_size, cfg.vision.patch_dim
+    rows = cfg.vision.mm_posemb_size
+    shapes = {"ln1_weight": (p,), "ln1_bias": (p,), "dense_weight": (e, p), "dense_bias": (e,), "ln2_weight": (e,),
+              "ln2_bias": (e,), "pos_table": (rows, 2, e), "pos_ln_weight": (e,), "pos_ln_bias": (e,),
+              "proj_weight": (hidden, e)}
+    weights = {k: torch.from_numpy((0.3 * rng.standard_normal(s)).astype(np.float32)) for k, s in shapes.items()}
+    patches = torch.from_numpy(rng.random((4, p), dtype=np.float32))
+    positions = torch.tensor([[rows, -5], [10**12, 2], [-1, -1], [1, 1]], dtype=torch.int64)
+    out_buf, out = _guarded((4, hidden), torch.zeros(4, hidden))
+    patch_embed(patches, positions, *[weights[n] for n in pe.INPUTS[2:]], **pe.attributes(cfg.vision), out=out)
+    assert (out_buf[:64] == 12345.0).all() and (out_buf[-64:] == 12345.0).all()
+    # an out-of-table position adds nothing, like padding: rows 0-2 equal the reference with (-1, -1) there
+    want = pe.reference(patches.numpy(), np.array([[-1, -1], [-1, 2], [-1, -1], [1, 1]]),
+                        *[weights[n].numpy() for n in pe.INPUTS[2:]], **pe.attributes(cfg.vision))
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_triton_rope_angles_match_float64_at_long_positions():
+    """RoPE frequencies come from the host (the exporter's float32 inv_freq), so the kernel's angle is one float32
+    product pos * inv_freq and its cos/sin are exact for that angle; against the float64 angle the error is only
+    that rounding, at positions up to 262143 (the 12B runs to 131072+)."""
+    from plugins.triton_attention import _rope_kv
+
+    for layer in (0, 5):  # the 12B's sliding (theta 1e4, all dims) and full (theta 1e6, 128 of 512) layers
+        from exporter.config import PRESETS
+
+        attrs = fa.attributes(PRESETS["gemma4-12b"].text, layer, decode=False)
+        d, half = attrs["head_dim"], attrs["head_dim"] // 2
+        inv32 = fa.inv_freq(d, attrs["rotary_dim"], attrs["rope_theta"])
+        pos = np.array([131071, 131072, 262143], np.int64)
+        k = torch.zeros(len(pos), 1, 1, d)
+        k[..., :half] = 1.0  # x1 = 1, x2 = 0: the rotated halves are (cos, sin) of the angle
+        k_out, v_out = torch.empty(len(pos), 1, 1, d), torch.empty(len(pos), 1, 1, d)
+        _rope_kv[(1, len(pos), 1)](k, k.clone(), torch.from_numpy(pos), torch.from_numpy(inv32), k_out, v_out, 1,
+                                   HKV=1, HEAD_DIM=d, HALF=half)
+        cos, sin = k_out[:, 0, 0, :half].double().numpy(), k_out[:, 0, 0, half:].double().numpy()
+        ang32 = (pos[:, None].astype(np.float32) * inv32[None, :]).astype(np.float64)  # one float32 product
+        np.testing.assert_allclose(cos, np.cos(ang32), atol=2e-6)
+        np.testing.assert_allclose(sin, np.sin(ang32), atol=2e-6)
+        steps = np.arange(0, attrs["rotary_dim"], 2, dtype=np.float64) / d
+        inv64 = np.concatenate([attrs["rope_theta"] ** -steps, np.zeros(half - len(steps))])
+        exact = pos[:, None].astype(np.float64) * inv64[None, :]
+        bound = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64) + pos[:, None] * np.abs(inv32 - inv64)
+        assert (np.abs(ang32 - exact) <= bound + 1e-12).all()
+        got = np.arctan2(sin, cos)
+        err = np.abs(np.angle(np.exp(1j * (got - exact))))
+        assert (err <= bound + 4e-6).all(), f"layer {layer}: max angle error {err.max():.3g} rad"
