@@ -175,8 +175,13 @@ def main() -> int:
         if ck is not None:
             ck["checkpoint_gib"] = round(_du(ckpt) / 2**30, 3)
     finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not a.keep:  # only what this bench made: --work may name a directory holding other files
+            for d in (ckpt, art, exp):
+                shutil.rmtree(d, ignore_errors=True)
+            try:
+                work.rmdir()
+            except OSError:
+                pass
     if a.layers < 48:
         results["extrapolated_48_layers"] = _extrapolate(results, a.layers)
     results |= {"machine": f"{platform.machine()} {os.cpu_count()} cores, "

@@ -409,12 +409,18 @@ def quantize_checkpoint(model_arg: str, out: str | Path, *, block_size: int = 12
     from exporter.export import export_artifact
     from exporter.stream import CheckpointWeights, SeededWeights, fake_model
 
+    from runtime.staging import check_output
+
     t0 = time.perf_counter()
     is_preset = model_arg in PRESETS and not Path(model_arg).exists()
+    check_output(out, sources={"checkpoint": None if is_preset else model_arg}, force=force)  # before any work
     cfg = load_config(model_arg)
     source = SeededWeights(cfg, seed) if is_preset else CheckpointWeights(model_arg, cfg)
     tok_dir = None if is_preset else Path(model_arg)
-    max_len = max_len or min(cfg.text.max_position_embeddings, 8192)
+    if max_len is None:
+        max_len = min(cfg.text.max_position_embeddings, 8192)
+    if not 2 <= max_len <= cfg.text.max_position_embeddings:
+        raise ValueError(f"max_len={max_len} must be in [2, {cfg.text.max_position_embeddings}] for this model")
     inputs, data_meta = _prompt_inputs(cfg, data_dir, tok_dir, max_prompts, max_soft_tokens, max_len)
     log(f"[quantize] {data_meta['prompts']} calibration prompts ({data_meta['tokens']} tokens) from "
         f"{data_meta['data']}; statistics layer by layer ({method}, block {block_size})")

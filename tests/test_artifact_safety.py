@@ -399,3 +399,15 @@ def test_default_data_writer_keeps_a_directory_it_did_not_write(tmp_path, capsys
     err = capsys.readouterr().err
     assert "make_default_data: error: " in err and "my_prompts.txt" in err, err
     assert _tree(tmp_path) == before
+
+
+def test_int4_from_a_checkpoint_checks_out_and_max_len_before_any_work(tmp_path, capsys):
+    from calib.sequential import main as sequential_main
+
+    ckpt = _fake_checkpoint(tmp_path / "models" / "ckpt")
+    before = _tree(tmp_path)
+    assert sequential_main(["--model", str(ckpt), "--out", str(ckpt.parent), "--force"]) == 2
+    assert "contains the checkpoint" in capsys.readouterr().err
+    assert sequential_main(["--model", "tiny-text", "--out", str(tmp_path / "q"), "--max-len", "0"]) == 2
+    assert "max_len=0 must be in" in capsys.readouterr().err
+    assert _tree(tmp_path) == before and not (tmp_path / "q").exists()
