@@ -51,7 +51,7 @@ help:
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
-	@echo "make gpu-check                    on a CUDA machine: Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
+	@echo "make gpu-check [QUICK=1]          on a CUDA machine (no install needed): Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
 	@echo "make bench-12b [LAYERS=48]         the 12B (or a slice): checkpoint, export, INT4 from the checkpoint, generate -> bench/results/12b.json"
@@ -104,8 +104,9 @@ calibrate: $(STAMP)
 check-quant: $(STAMP)
 	$(PY) -m calib.check --artifact $(OUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
 
-gpu-check: $(STAMP)
-	$(PY) bench/gpu_check.py
+# No install step: a GPU machine's own python with torch (CUDA) and triton is enough (QUICK=1: about 2 minutes).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/gpu_check.py $(if $(QUICK),--quick)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
