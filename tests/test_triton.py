@@ -187,3 +187,25 @@ def test_triton_rope_angles_match_float64_at_long_positions():
         got = np.arctan2(sin, cos)
         err = np.abs(np.angle(np.exp(1j * (got - exact))))
         assert (err <= bound + 4e-6).all(), f"layer {layer}: max angle error {err.max():.3g} rad"
+
+
+@pytest.mark.parametrize("layer,decode", [(0, True), (1, True), (1, False)], ids=["sliding-decode", "full-decode",
+                                                                                 "full-prefill"])
+def test_triton_unaliased_presents_get_the_update_and_the_past_is_only_read(layer, decode):
+    """Where TensorRT hands the plugin present buffers other than the past ones (aliasing not in effect), the
+    presents receive the updated caches and the past inputs stay as they were."""
+    from plugins.triton_attention import fused_attention
+
+    inputs = _case(layer, decode, seed=5)
+    attrs = fa.attributes(TEXT, layer, decode=decode)
+    want = fa.reference(*inputs, **attrs)
+    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+    pk, pv = torch.full_like(tensors[3], 7.0), torch.full_like(tensors[4], 7.0)
+    out, got_k, got_v = fused_attention(*tensors, **attrs, present_key=pk, present_value=pv)
+    assert got_k is pk and got_v is pv
+    np.testing.assert_array_equal(tensors[3].numpy(), inputs[3])
+    np.testing.assert_array_equal(tensors[4].numpy(), inputs[4])
+    np.testing.assert_allclose(pk.numpy(), want[1], atol=2e-5)
+    np.testing.assert_allclose(pv.numpy(), want[2], atol=2e-5)
+    valid = np.arange(out.shape[1])[None, :] < inputs[6][:, None]
+    np.testing.assert_allclose(out.numpy()[valid], want[0][valid], atol=2e-5 * max(1.0, float(np.abs(want[0]).max())))
