@@ -1,0 +1,196 @@
+"""The ONNX Runtime lowering (`graphs.lower_ort`): the lowered engines compute what the plugin graphs compute, the
+exact number of nodes is rewritten, and look-alikes are left alone with a reason.
+
+The built engines are also checked against PyTorch (images, audio, batches, ring wrap-around) by
+tests/test_export_ort.py and against transformers' greedy generation by tests/test_generate.py: build-engine
+applies the lowering, so those tests run on the lowered graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from exporter.config import PRESETS
+from graphs.lower_ort_attention import lower_attention
+from graphs.lower_ort_norms import lower_norms
+from plugins import fused_attention as fa
+from runtime.manifest import read_manifest
+from runtime.ort_backend import cache_shape, is_cache
+
+PRESET = "tiny"  # vision + audio, 5 sliding + 1 full layers, window 8
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _assert_close(got, want, what):
+    err, scale = np.abs(got - want), float(np.ptp(want)) or 1.0
+    assert err.max() <= 1e-4 * scale, f"{what}: max err {err.max():.3g} mean {err.mean():.3g} (range {scale:.3g})"
+
+
+def _feeds(sess, manifest, graph, rng, *, batch, seq, past_lens, seq_lens, max_len, cfg, images=0):
+    feeds = {"past_lens": np.asarray(past_lens, np.int64)}
+    ids = rng.integers(3, 290, (batch, seq))
+    if images:
+        ids[0, 1:1 + images] = cfg.tokens.image
+    feeds["input_ids"] = ids
+    names = {i.name for i in sess.get_inputs()}
+    if "seq_lens" in names:
+        feeds["seq_lens"] = np.asarray(seq_lens, np.int64)
+    if "image_patches" in names:
+        feeds["image_patches"] = rng.random((images, 6912), dtype=np.float32)
+        feeds["image_positions"] = np.array([[i % 3, i // 3] for i in range(images)], np.int64).reshape(-1, 2)
+    if "audio_frames" in names:
+        feeds["audio_frames"] = np.zeros((0, 640), np.float32)
+    for spec in manifest["graphs"][graph]["inputs"]:
+        if is_cache(spec["name"]):
+            feeds[spec["name"]] = rng.standard_normal(cache_shape(spec, batch, max_len)).astype(np.float32)
+    return feeds
+
+
+CASES = [  # graph, batch, new tokens, past_lens, seq_lens, image tokens
+    ("decode", 3, 1, [3, 9, 30], [1, 1, 1], 0),  # 9 and 30 > window 8: the rings have wrapped
+    ("prefill", 3, 11, [0, 0, 0], [11, 4, 7], 0),  # a batch of different lengths
+    ("prefill", 2, 9, [0, 0], [9, 9], 5),  # image block on the sliding layers
+    ("prefill", 1, 6, [13], [6], 0),  # a prompt with past context (GroupQueryAttention)
+    ("prefill", 3, 5, [0, 4, 17], [5, 3, 5], 0),  # past context at batch > 1: the plugin node's branch
+]
+
+
+@pytest.mark.parametrize("graph,batch,seq,past_lens,seq_lens,images", CASES)
+def test_lowered_engine_matches_plugin_graph(artifact_store, graph, batch, seq, past_lens, seq_lens, images):
+    art = artifact_store(PRESET)
+    manifest = read_manifest(art)
+    cfg = PRESETS[PRESET]
+    plugin = _session(art / manifest["plugin_graphs"][graph]["file"])
+    lowered = _session(art / manifest["engines"]["onnxruntime"][graph])
+    max_len = 47  # not the export's max_len
+    feeds = _feeds(plugin, manifest, graph, np.random.default_rng(3), batch=batch, seq=seq, past_lens=past_lens,
+                   seq_lens=seq_lens, max_len=max_len, cfg=cfg, images=images)
+    names = [o.name for o in plugin.get_outputs()]
+    want = dict(zip(names, plugin.run(None, feeds)))
+    got = dict(zip(names, lowered.run(names, feeds)))
+    for b in range(batch):
+        _assert_close(got["logits"][b, :seq_lens[b]], want["logits"][b, :seq_lens[b]], f"{graph} logits row {b}")
+    for name in names[1:]:
+        layer = int(name.rsplit("_", 1)[1])
+        sliding = cfg.text.is_sliding(layer)
+        for b in range(batch):  # full layers: the written slots; sliding rings: every slot
+            end = want[name].shape[2] if sliding else past_lens[b] + seq_lens[b]
+            _assert_close(got[name][b, :, :end], want[name][b, :, :end], f"{graph} {name} sequence {b}")
+
+
+def test_exact_counts(artifact_store):
+    art = artifact_store(PRESET)
+    manifest = read_manifest(art)
+    t = PRESETS[PRESET].text
+    full = sum(not t.is_sliding(i) for i in range(t.num_layers))
+    lowering = manifest["engines"]["onnxruntime"]["lowering"]
+    assert lowering["decode"]["attention"] == {"GroupQueryAttention": full, "Attention": t.num_layers - full, "kept": 0}
+    assert lowering["prefill"]["attention"] == {"GroupQueryAttention": full, "Attention": 0,
+                                                "kept": t.num_layers - full}
+    # 4 block norms + q/k/v norms per layer, the final norm; prefill also the vision and audio embedders' norms
+    cfg = PRESETS[PRESET]
+    assert lowering["decode"]["norms"] == 7 * t.num_layers + 1
+    assert lowering["prefill"]["norms"] == 7 * t.num_layers + 1 + (cfg.vision is not None) + (cfg.audio is not None)
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(art / manifest["engines"]["onnxruntime"][graph]), load_external_data=False)
+        ops = [n.op_type for n in proto.graph.node]
+        assert ops.count("GroupQueryAttention") == (full if graph == "decode" else 0)
+        assert ops.count("If") == (0 if graph == "decode" else full)
+        assert "FusedAttention" not in ops if graph == "decode" else ops.count("FusedAttention") <= t.num_layers - full
+        assert "ReduceMean" not in ops and "Pow" not in ops, f"{graph}: unfused RMSNorm pieces left: {ops}"
+    # the TensorRT plugin graphs are not modified
+    plugin = onnx.load(str(art / manifest["plugin_graphs"]["decode"]["file"]), load_external_data=False)
+    assert [n.op_type for n in plugin.graph.node].count("FusedAttention") == t.num_layers
+
+
+# ---------------------------------------------------------------------------------------------- look-alikes
+def _attention_model(*, scale=1.0, ring=8, window=8, decode=True, heads=(4, 2)):
+    h, hkv = heads
+    d, s = 16, 1 if decode else "S"
+    f = ir.DataType.FLOAT
+    val = lambda n, shape, t=f: ir.Value(name=n, type=ir.TensorType(t), shape=ir.Shape(shape))  # noqa: E731
+    ins = [val("q", ["B", s, h, d]), val("k", ["B", s, hkv, d]), val("v", ["B", s, hkv, d]),
+           val("past_key", ["B", hkv, ring, d]), val("past_value", ["B", hkv, ring, d]),
+           val("past_lens", ["B"], ir.DataType.INT64), val("seq_lens", ["B"], ir.DataType.INT64),
+           val("image_block", ["B", s], ir.DataType.INT64)]
+    attrs = {"mode": int(decode), "sliding": 1, "window": window, "num_heads": h, "num_kv_heads": hkv, "head_dim": d,
+             "rotary_dim": d, "rope_theta": 1e4, "scale": scale}
+    node = ir.node(fa.OP, ins, attributes=attrs, domain=fa.DOMAIN, num_outputs=3, name="attn")
+    graph = ir.Graph(ins, list(node.outputs), nodes=[node], name="g", opset_imports={"": 24, fa.DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"scale": 0.125}, "scale"),
+    ({"ring": 16}, "window=8"),
+    ({"heads": (3, 2)}, "multiple"),
+])
+def test_attention_look_alikes_are_refused(kwargs, reason):
+    model = _attention_model(**kwargs)
+    counts = lower_attention(model, decode=True, max_len=32, log=lambda *_: None)
+    assert counts["GroupQueryAttention"] == counts["Attention"] == 0
+    assert reason in counts["refused"]["attn"], counts["refused"]
+    assert [n.op_type for n in model.graph] == [fa.OP]
+
+
+def test_attention_in_the_wrong_graph_is_refused():
+    model = _attention_model(decode=True)
+    counts = lower_attention(model, decode=False, max_len=32, log=lambda *_: None)
+    assert "mode=1" in counts["refused"]["attn"]
+
+
+def _norm_model(*, exponent=2.0, axis=-1, rsqrt=-0.5):
+    f = ir.DataType.FLOAT
+    x = ir.Value(name="x", type=ir.TensorType(f), shape=ir.Shape(["B", 4, 8]))
+
+    def const(name, array):
+        t = ir.tensor(np.asarray(array), name=name)
+        return ir.Value(name=name, type=ir.TensorType(t.dtype), shape=ir.Shape(t.shape), const_value=t)
+
+    w, two, half, eps, axes = const("w", np.full(8, 1.5, np.float32)), const("two", np.float32(exponent)), \
+        const("half", np.float32(rsqrt)), const("eps", np.float32(1e-6)), const("axes", np.array([axis]))
+    sq = ir.node("Pow", [x, two])
+    mean = ir.node("ReduceMean", [sq.outputs[0], axes], attributes={"keepdims": 1})
+    add = ir.node("Add", [mean.outputs[0], eps])
+    rs = ir.node("Pow", [add.outputs[0], half])
+    mul = ir.node("Mul", [x, rs.outputs[0]])
+    out = ir.node("Mul", [mul.outputs[0], w])
+    out.outputs[0].name = "y"
+    graph = ir.Graph([x], [out.outputs[0]], nodes=[sq, mean, add, rs, mul, out],
+                     initializers=[w, two, half, eps, axes], opset_imports={"": 24})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_norm_is_fused_and_exact():
+    model = _norm_model()
+    counts = lower_norms(model, log=lambda *_: None)
+    assert counts["SimplifiedLayerNormalization"] == 1
+    assert [n.op_type for n in model.graph] == ["SimplifiedLayerNormalization"]
+    assert model.graph.outputs[0].name == "y"
+    x = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
+    got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * 1.5
+    _assert_close(got, want, "SimplifiedLayerNormalization vs RMSNorm")
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"exponent": 3.0}, "Pow(x, 2)"),
+    ({"axis": 1}, "not the last axis"),
+    ({"rsqrt": 0.5}, "-0.5"),
+])
+def test_norm_look_alikes_are_refused(kwargs, reason):
+    model = _norm_model(**kwargs)
+    counts = lower_norms(model, log=lambda *_: None)
+    assert counts["SimplifiedLayerNormalization"] == 0
+    assert any(reason in r for r in counts["refused"]), counts["refused"]
+    assert "SimplifiedLayerNormalization" not in [n.op_type for n in model.graph]
