@@ -86,7 +86,6 @@ class _Builder:
         self.ir, self.model, self.graph, self.max_len = ir, model, model.graph, max_len
         self.cache: dict = {}
         self.n = 0
-        self.inputs = {v.name: v for v in self.graph.inputs}
 
     def const(self, key, array: np.ndarray, name: str):
         if key not in self.cache:
