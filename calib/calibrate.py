@@ -95,7 +95,7 @@ def calibrate(
 
     if stats_path is not None:
         stats = Stats.load(stats_path)
-        want = {k: v for k, v in manifest["files"].items() if k.endswith(".data")}
+        want = {k: v for k, v in manifest["files"].items() if k.endswith(".data") and "/" not in k}  # ort/ engines excluded
         if stats.meta.get("weights_sha256") != want:
             raise ValueError(f"{stats_path}: collected on other weights than {src} (weights sha256 differ)")
         log(f"[calibrate] statistics from {stats_path} ({stats.meta.get('prompts')} prompts)")
@@ -159,7 +159,7 @@ def calibrate(
         (stage / "calibration" / "scales.json").write_text(json.dumps(scales, indent=1) + "\n")
         stats.save(stage / "calibration" / "stats.npz")
         seconds = round(time.perf_counter() - t0, 2)
-        new = {k: v for k, v in manifest.items() if k not in ("files", "engines")}
+        new = {k: v for k, v in manifest.items() if k not in ("files", "engines", "plugin_graphs")}
         new |= {
             "precision": precision,
             "engines": {},

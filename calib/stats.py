@@ -185,7 +185,7 @@ def collect_stats(root: str | Path, prompt_set, *, log=print) -> Stats:
             tensors[module] = st
     meta = {
         "artifact": str(root),
-        "weights_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".data")},
+        "weights_sha256": {k: v for k, v in manifest["files"].items() if k.endswith(".data") and "/" not in k},
         "data": prompt_set.source,
         "prompts": len(prompt_set.prompts) - len(skipped),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -1,0 +1,183 @@
+"""Quantized artifacts on ONNX Runtime's CPU: the build-engine lowering (`graphs.lower_qdq_ort`).
+
+INT8: every quantized Linear runs as an integer matmul (graph structure of the optimised graph and ORT's profiler);
+FP8: no FP8 weight is dequantized at run time; both give the numbers of the Q/DQ artifact run unfused.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calib.calibrate import calibrate
+from calib.data import default_set, prefill_inputs
+from exporter.config import PRESETS
+from graphs.build import build_engine
+from graphs.lower_qdq_ort import split_shared_activation_qdq
+from runtime.manifest import read_manifest
+from runtime.ort_backend import prefill_feeds, zero_cache
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _want_linears(preset: str) -> int:
+    text = PRESETS[preset].text
+    return 7 * text.num_layers - sum(not text.is_sliding(i) for i in range(text.num_layers))  # full: no v_proj
+
+
+@pytest.fixture(scope="module")
+def built(artifact_store, tmp_path_factory):
+    """precision -> calibrated and engine-built artifact of the tiny preset."""
+    made = {}
+
+    def get(precision: str):
+        if precision not in made:
+            out = tmp_path_factory.mktemp("qfast") / f"tiny-{precision}"
+            calibrate(artifact_store("tiny"), out, precision, **QUIET)
+            build_engine(out, "onnxruntime", **QUIET)
+            made[precision] = out
+        return made[precision]
+
+    return get
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _session(path, *, unfused: bool = False, profile_dir=None):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    if unfused:  # the Q/DQ graph as written: fake quantization in float
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_dir is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_dir / "prof")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _feeds(root, n: int = 3):
+    """Prefill feeds of a few held-out prompts (other lengths than the export's) and one decode step after each."""
+    m = read_manifest(root)
+    ps = default_set("heldout", m["model_config"], has_tokenizer=False)
+    out = []
+    for p in ps.prompts[:n]:
+        inp = prefill_inputs(p, m["model_config"], None, max_soft_tokens=ps.max_soft_tokens, max_len=m["max_len"])
+        out.append(prefill_feeds(inp, m) | zero_cache(m, "prefill", 1, m["max_len"]))
+    return m, out
+
+
+def _run_both(root, graph: str):
+    """(optimised ort/ graph logits, unfused Q/DQ graph logits) on the same feeds (prefill, then one decode)."""
+    m, feeds = _feeds(root)
+    built = _session(root / m["engines"]["onnxruntime"][graph])
+    plain = _session(root / m["graphs"][graph]["file"], unfused=True)
+    if graph == "prefill":
+        return [(built.run(["logits"], f)[0], plain.run(["logits"], f)[0]) for f in feeds]
+    pre = _session(root / m["graphs"]["prefill"]["file"], unfused=True)
+    names = [o.name for o in pre.get_outputs()]
+    pairs = []
+    for f in feeds:
+        outs = dict(zip(names, pre.run(names, f)))
+        d = {"input_ids": outs["logits"].argmax(-1).reshape(1, 1).astype(np.int64), "past_lens": f["seq_lens"]}
+        d |= {k.replace("present_", "past_"): v for k, v in outs.items() if k.startswith("present_")}
+        pairs.append((built.run(["logits"], d)[0], plain.run(["logits"], d)[0]))
+    return pairs
+
+
+def _assert_close(pairs, rel: float, what: str):
+    for a, b in pairs:
+        err = np.abs(a - b)
+        rng = float(b.max() - b.min())
+        assert err.max() <= rel * rng, f"{what}: max err {err.max():.3g} (mean {err.mean():.3g}) > {rel} x {rng:.3g}"
+        assert (a.argmax(-1) == b.argmax(-1)).all(), what
+
+
+def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
+    q = built("int8")
+    n = _want_linears("tiny")
+    for graph in ("prefill", "decode"):
+        ops = _ops(q / "ort" / f"{graph}.onnx")
+        assert ops["MatMulIntegerToFloat"] == n, ops
+        # no weight dequantized at run time: the only DequantizeLinear left would be a fallback
+        assert ops["DequantizeLinear"] == 0, ops
+    # what ORT actually ran (profiler), one decode step
+    m, feeds = _feeds(q, 1)
+    pairs = _run_both(q, "decode")  # also checks that the saved graph loads
+    sess = _session(q / m["engines"]["onnxruntime"]["decode"], profile_dir=tmp_path)
+    pre = _session(q / m["graphs"]["prefill"]["file"], unfused=True)
+    names = [o.name for o in pre.get_outputs()]
+    outs = dict(zip(names, pre.run(names, feeds[0])))
+    d = {"input_ids": np.array([[5]], np.int64), "past_lens": feeds[0]["seq_lens"]}
+    d |= {k.replace("present_", "past_"): v for k, v in outs.items() if k.startswith("present_")}
+    sess.run(["logits"], d)
+    events = json.loads(open(sess.end_profiling()).read())
+    kernels = collections.Counter(e["args"]["op_name"] for e in events
+                                  if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    assert kernels["MatMulIntegerToFloat"] == n, kernels
+    assert kernels["DequantizeLinear"] == 0, kernels
+    assert pairs
+
+
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_int8_build_equals_the_qdq_artifact(built, graph):
+    # integer accumulation vs float accumulation of the same products: summation order only
+    _assert_close(_run_both(built("int8"), graph), 1e-4, f"int8 {graph}")
+
+
+def test_fp8_weights_are_dequantized_once(built):
+    q = built("fp8")
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(q / "ort" / f"{graph}.onnx"), load_external_data=False)
+        inits = {t.name: t for t in proto.graph.initializer}
+        dq_of_const = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+        assert not dq_of_const, [n.name for n in dq_of_const]
+        assert not any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.dims and len(t.dims) == 2
+                       for t in inits.values())
+        ops = collections.Counter(n.op_type for n in proto.graph.node)
+        assert ops["QuantizeLinear"] >= 1, "activation fake quantization is kept"
+    assert not list((q / "ort").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_fp8_build_equals_the_qdq_artifact(built, graph):
+    _assert_close(_run_both(built("fp8"), graph), 1e-5, f"fp8 {graph}")
+
+
+def test_split_leaves_single_users_and_other_graphs_alone():
+    """A shared pair feeding two MatMuls is split; a pair with one user and a bare DequantizeLinear are not."""
+    h = onnx.helper
+    tp = onnx.TensorProto
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),
+             onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w1"),
+             onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w2"),
+             onnx.numpy_helper.from_array(np.ones((4, 4), np.int8), "wq")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             h.make_node("MatMul", ["xd", "w1"], ["y1"]), h.make_node("MatMul", ["xd", "w2"], ["y2"]),
+             h.make_node("QuantizeLinear", ["y1", "s", "z"], ["yq"], name="q2"),
+             h.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"], name="dq2"),
+             h.make_node("MatMul", ["yd", "w1"], ["y3"]),
+             h.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], name="wdq"),
+             h.make_node("MatMul", ["y2", "wd"], ["y4"]), h.make_node("Add", ["y4", "wd"], ["y5"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", tp.FLOAT, [1, 4])],
+                     [h.make_tensor_value_info(n, tp.FLOAT, None) for n in ("y3", "y5")], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert split_shared_activation_qdq(model) == 1
+    onnx.checker.check_model(model)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 4
+    users = collections.Counter(i for n in model.graph.node for i in n.input)
+    assert users["xd"] == 1 and users["yd"] == 1 and users["wd"] == 2
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
