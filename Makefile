@@ -28,6 +28,9 @@ SEED ?=
 shq = '$(subst ','\'',$(1))'
 SRC ?=
 PRECISION ?= int8
+# INT4 weight-only: input channels per scale (32/64/128) and scale choice (awq|rtn)
+BLOCK_SIZE ?= 32
+INT4_METHOD ?= awq
 CALIB_DATA ?=
 HELDOUT_DATA ?=
 # make calibrate writes OUT when given on the command line, else <SRC>-<PRECISION>
@@ -49,7 +52,7 @@ help:
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32]   build engines (DTYPE: TensorRT Linears)"
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
-	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8 [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
+	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8|int4 [BLOCK_SIZE=32] [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
 	@echo "make gpu-check [QUICK=1]          on a CUDA machine (no install needed): Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
@@ -97,8 +100,9 @@ compare: $(STAMP)
 	$(PY) -m exporter.compare --artifact $(OUT)
 
 calibrate: $(STAMP)
-	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact> (and OUT=<new artifact> PRECISION=int8|fp8)" >&2; exit 2; }
-	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA)) $(FORCE_FLAG)
+	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact> (and OUT=<new artifact> PRECISION=int8|fp8|int4)" >&2; exit 2; }
+	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA)) $(FORCE_FLAG) \
+		$(if $(filter int4,$(PRECISION)),--block-size $(BLOCK_SIZE) --int4-method $(INT4_METHOD))
 	$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
 
 check-quant: $(STAMP)
