@@ -127,7 +127,8 @@ def main() -> int:
     p.add_argument("--steps", default="checkpoint,export,int4,generate")
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "12b"))
     p.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--method", default="rtn", choices=("awq", "rtn"))
+    p.add_argument("--method", default="awq", choices=("awq", "rtn"))
+    p.add_argument("--awq-objective", default="diag", choices=("diag", "sample"))
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--max-prompts", type=int, default=8)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the INT4 artifact")
@@ -158,12 +159,14 @@ def main() -> int:
         if "int4" in steps:
             results["steps"]["int4"] = run_step(
                 "int4", py + ["-m", "calib.sequential", "--model", str(ckpt), "--out", str(art), "--max-len", "4096",
-                              "--method", a.method, "--block-size", str(a.block_size),
+                              "--method", a.method, "--awq-objective", a.awq_objective,
+                              "--block-size", str(a.block_size),
                               "--max-prompts", str(a.max_prompts), "--force"], work, log)
             man = json.loads((art / "manifest.json").read_text())
             q = man["quantization"]
             results["steps"]["int4"] |= {
                 "artifact_gib": round(_du(art) / 2**30, 3), "method": a.method, "block_size": a.block_size,
+                "awq_objective": a.awq_objective if a.method == "awq" else None,
                 "calibration": f"{q['calibration_prompts']} prompts, {q['calibration_tokens']} tokens from "
                                f"{q['calibration_data']} (images at {q['max_soft_tokens']} soft tokens)",
                 "per_layer": q["sequential"]["layers"],

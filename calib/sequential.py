@@ -165,8 +165,11 @@ def _groups(layer, i: int) -> list[tuple[tuple[str, ...], str | None]]:
 
 @torch.no_grad()
 def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: int = 128, method: str = "awq",
-                       awq_grid: int = 10, log=print):
+                       awq_grid: int = 10, awq_objective: str = "sample", log=print):
     """Per-Linear input statistics of the decoder, one layer in memory at a time; AWQ factors per group.
+
+    ``awq_objective``: "sample" scores each candidate on the sampled activation rows (`calib.int4.weight_error`);
+    "diag" on the per-channel second moments only (``sum_j E[x_j^2] |dW_j|^2``), much cheaper on 12B-sized layers.
 
     Returns (`calib.stats.Stats`, `LayerPlan`, per-layer records {seconds, peak RSS})."""
     import resource
@@ -217,7 +220,10 @@ def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: in
                 for mods, target in _groups(layer, i):
                     w = np.concatenate([layer.get_submodule(m[len(_layer_prefix(i)):]).weight.numpy().T for m in mods],
                                        axis=1)  # (in, sum of outs)
-                    res = awq_search(w, stats[mods[0]], block_size, grid=awq_grid)
+                    st = stats[mods[0]]
+                    if awq_objective == "diag":
+                        st = _Moments(st.absmean, st.sqmean)
+                    res = awq_search(w, st, block_size, grid=awq_grid)
                     plan.search[",".join(mods)] = {"alpha": res.alpha, "loss": res.loss, "rtn_loss": res.rtn_loss}
                     if res.alpha > 0:
                         plan.groups[mods] = (target, res.factors.astype(np.float32))
@@ -227,6 +233,15 @@ def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: in
             bar.update(1, note=f"layer {i} {records[-1]['seconds']:.1f} s, peak RSS {rss:.2f} GiB")
     meta = {"prompts": len(inputs), "sequential": True}
     return Stats(stats, meta), plan, records
+
+
+class _Moments:
+    """Per-channel moments only: `calib.int4.awq_search` then uses its diagonal objective."""
+
+    sample = None
+
+    def __init__(self, absmean, sqmean):
+        self.absmean, self.sqmean = absmean, sqmean
 
 
 def _real_inv_freq(cfg):
@@ -401,7 +416,8 @@ def _gather_fp16(model) -> int:
 # ---------------------------------------------------------------------------------------------- driver
 def quantize_checkpoint(model_arg: str, out: str | Path, *, block_size: int = 128, method: str = "awq",
                         data_dir=None, max_prompts: int = 8, max_soft_tokens: int = 70, max_len: int | None = None,
-                        seed: int = 0, awq_grid: int = 10, force: bool = False, log=print) -> dict:
+                        seed: int = 0, awq_grid: int = 10, awq_objective: str = "sample", force: bool = False,
+                        log=print) -> dict:
     """INT4 artifact from a checkpoint directory (or a preset's seeded weights) in bounded memory."""
     import resource
 
@@ -425,7 +441,7 @@ def quantize_checkpoint(model_arg: str, out: str | Path, *, block_size: int = 12
     log(f"[quantize] {data_meta['prompts']} calibration prompts ({data_meta['tokens']} tokens) from "
         f"{data_meta['data']}; statistics layer by layer ({method}, block {block_size})")
     stats, plan, records = collect_sequential(source, cfg, inputs, block_size=block_size, method=method,
-                                              awq_grid=awq_grid, log=log)
+                                              awq_grid=awq_grid, awq_objective=awq_objective, log=log)
     t_stats = time.perf_counter() - t0
     rss_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del inputs
@@ -438,6 +454,8 @@ def quantize_checkpoint(model_arg: str, out: str | Path, *, block_size: int = 12
                       f"(axis 0, block_size {block_size}, 2-D scales), zero points 0; activations fp32",
             "block_size": block_size,
             "int4_method": method,
+            "awq_grid": awq_grid if method == "awq" else None,
+            "awq_objective": awq_objective if method == "awq" else None,
             "quantized": ["decoder", "lm_head"],
             "embedding": "fp16 table, rows cast to fp32 after the gather",
             "from_checkpoint": True,
@@ -470,13 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=8)
     p.add_argument("--max-soft-tokens", type=int, default=70, choices=(70, 140, 280, 560, 1120))
     p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--awq-grid", type=int, default=10, help="alpha candidates of the AWQ search")
+    p.add_argument("--awq-objective", default="sample", choices=("sample", "diag"),
+                   help="score AWQ candidates on sampled activation rows, or on per-channel moments (cheaper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
     try:
         quantize_checkpoint(a.model, a.out, block_size=a.block_size, method=a.method, data_dir=a.data,
                             max_prompts=a.max_prompts, max_soft_tokens=a.max_soft_tokens, max_len=a.max_len,
-                            seed=a.seed, force=a.force)
+                            seed=a.seed, awq_grid=a.awq_grid, awq_objective=a.awq_objective, force=a.force)
     except (ValueError, OSError) as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 2
