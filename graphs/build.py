@@ -51,11 +51,18 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
 
+    if manifest.get("precision") == "bf16":
+        raise RuntimeError(f"{root}: bf16 weights (--weight-dtype bf16) cannot run on ONNX Runtime's CPU (no bf16 "
+                           "MatMul); build with BACKEND=tensorrt, or export --weight-dtype fp32 for the CPU")
+
     from graphs.lower_ort import lower_to_file, remove_lowered
 
     stage = root / temp_name("ort")
     stage.mkdir()
     lowering: dict[str, dict] = {}
+    from runtime.progress import Progress
+
+    bar = Progress(2, "build-engine onnxruntime", unit="graphs")  # ORT's optimiser reports nothing itself
     try:
         for graph in ("prefill", "decode"):
             t0 = time.perf_counter()
@@ -82,6 +89,8 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
             check.log_severity_level = 3
             ort.InferenceSession(str(stage / f"{graph}.onnx"), check, providers=["CPUExecutionProvider"])
             log(f"[build-engine] onnxruntime {graph}: optimised graph saved ({time.perf_counter() - t0:.1f} s)")
+            bar.update(1, note=f"{graph} done")
+        bar.close()
         from graphs.share_weights import share_external_data
 
         if share_external_data(stage, log=log):
@@ -137,7 +146,9 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
         engines["tensorrt"] = build_tensorrt(root, manifest, sources, dtype=dtype, log=log)
     elif backend == "auto":
         log(f"[build-engine] TensorRT not used: {reason or 'no plugin graphs'}; building the ONNX Runtime form")
-    if backend in ("onnxruntime", "auto"):
+    if backend == "auto" and manifest.get("precision") == "bf16" and "tensorrt" in engines:
+        log("[build-engine] bf16 artifact: no ONNX Runtime form (its CPU has no bf16 MatMul)")
+    elif backend in ("onnxruntime", "auto"):
         engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
