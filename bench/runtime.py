@@ -208,7 +208,8 @@ class Ours:
 
         self._rt = runtime
         self.path = path
-        self.model = runtime.load(path, backend="onnxruntime", threads=threads)
+        # verify=False: hashing the weights at every load costs a minute on a busy machine and is not timed anyway
+        self.model = runtime.load(path, backend="onnxruntime", threads=threads, verify=False)
 
     def run(self, prompts: list[list[int]], new_tokens: int, max_len: int = 512) -> Timing:
         t0 = time.perf_counter()  # max_len is the artifact's own
@@ -536,7 +537,15 @@ class Case:
     max_len: int = 512  # genai's KV capacity (ours: the artifact's)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, cycles: int | None = None, new_tokens: int | None = None) -> list[Case]:
+    out = _cases(quick)
+    for c in out:
+        c.cycles = cycles or c.cycles
+        c.new_tokens = new_tokens or c.new_tokens
+    return out
+
+
+def _cases(quick: bool) -> list[Case]:
     q = quick
     n = 16 if q else 64
     return [
@@ -562,10 +571,8 @@ def run_case(case: Case, available: dict[str, Stack], threads: int, probe, refer
         loaded[s] = available[s].load(threads)
         print(f"[bench]   loaded {s} in {time.perf_counter() - t0:.1f} s", flush=True)
     prompts = [make_prompt(case.prompt_len, i) for i in range(case.batch)]
-    # A warm-up run of each stack, not timed; its tokens give the greedy agreement.
-    warm = {s: loaded[s].run(prompts, case.new_tokens, case.max_len) for s in names}
-    if reference is None and "transformers" in warm and case.batch == 1 and case.prompt_len == 128:
-        reference = warm["transformers"].tokens[0]
+    for s in names:  # a short warm-up run of each stack, not timed
+        loaded[s].run(prompts, min(4, case.new_tokens), case.max_len)
     runs: dict[str, list[Timing]] = {s: [] for s in names}
     bandwidth: list[float] = []
     for c, s in schedule(names, case.cycles, extra=("bandwidth",)):
@@ -578,6 +585,9 @@ def run_case(case: Case, available: dict[str, Stack], threads: int, probe, refer
               f"decode {t.decode_tok_s:6.1f} tok/s", flush=True)
     del loaded
     gc.collect()
+    warm = {s: runs[s][0] for s in names}  # the first timed run's tokens give the greedy agreement
+    if reference is None and "transformers" in warm and case.batch == 1 and case.prompt_len == 128:
+        reference = warm["transformers"].tokens[0]
 
     decode = {s: [t.decode_tok_s for t in runs[s]] for s in names}
     prefill = {s: [t.prefill_s for t in runs[s]] for s in names}
@@ -684,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="also store this run as `baseline` in the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default="", help="comma-separated case numbers to run (1-4), default all")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the profiler's kernel count")
+    ap.add_argument("--cycles", type=int, default=None, help="cycles of every case (default: 5/3/3/3)")
+    ap.add_argument("--new-tokens-per-run", type=int, default=None, help="greedy tokens per run (default 64)")
     ap.add_argument("--rss-child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-len", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, default=8, help=argparse.SUPPRESS)
@@ -709,48 +723,58 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     probe = bandwidth_probe(threads=a.threads)
-    selected = [c for i, c in enumerate(cases(a.quick), 1) if not a.only or str(i) in a.only.split(",")]
-    results, reference = [], None
-    for case in selected:
-        r = run_case(case, stacks, a.threads, probe, reference)
-        if reference is None and "transformers" in r["tokens"]:
-            reference = r["tokens"]["transformers"]
-        results.append({"name": case.name, **r})
-    del probe
-    gc.collect()
-
-    per_stack = {}
-    for name, st in stacks.items():
-        print(f"[bench] peak RSS / kernels: {name}", flush=True)
-        rec: dict = {"path": str(st.path.relative_to(ROOT)) if st.path.is_relative_to(ROOT) else str(st.path)}
-        rec["rss"] = peak_rss(st, a.threads, 128, 8)
-        if st.kind != "transformers":
-            rec["weight_bytes_per_step"] = weight_bytes_read(decode_graph(st))
-            try:
-                rec["kernels"] = kernel_count(st, a.threads)
-            except Exception as e:  # a profiler failure must not lose the timings; it is recorded instead
-                rec["kernels"] = {"error": f"{type(e).__name__}: {e}"}
-        per_stack[name] = rec
-
-    bw = [b for r in results for b in r["bandwidth_gb_s"]]
+    selected = [c for i, c in enumerate(cases(a.quick, a.cycles, a.new_tokens_per_run), 1)
+                if not a.only or str(i) in a.only.split(",")]
+    results: list[dict] = []
+    per_stack: dict[str, dict] = {}
     run = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(),
         "threads": a.threads,
         "quick": a.quick,
         "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "bandwidth_gb_s": round(statistics.median(bw), 2) if bw else None,
         "versions": _versions(),
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip(),
         "skipped": skipped,
         "cases": results,
         "stacks": per_stack,
-        "wall_s": round(time.perf_counter() - t_start),
     }
-    run["table_md"] = markdown(run)
-    write_results(run, a.out, a.baseline)
+
+    def save(complete: bool):
+        bw = [b for r in results for b in r["bandwidth_gb_s"]]
+        run.update(complete=complete, load_after=[round(x, 2) for x in os.getloadavg()],
+                   bandwidth_gb_s=round(statistics.median(bw), 2) if bw else None,
+                   wall_s=round(time.perf_counter() - t_start))
+        run["table_md"] = markdown(run)
+        write_results(run, a.out, a.baseline)  # after every case: an interrupted run keeps what it measured
+
+    reference = None
+    for case in selected:
+        r = run_case(case, stacks, a.threads, probe, reference)
+        if reference is None and "transformers" in r["tokens"]:
+            reference = r["tokens"]["transformers"]
+        results.append({"name": case.name, **r})
+        save(False)
+    del probe
+    gc.collect()
+
+    for name, st in stacks.items():
+        rec: dict = {"path": str(st.path.relative_to(ROOT)) if st.path.is_relative_to(ROOT) else str(st.path)}
+        if st.kind != "transformers":
+            rec["weight_bytes_per_step"] = weight_bytes_read(decode_graph(st))
+            if not a.no_kernels:
+                print(f"[bench] kernels per decode step: {name}", flush=True)
+                try:
+                    rec["kernels"] = kernel_count(st, a.threads)
+                except Exception as e:  # a profiler failure must not lose the timings; it is recorded instead
+                    rec["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+        if not a.no_rss:
+            print(f"[bench] peak RSS: {name}", flush=True)
+            rec["rss"] = peak_rss(st, a.threads, 128, 8)
+        per_stack[name] = rec
+        save(False)
+    save(True)
     print(run["table_md"])
     print(f"[bench] wrote {a.out} in {run['wall_s']} s")
     return 0
