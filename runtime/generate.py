@@ -3,7 +3,8 @@
 One prefill runs the whole (right-padded) batch, then one decode step per new token for all sequences; a finished
 sequence keeps stepping with the pad token and its outputs are ignored.  Generation stops per sequence on eos,
 end of turn (``<turn|>``) or a ``stop`` id (the stop token is included in ``tokens``, as transformers does, and left
-out of ``text``), or when its cache is full (``finish_reason == "length"``).
+out of ``text``), or when its cache is full (``finish_reason == "length"``).  Prompts longer than the backend's
+prefill chunk are prefilled in several calls on the growing cache (`_prefill`).
 
 Torch-free on the ONNX Runtime path.  Does not build engines or export (see `exporter`, `graphs`).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
 from runtime.manifest import MANIFEST_NAME, ArtifactError, read_manifest
-from runtime.prompt import Prepared, expand_prompt, is_batch, pack_batch
+from runtime.prompt import Prepared, PrefillInputs, expand_prompt, is_batch, pack_batch
 from runtime.sampling import make_sampler
 from runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -174,6 +175,69 @@ def _too_long(i: int, p: Prepared, max_len: int, max_soft_tokens: int) -> InputE
     )
 
 
+PREFILL_CHUNK = 2048  # tokens per sequence per prefill call, unless the backend says (`prefill_chunk`)
+
+
+def _prefill(model: LoadedModel, prepared: list[Prepared], batch: PrefillInputs, cache: list) -> np.ndarray:
+    """Prefill ``batch`` in one call, or in calls of at most the backend's ``prefill_chunk`` (default
+    `PREFILL_CHUNK`) tokens per sequence on the growing cache (the graphs prefill on a non-empty cache); bounds
+    activation memory, and TensorRT engines accept no more per call.  A call never ends inside an image's soft
+    tokens: sliding layers attend both ways inside an image and the graphs number image blocks per call.  A row
+    already complete waits at its length with no valid tokens (``seq_lens`` 0), and calls are short enough that
+    every row's padded writes stay inside the cache.  Returns each row's logits after its last prompt token."""
+    chunk = int(getattr(model.backend, "prefill_chunk", None) or PREFILL_CHUNK)
+    lens = batch.seq_lens.astype(np.int64)
+    if int(lens.max()) <= chunk:
+        return model.backend.prefill(batch, cache)
+    tk, max_len = model.config["tokens"], model.max_len
+    ids = [np.asarray(p.ids, np.int64) for p in prepared]
+    media = []  # per row: (image patches, image positions, audio frames, images before j, audio before j)
+    for p, row in zip(prepared, ids):
+        media.append((np.concatenate(p.image_patches) if p.image_patches else None,
+                      np.concatenate(p.image_positions) if p.image_positions else None,
+                      np.concatenate(p.audio_frames) if p.audio_frames else None,
+                      np.concatenate([[0], np.cumsum(row == tk["image"])]),
+                      np.concatenate([[0], np.cumsum(row == tk["audio"])])))
+    done = np.zeros_like(lens)
+    logits: np.ndarray | None = None
+    while (done < lens).any():
+        room = int(min(chunk, (max_len - done).min()))
+        ends = done.copy()
+        for i, row in enumerate(ids):
+            if done[i] == lens[i]:
+                continue
+            e = int(min(done[i] + room, lens[i]))
+            if e < lens[i] and row[e - 1] == tk["image"] and row[e] == tk["image"]:  # do not cut an image
+                start = e - 1
+                while start > done[i] and row[start - 1] == tk["image"]:
+                    start -= 1
+                if start == done[i]:
+                    raise InputError(f"prompt {i}: an image's soft tokens do not fit one prefill call of {room} tokens "
+                                     f"(prefill_chunk {chunk}); use a smaller max_soft_tokens")
+                e = start
+            ends[i] = e
+        width = int((ends - done).max())
+        call_ids = np.full((len(ids), width), tk["pad"], np.int64)
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for i, row in enumerate(ids):
+            a, b = int(done[i]), int(ends[i])
+            call_ids[i, : b - a] = row[a:b]
+            patches, positions, frames, img_before, aud_before = media[i]
+            if patches is not None:
+                parts[0].append(patches[img_before[a]:img_before[b]])
+                parts[1].append(positions[img_before[a]:img_before[b]])
+            if frames is not None:
+                parts[2].append(frames[aud_before[a]:aud_before[b]])
+        patches, positions, frames = (np.concatenate(x) if x and sum(map(len, x)) else None for x in parts)
+        out = model.backend.prefill(PrefillInputs(call_ids, done.copy(), ends - done, patches, positions, frames),
+                                    cache)
+        finished = (ends == lens) & (done < lens)
+        logits = out.copy() if logits is None else logits
+        logits[finished] = out[finished]
+        done = ends
+    return logits
+
+
 def _stream(
     model: LoadedModel,
     prompts: list,
@@ -200,7 +264,7 @@ def _stream(
     results[:] = [GenerationResult([], None, "length", len(p.ids)) for p in prepared]
     decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer else None for _ in prepared]
     cache = model.backend.new_cache(len(prepared), max_len)
-    logits = model.backend.prefill(batch, cache)
+    logits = _prefill(model, prepared, batch, cache)
     lens = batch.seq_lens.copy()
     done = np.zeros(len(prepared), dtype=bool)
     for _ in range(max_new_tokens):
