@@ -207,3 +207,34 @@ def test_progress_lines(monkeypatch):
     with Progress(2, "work", stream=quiet, every=0.0) as bar:
         bar.update(2)
     assert quiet.getvalue() == ""
+
+
+def test_awq_folding_leaves_the_fp32_model_unchanged():
+    """AWQ factors folded as the weights stream (norms / s, inputs columns * s, up_proj rows / s) plus the o_proj
+    Mul give the same fp32 function: only the quantization then differs."""
+    from calib.sequential import FoldedWeights, _prompt_inputs, collect_sequential
+    from exporter.stream import SeededWeights, preset_model
+
+    cfg = PRESETS[PRESET]
+    src = SeededWeights(cfg, 5)
+    inputs, _ = _prompt_inputs(cfg, None, None, max_prompts=2, max_soft_tokens=70, max_len=128)
+    _, plan, _ = collect_sequential(src, cfg, inputs, block_size=16, awq_objective="diag", log=lambda *_: None)
+    assert plan.groups, "no AWQ factors to test"
+    folds = [t for t, _ in plan.groups.values()]
+    assert any(t and t.endswith("up_proj.weight") for t in folds) or any(t and "norm" in t for t in folds)
+    folded = FoldedWeights(src, plan)
+    model = preset_model(cfg, seed=5)
+    ref = preset_model(cfg, seed=5)
+    with torch.no_grad():
+        model.load_state_dict({n: folded.tensor(n) for n in src.shapes}, strict=False)
+        for module, s in plan.input_muls().items():
+            lin = model.get_submodule(module)
+            lin.weight.mul_(torch.from_numpy(s)[None, :])
+            lin.register_forward_pre_hook(lambda m, a, s=torch.from_numpy(s): (a[0] / s,))
+        ids = torch.tensor([[2, 105, 9, 17, 33, 80, 12, 5]])
+        args = (ids, torch.tensor([0]), torch.tensor([8]))
+        got, _ = model.prefill(*args, model.empty_caches(1, 9), all_logits=True)
+        want, _ = ref.prefill(*args, ref.empty_caches(1, 9), all_logits=True)
+    rng = float(want.max() - want.min())
+    err = float((got - want).abs().max())
+    assert err <= 1e-4 * rng, f"folded model differs: max err {err:.3g} vs range {rng:.3g}"
