@@ -764,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     del probe
     gc.collect()
 
-    for name, st in stacks.items():
+    measured = {s for r in results for s in r["stacks"]}
+    for name, st in ((n, st) for n, st in stacks.items() if n in measured):
         rec: dict = {"path": str(st.path.relative_to(ROOT)) if st.path.is_relative_to(ROOT) else str(st.path)}
         if st.kind != "transformers":
             rec["weight_bytes_per_step"] = weight_bytes_read(decode_graph(st))
