@@ -8,18 +8,16 @@ Fixed order, each pass in its own file, counts returned:
    adds into ``SkipSimplifiedLayerNormalization``).
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
-temporary name that the caller removes once ONNX Runtime has optimised and saved it (`lowered_for_ort`).  The
+temporary name that the caller removes once ONNX Runtime has optimised and saved it (`remove_lowered`).  The
 artifact's own graphs, including the TensorRT plugin graphs, are never modified.  Quantized graphs (Q/DQ Linears,
 `graphs.lower_qdq_ort`) go through the same passes: neither pass touches a Linear.
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["lower_graph", "lowered_for_ort"]
+__all__ = ["lower_graph", "lower_to_file", "remove_lowered"]
 
 LOWERED_SUFFIX = ".ort-lowered.tmp.onnx"
 
@@ -35,10 +33,10 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print) -> dict:
     return report
 
 
-@contextmanager
-def lowered_for_ort(src: Path, manifest: dict, *, decode: bool, log=print):
-    """Yield (path of the lowered graph, counts); the file lives beside ``src`` and is removed on exit.  A graph
-    without FusedAttention nodes (exported graphs, ``--no-plugins``) is lowered too (norms only)."""
+def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tuple[Path, dict]:
+    """Lower the graph ``src`` into a temporary file beside it (sharing its external weights); returns the file and
+    the counts.  `remove_lowered` deletes it.  Graphs without FusedAttention nodes (``--no-plugins``) get the norm
+    pass only."""
     import onnx
     import onnx_ir as ir
 
@@ -48,11 +46,17 @@ def lowered_for_ort(src: Path, manifest: dict, *, decode: bool, log=print):
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)
     try:
         onnx.save(ir.serde.serialize_model(model), str(dst))  # weights stay in the source's external data
-        a, n = report["attention"], report["norms"]
-        log(f"[build-engine] {src.name}: lowered for ONNX Runtime: {a['GroupQueryAttention']} GroupQueryAttention, "
-            f"{a['Attention']} Attention, {a['kept']} attention bodies kept, {len(a['refused'])} refused; "
-            f"{n['SimplifiedLayerNormalization']} RMSNorms fused")
-        yield dst, report
-    finally:
-        if dst.exists():
-            os.unlink(dst)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    a, n = report["attention"], report["norms"]
+    log(f"[build-engine] {src.name}: lowered for ONNX Runtime: {a['GroupQueryAttention']} GroupQueryAttention, "
+        f"{a['Attention']} Attention, {a['kept']} attention bodies kept, {len(a['refused'])} refused; "
+        f"{n['SimplifiedLayerNormalization']} RMSNorms fused")
+    return dst, report
+
+
+def remove_lowered(root: Path) -> None:
+    """Delete the temporary lowered graphs `lower_to_file` wrote into ``root``."""
+    for f in Path(root).glob("*" + LOWERED_SUFFIX):
+        f.unlink(missing_ok=True)
