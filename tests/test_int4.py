@@ -157,7 +157,8 @@ def test_int4_runs_as_matmulnbits(int4_tiny):
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
 def test_int4_build_close_to_the_dequantize_graph(int4_tiny, graph):
     # MatMulNBits at accuracy level 4 quantizes activations to int8 per block inside the kernel: close, not equal
-    _assert_close(_run_both(int4_tiny, graph), 0.01, f"int4 {graph}")
+    # (measured on tiny, random weights: max 1.9 %, mean 0.5 % of the logit range)
+    _assert_close(_run_both(int4_tiny, graph), 0.04, f"int4 {graph}", mean_rel=0.01)
 
 
 def test_demo_int4_accuracy_and_report(demo_artifact, demo_accuracy, tmp_path):
