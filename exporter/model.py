@@ -134,8 +134,11 @@ class AttentionCore(nn.Module):
         return k_all, v_all, allowed, k_new, v_new
 
     def _decode(self, k, v, past_k, past_v, past_lens, seq_lens, block, pos):
-        k_new = tensor_scatter(past_k, k, past_lens, circular=self.sliding)
-        v_new = tensor_scatter(past_v, v, past_lens, circular=self.sliding)
+        # one token never wraps: the ring write is a linear TensorScatter at slot past_len % R (TensorRT documents
+        # TensorScatter's linear mode only; circular would matter for engines built without the plugins)
+        write = torch.remainder(past_lens, past_k.shape[2]) if self.sliding else past_lens
+        k_new = tensor_scatter(past_k, k, write, circular=False)
+        v_new = tensor_scatter(past_v, v, write, circular=False)
         if self.sliding:
             slot_pos = ring_positions(past_lens, k_new.shape[2])  # (B, R)
             allowed = (slot_pos >= 0) & (slot_pos > pos - self.window)
@@ -286,7 +289,8 @@ def _place(embeds: torch.Tensor, is_slot: torch.Tensor, soft: torch.Tensor) -> t
     flat = is_slot.reshape(-1)
     if not torch.onnx.is_in_onnx_export() and int(flat.sum()) != soft.shape[0]:
         raise ValueError(f"{int(flat.sum())} placeholder tokens in input_ids but {soft.shape[0]} soft tokens given")
-    idx = torch.cumsum(flat.long(), 0) - 1
+    # float32 CumSum (TensorRT documents CumSum for float types only): exact below 2^24 placeholders per batch
+    idx = torch.cumsum(flat.float(), 0).long() - 1
     n = soft.shape[0]
     table = torch.cat([soft.to(embeds.dtype), embeds.new_zeros(1, hidden)], dim=0)  # row n is a safe dummy
     picked = table[torch.where(flat, idx, n)].reshape(b, s, hidden)
@@ -297,7 +301,7 @@ def _image_blocks(is_image: torch.Tensor) -> torch.Tensor:
     """Contiguous runs of image tokens numbered 0, 1, ... per row; -1 elsewhere.  (B, S) int64."""
     prev = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
     starts = is_image & ~prev
-    return torch.where(is_image, torch.cumsum(starts.long(), 1) - 1, -1)
+    return torch.where(is_image, torch.cumsum(starts.float(), 1).long() - 1, -1)  # float CumSum, as in _place
 
 
 class Gemma4Model(nn.Module):

@@ -43,7 +43,7 @@ def test_graph_contract(preset, artifact_store):
         ops = collections.Counter(n.op_type for n in g.graph.node)
         assert ops["TensorScatter"] == scatters, f"{name}: {ops['TensorScatter']} TensorScatter, expected {scatters}"
         modes = {a.s.decode() for n in g.graph.node if n.op_type == "TensorScatter" for a in n.attribute if a.name == "mode"}
-        assert modes == ({"linear"} if name == "prefill" else {"linear", "circular"})
+        assert modes == {"linear"}  # the only mode TensorRT documents (a ring write is linear at past_len % R)
         # The cache is never concatenated or copied: decode feeds every past buffer, prefill every full-layer
         # buffer, straight into TensorScatter (Shape only reads its dims).
         for i, vi in enumerate(v for v in g.graph.input if v.name.startswith(("past_key_", "past_value_"))):
