@@ -171,9 +171,9 @@ def main() -> int:
 
     table = {}
     for case in cases():
-        table[case["name"]] = compile_case(case)
-        print(f"[triton-sm90] {case['name']}: {json.dumps({k: v for k, v in table[case['name']].items() if k != 'constexprs'})}",
-              flush=True)
+        entry = table[case["name"]] = compile_case(case)
+        shown = {k: v for k, v in entry.items() if k != "constexprs"}
+        print(f"[triton-sm90] {case['name']}: {json.dumps(shown)}", flush=True)
     result = {"target": "sm_90 (cuda, 90, warp 32)", "triton": triton.__version__, "shared_limit_bytes": SHARED_LIMIT,
               "kernels": table}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
