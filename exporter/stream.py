@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -213,8 +214,10 @@ def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None,
     if unknown:
         raise RuntimeError(f"{path.name}: traced initializers with no weight source: {unknown}")
     if rewrite is not None:
+        log(f"[export] {path.name}: rewriting the weights' graph form (e.g. quantization scales) ...")
         rewrite(model, source, progress)
     progress.total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    progress.t0 = time.perf_counter()  # the ETA covers the writing only
 
     def count_plain(tensor, info) -> None:  # lazy block tensors count themselves while writing
         if not hasattr(tensor, "tofile") or type(tensor).__name__ != "_Blocks":
