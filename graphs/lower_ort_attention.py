@@ -181,17 +181,115 @@ def _sliding_decode(b: _Builder, node, a: dict, before):
     return out, present_k, present_v
 
 
+def _sliding_prefill(b: _Builder, node, a: dict, before):
+    """Sliding layer, any number S of new tokens (also S = 1: the decode step of a one-graph engine).
+
+    RotaryEmbedding on q and the new k at positions past_lens + i; one ``Attention`` over concat(old ring, new keys)
+    (a copy of one ring per layer per call) with the contract's mask as an additive bias: key valid (ring slot j
+    holds position p_j = L - ((L - j) mod W), L = past_lens - 1, valid iff p_j >= 0; new key i valid iff i <
+    seq_lens) and within the window (kp > qp - W) and (causal or both in the same image block).  The ring is then
+    written in place with one circular ``TensorScatter`` of U = min(S, W) tokens per row starting at slot
+    (e - U) mod W, e = past_lens + seq_lens: positions e - U .. e - 1, taken from the new tokens where p >=
+    past_lens and from the ring itself (rewriting a slot with its own value) where p < past_lens, so right-padded
+    tokens never reach the ring and rows of different lengths share one scatter."""
+    q, k, v, pk, pv, past_lens, seq_lens, blk = node.inputs[:8]
+    h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
+    cos, sin = b.rope(a)
+
+    def positions():
+        s = b.node("Shape", [q], before=before, attrs={"start": 1, "end": 2})  # (1,)
+        ar = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
+                              b.node("Squeeze", [s, b.ints([0])], before=before),
+                              b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")], before=before)  # (S,)
+        pl = b.node("Unsqueeze", [past_lens, b.ints([1])], before=before)  # (B, 1)
+        return s, ar, pl, b.node("Add", [pl, b.node("Unsqueeze", [ar, b.ints([0])], before=before)], before=before)
+
+    s, ar, pl, pos = b.shared(("spos", id(past_lens), id(q)), positions)  # pos (B, S)
+
+    def mask():
+        last = b.node("Sub", [pl, b.ints([1])], before=before)  # (B, 1)
+        slots = b.const(("slots", w), np.arange(w, dtype=np.int64), f"ort_lower_slots_{w}")
+        ring_pos = b.node("Sub", [last, b.node("Mod", [b.node("Sub", [last, slots], before=before), b.ints([w])],
+                                               before=before, attrs={"fmod": 0})], before=before)  # (B, W)
+        k_pos = b.node("Concat", [ring_pos, pos], before=before, attrs={"axis": 1})  # (B, W + S)
+        ring_ok = b.node("GreaterOrEqual", [ring_pos, b.ints([0])], before=before)
+        new_ok = b.node("Less", [b.node("Unsqueeze", [ar, b.ints([0])], before=before),
+                                 b.node("Unsqueeze", [seq_lens, b.ints([1])], before=before)], before=before)
+        k_ok = b.node("Concat", [ring_ok, new_ok], before=before, attrs={"axis": 1})
+        neg = b.node("Sub", [b.node("Mul", [ring_pos, b.ints([0])], before=before), b.ints([1])], before=before)
+        k_blk = b.node("Concat", [neg, blk], before=before, attrs={"axis": 1})  # (B, W + S)
+        qp = b.node("Unsqueeze", [pos, b.ints([2])], before=before)  # (B, S, 1)
+        kp = b.node("Unsqueeze", [k_pos, b.ints([1])], before=before)  # (B, 1, W + S)
+        qb = b.node("Unsqueeze", [blk, b.ints([2])], before=before)
+        same = b.node("And", [b.node("Equal", [qb, b.node("Unsqueeze", [k_blk, b.ints([1])], before=before)],
+                                     before=before),
+                              b.node("GreaterOrEqual", [qb, b.ints([0])], before=before)], before=before)
+        in_win = b.node("Greater", [kp, b.node("Sub", [qp, b.ints([w])], before=before)], before=before)
+        causal = b.node("Or", [b.node("LessOrEqual", [kp, qp], before=before), same], before=before)
+        ok = b.node("And", [b.node("And", [b.node("Unsqueeze", [k_ok, b.ints([1])], before=before), in_win],
+                                   before=before), causal], before=before)  # (B, S, W + S)
+        bias = b.node("Where", [ok, b.const(("f0",), np.array(0, np.float32), "ort_lower_f32_0"),
+                                b.const(("fmin",), np.array(np.finfo(np.float32).min, np.float32),
+                                        "ort_lower_f32_min")], before=before)
+        return b.node("Unsqueeze", [bias, b.ints([1])], before=before)  # (B, 1, S, W + S)
+
+    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask)
+
+    def write_index():  # U, the ring-write start slot (B,), gather indices (B, 1, U, 1) into concat(ring, new)
+        u = b.node("Min", [s, b.ints([w])], before=before)  # (1,)
+        end = b.node("Add", [past_lens, seq_lens], before=before)  # (B,)
+        start = b.node("Sub", [end, u], before=before)  # (B,) may be < 0
+        first = b.node("Mod", [start, b.ints([w])], before=before, attrs={"fmod": 0})
+        ur = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
+                              b.node("Squeeze", [u, b.ints([0])], before=before),
+                              b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")], before=before)
+        p = b.node("Add", [b.node("Unsqueeze", [start, b.ints([1])], before=before),
+                           b.node("Unsqueeze", [ur, b.ints([0])], before=before)], before=before)  # (B, U)
+        is_new = b.node("GreaterOrEqual", [p, pl], before=before)
+        idx = b.node("Where", [is_new, b.node("Add", [b.node("Sub", [p, pl], before=before), b.ints([w])],
+                                              before=before),
+                               b.node("Mod", [p, b.ints([w])], before=before, attrs={"fmod": 0})], before=before)
+        idx4 = b.node("Unsqueeze", [idx, b.ints([1, 3])], before=before)  # (B, 1, U, 1)
+        return first, b.node("Expand", [idx4, b.node("Concat", [b.ints([1, hkv]), u, b.ints([d])], before=before,
+                                                            attrs={"axis": 0})], before=before)
+
+    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index)
+    q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)
+    k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
+    qr = b.node("RotaryEmbedding", [q3, cos, sin, pos], before=before, attrs={"num_heads": h})
+    kr = b.node("RotaryEmbedding", [k3, cos, sin, pos], before=before, attrs={"num_heads": hkv})
+    k4 = b.node("Transpose", [b.node("Reshape", [kr, b.ints([0, 0, hkv, d])], before=before)], before=before,
+                attrs={"perm": [0, 2, 1, 3]})  # (B, Hkv, S, D)
+    v4 = b.node("Transpose", [v], before=before, attrs={"perm": [0, 2, 1, 3]})
+    q4 = b.node("Transpose", [b.node("Reshape", [qr, b.ints([0, 0, h, d])], before=before)], before=before,
+                attrs={"perm": [0, 2, 1, 3]})  # (B, H, S, D)
+    k_all = b.node("Concat", [pk, k4], before=before, attrs={"axis": 2})  # (B, Hkv, W + S, D)
+    v_all = b.node("Concat", [pv, v4], before=before, attrs={"axis": 2})
+    o4 = b.node("Attention", [q4, k_all, v_all, bias], before=before, attrs={"scale": 1.0})  # (B, H, S, D)
+    out = b.node("Reshape", [b.node("Transpose", [o4], before=before, attrs={"perm": [0, 2, 1, 3]}),
+                             b.ints([0, 0, h * d])], before=before)  # (B, S, H * D)
+    scatter = {"mode": "circular", "axis": -2}
+    # the updates are gathered from the concat copies, so the in-place writes run after every read of the ring
+    present_k = b.node("TensorScatter", [pk, b.node("GatherElements", [k_all, gidx], before=before,
+                                                    attrs={"axis": 2}), first], before=before, attrs=scatter)
+    present_v = b.node("TensorScatter", [pv, b.node("GatherElements", [v_all, gidx], before=before,
+                                                    attrs={"axis": 2}), first], before=before, attrs=scatter)
+    return out, present_k, present_v
+
+
 def _prefill_full(b: _Builder, node, a: dict, before):
     """``If(batch > 1 and any past context)``: the plugin node (GQA refuses that case), else GroupQueryAttention."""
     ir = b.ir
     past_lens = node.inputs[5]
 
-    def general():
+    def general():  # batch > 1 and any past context and S > 1 (one new token is GQA's token generation)
         many = b.node("Greater", [b.node("Shape", [past_lens], before=before), b.ints([1])], before=before)  # (1,)
         most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 0})
         has_past = b.node("Greater", [most, b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0")],
                           before=before)
-        return b.node("And", [many, has_past], before=before)
+        prompt = b.node("Greater", [b.node("Shape", [node.inputs[0]], before=before, attrs={"start": 1, "end": 2}),
+                                    b.ints([1])], before=before)  # (1,)
+        return b.node("And", [b.node("And", [many, has_past], before=before), prompt], before=before)
 
     cond = b.shared(("general", id(past_lens)), general)
     label = node.name or f"FusedAttention_{node.overload}"
@@ -225,9 +323,9 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
             log(f"[ort-lower] {node.name or node.overload}: left as the plugin node: {e}")
             continue
         if a["sliding"] and not decode:
-            counts["kept"] += 1
-            continue
-        if a["sliding"]:
+            new = _sliding_prefill(b, node, a, node)
+            counts["Attention"] += 1
+        elif a["sliding"]:
             new = _sliding_decode(b, node, a, node)
             counts["Attention"] += 1
         elif decode:
