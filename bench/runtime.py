@@ -695,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="also store this run as `baseline` in the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default="", help="comma-separated case numbers to run (1-4), default all")
+    ap.add_argument("--skip", default="", help="comma-separated stacks to leave out (e.g. transformers)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--no-kernels", action="store_true", help="skip the profiler's kernel count")
     ap.add_argument("--cycles", type=int, default=None, help="cycles of every case (default: 5/3/3/3)")
@@ -725,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     stacks = {n: Stack(n, "ours", p, n.split("-")[1]) for n, p in ours.items()}
     stacks.update({n: Stack(n, "genai", p, n.split("-")[1]) for n, p in genai.items()})
     stacks["transformers"] = Stack("transformers", "transformers", a.checkpoint, "fp32")
+    for name in filter(None, a.skip.split(",")):
+        stacks.pop(name, None)
+        skipped[name] = "left out (--skip)"
 
     load_before = os.getloadavg()
     probe = bandwidth_probe(threads=a.threads)
