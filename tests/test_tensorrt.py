@@ -347,3 +347,26 @@ def test_tensorrt_engine_generates_like_onnxruntime(artifact_store):
     for prompt in ([2, 40, 41, 42, 43], [2, 7, 9]):
         assert runtime.generate(trt_model, prompt, max_new_tokens=24).tokens == \
             runtime.generate(ort_model, prompt, max_new_tokens=24).tokens
+
+
+def test_graphs_use_only_forms_tensorrt_documents(artifact_store):
+    """CumSum only on floats (TensorRT documents it for float types) and TensorScatter only in linear mode (the
+    mode TensorRT documents), in the exported and the plugin graphs: both matter for `--no-plugins` builds."""
+    import onnx_ir as ir
+
+    art = artifact_store("tiny")
+    manifest = read_manifest(art)
+    files = [manifest["graphs"][g]["file"] for g in ("prefill", "decode")]
+    files += [manifest["plugin_graphs"][g]["file"] for g in ("prefill", "decode")]
+    cumsums = 0
+    for rel in files:
+        model = ir.load(str(art / rel))
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type == "CumSum":
+                cumsums += 1
+                assert node.inputs[0].dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16), \
+                    f"{rel}: {node.name} CumSum on {node.inputs[0].dtype}"
+            if node.op_type == "TensorScatter":
+                mode = node.attributes.get("mode")
+                assert mode is None or mode.value == "linear", f"{rel}: {node.name} TensorScatter mode {mode.value}"
+    assert cumsums > 0  # the image/audio placement and the image blocks are still computed with CumSum
