@@ -62,9 +62,21 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
     lowering: dict[str, dict] = {}
     from runtime.progress import Progress
 
+    # one lowered graph serves prefill and decode when every attention node was lowered (a decode step is a prefill
+    # of one token; every cache is then written in place): one ONNX Runtime session holds the weights once
+    layers = len(manifest["model_config"]["text"]["layer_types"])
+    one_graph = False
     bar = Progress(2, "build-engine onnxruntime", unit="graphs")  # ORT's optimiser reports nothing itself
     try:
         for graph in ("prefill", "decode"):
+            if graph == "decode":
+                a = lowering["prefill"]["attention"]
+                one_graph = not a["kept"] and not a["refused"] and a["GroupQueryAttention"] + a["Attention"] == layers
+                if one_graph:
+                    log("[build-engine] onnxruntime: the lowered prefill graph also serves decode (one session, "
+                        "one copy of the weights)")
+                    bar.update(1, note="decode: served by the prefill graph")
+                    break
             t0 = time.perf_counter()
             # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
             src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log)
@@ -93,7 +105,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
         bar.close()
         from graphs.share_weights import share_external_data
 
-        if share_external_data(stage, log=log):
+        if not one_graph and share_external_data(stage, log=log):
             log("[build-engine] onnxruntime graphs share ort/weights.data")
         replace_dir(stage, root / "ort", log=log)
     except BaseException:
@@ -102,8 +114,10 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
         raise
     return {
         "prefill": "ort/prefill.onnx",
-        "decode": "ort/decode.onnx",
-        "from": sources,
+        # one graph: the same file, all caches in place; runtime.ort_backend opens one session for both
+        "decode": "ort/prefill.onnx" if one_graph else "ort/decode.onnx",
+        "one_graph": one_graph,
+        "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
         "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k != "refused"},
                          "norms": r["norms"]["SimplifiedLayerNormalization"]} for g, r in lowering.items()},

@@ -2,10 +2,14 @@
 
 The cache is a list of OrtValues allocated once per generation (`new_cache`).  Each step binds them with
 IOBinding as both the ``past_*`` inputs and the ``present_*`` outputs, so ``TensorScatter`` updates them in place
-instead of copying the cache.  The one exception is the sliding-layer ring buffers in prefill, which the graph
-rebuilds (a prefill may bring more tokens than a ring holds): their outputs are new buffers that replace the old.
+instead of copying the cache.  In the exported graphs (and artifacts built before the one-graph lowering) the
+sliding-layer rings are rebuilt in prefill (a prefill may bring more tokens than a ring holds): their outputs are
+new buffers that replace the old.
 
-Uses the optimised graphs from ``make build-engine`` when the manifest lists them, else the exported graphs.
+Uses the optimised graphs from ``make build-engine`` when the manifest lists them, else the exported graphs.  When
+``engines.onnxruntime`` names one file for both (``one_graph``: every attention lowered, every cache written in
+place), one session serves prefill and decode, so the weights are held once: a decode step is a prefill of one
+token (``seq_lens`` 1, no image or audio rows).
 Torch-free.  Does not tokenize, sample or loop: see `runtime.generate`.
 """
 
@@ -103,15 +107,23 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self.sessions = {}
         self.io: dict[str, tuple[list[str], list[str]]] = {}
-        for graph in ("prefill", "decode"):
-            rel = engine.get(graph, manifest["graphs"][graph]["file"])
-            path = check_external_data(self.root, manifest, rel)  # inside the artifact, listed, external data too
+        rels = {graph: engine.get(graph, manifest["graphs"][graph]["file"]) for graph in ("prefill", "decode")}
+        # one graph for both steps only when build-engine says so (all caches in place); a manifest merely naming
+        # one file twice without it is refused rather than run with a wrong in-place assumption
+        self.one_graph = bool(engine.get("one_graph"))
+        if self.one_graph != (rels["prefill"] == rels["decode"]):
+            raise ArtifactError(f"{self.root}: engines.onnxruntime has one_graph={engine.get('one_graph')!r} but "
+                                f"prefill {rels['prefill']!r} and decode {rels['decode']!r}; refused")
+        for graph in ("prefill",) if self.one_graph else ("prefill", "decode"):
+            path = check_external_data(self.root, manifest, rels[graph])  # inside the artifact, listed, external data
             try:
                 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except (RuntimeError, *_ort_errors()) as e:
                 raise ArtifactError(f"{path}: ONNX Runtime {ort.__version__} cannot load this graph: {e}") from None
             self.sessions[graph] = sess
             self.io[graph] = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+        if self.one_graph:  # the one session holds the weights once
+            self.sessions["decode"], self.io["decode"] = self.sessions["prefill"], self.io["prefill"]
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         self.layer_types = manifest["model_config"]["text"]["layer_types"]
 
@@ -126,6 +138,10 @@ class OrtBackend:
 
     # ------------------------------------------------------------------ steps
     def _run(self, graph: str, feeds: dict[str, np.ndarray], cache: list, in_place: list[bool]) -> np.ndarray:
+        if graph == "decode" and self.one_graph and "seq_lens" not in feeds:  # a prefill of one token per sequence
+            ids = np.asarray(feeds["input_ids"], np.int64).reshape(-1, 1)
+            feeds = prefill_feeds(PrefillInputs(input_ids=ids, past_lens=np.asarray(feeds["past_lens"], np.int64),
+                                                seq_lens=np.ones(len(ids), np.int64)), self.manifest)
         sess = self.sessions[graph]
         names_in, names_out = self.io[graph]
         binding = sess.io_binding()
@@ -150,7 +166,7 @@ class OrtBackend:
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
         feeds = prefill_feeds(inputs, self.manifest)
-        in_place = [not self._is_sliding(i) for i in range(len(cache))]
+        in_place = [self.one_graph or not self._is_sliding(i) for i in range(len(cache))]
         return self._run("prefill", feeds, cache, in_place)
 
     def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
