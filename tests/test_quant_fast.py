@@ -73,10 +73,11 @@ def _feeds(root, n: int = 3):
     return m, out
 
 
-def _run_both(root, graph: str):
-    """(optimised ort/ graph logits, unfused Q/DQ graph logits) on the same feeds (prefill, then one decode)."""
+def _run_both(root, graph: str, built=None):
+    """(optimised ort/ graph logits, unfused Q/DQ graph logits) on the same feeds (prefill, then one decode);
+    ``built``: another session to compare with the unfused graph than the ort/ one."""
     m, feeds = _feeds(root)
-    built = _session(root / m["engines"]["onnxruntime"][graph])
+    built = built or _session(root / m["engines"]["onnxruntime"][graph])
     plain = _session(root / m["graphs"][graph]["file"], unfused=True)
     if graph == "prefill":
         return [(built.run(["logits"], f)[0], plain.run(["logits"], f)[0]) for f in feeds]
@@ -91,14 +92,14 @@ def _run_both(root, graph: str):
     return pairs
 
 
-def _assert_close(pairs, rel: float, what: str, mean_rel: float | None = None):
+def _assert_close(pairs, rel: float, what: str, mean_rel: float | None = None, top1: bool = True):
     for a, b in pairs:
         err = np.abs(a - b)
         rng = float(b.max() - b.min())
         assert err.max() <= rel * rng, f"{what}: max err {err.max():.3g} (mean {err.mean():.3g}) > {rel} x {rng:.3g}"
         if mean_rel is not None:
             assert err.mean() <= mean_rel * rng, f"{what}: mean err {err.mean():.3g} > {mean_rel} x {rng:.3g}"
-        assert (a.argmax(-1) == b.argmax(-1)).all(), what
+        assert not top1 or (a.argmax(-1) == b.argmax(-1)).all(), what
 
 
 def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
