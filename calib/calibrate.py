@@ -1,4 +1,4 @@
-"""``make calibrate SRC=<fp32 artifact> OUT=<new artifact> PRECISION=int8|fp8 [CALIB_DATA=<dir>]``.
+"""``make calibrate SRC=<fp32 artifact> OUT=<new artifact> PRECISION=int8|fp8|int4 [CALIB_DATA=<dir>]``.
 
 Reads an fp32 artifact, collects activation statistics on calibration prompts (or reuses a saved ``stats.npz``),
 applies SmoothQuant (INT8 by default, alpha 0.5; optional for FP8), inserts explicit Q/DQ into both the prefill and
@@ -8,7 +8,8 @@ smoothing factor), ``calibration/stats.npz`` (reusable with ``--stats``) and a m
 ``quantization`` section.  The artifact is staged and moved into place only when complete.  Engines are not built
 here: run ``make build-engine OUT=<new artifact>``.
 
-By default the decoder's Linears are quantized and the embedding, LM head, vision and audio projections, norms and
+``int4``: weight-only block-wise INT4 (`calib.int4`: AWQ or round-to-nearest, ``--block-size``), no activation
+Q/DQ.  By default the decoder's Linears are quantized and the embedding, LM head, vision and audio projections, norms and
 attention stay fp32 (``--quantize`` adds ``lm_head``, ``vision``, ``audio``).
 """
 
