@@ -31,6 +31,50 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
+# config.json keys read as integers / numbers, per section; a wrong type is named instead of failing later
+_INT_KEYS = {
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                    "sliding_window", "max_position_embeddings", "pad_token_id", "bos_token_id"),
+    "vision_config": ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"),
+    "audio_config": ("audio_embed_dim",),
+    "": ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id", "boa_token_id", "eoa_token_index",
+         "eoa_token_id", "audio_token_id", "turn_start_token_id", "turn_end_token_id"),
+}
+_FLOAT_KEYS = {"text_config": ("rms_norm_eps", "final_logit_softcapping"), "vision_config": ("rms_norm_eps",),
+               "audio_config": ("rms_norm_eps",)}
+
+
+def _check_value_types(d: dict[str, Any], source: str) -> None:
+    """Refuse a config.json value of the wrong JSON type, naming the key (before anything computes with it)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    for section in sorted(set(_INT_KEYS) | set(_FLOAT_KEYS)):
+        sub = d if section == "" else d.get(section)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ValueError(f"{source}: {section} must be an object, got {type(sub).__name__}")
+        where = f"{section}." if section else ""
+        for key in _INT_KEYS.get(section, ()):
+            if key not in sub or (key == "pad_token_id" and sub[key] is None):
+                continue
+            v = sub[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{source}: {where}{key} must be a non-negative integer, got {v!r}")
+        for key in _FLOAT_KEYS.get(section, ()):
+            v = sub.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{source}: {where}{key} must be a number, got {v!r}")
+    eos = (d.get("text_config") or {}).get("eos_token_id")
+    if eos is not None and not (isinstance(eos, int) or (isinstance(eos, list) and eos and
+                                                         all(isinstance(e, int) for e in eos))):
+        raise ValueError(f"{source}: text_config.eos_token_id must be an integer or a list of integers, got {eos!r}")
+    lt = (d.get("text_config") or {}).get("layer_types")
+    if lt is not None and not (isinstance(lt, list) and all(isinstance(x, str) for x in lt)):
+        raise ValueError(f"{source}: text_config.layer_types must be a list of strings, got {lt!r}")
+
+
 @dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 262_144
@@ -122,8 +166,11 @@ class ModelConfig:
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type") != "gemma4_unified":
             raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gemma4_unified'")
+        _check_value_types(d, source)
         t = d.get("text_config") or {}
         if t.get("num_kv_shared_layers", 0):
             raise ValueError(f"{source}: num_kv_shared_layers > 0 (KV sharing) is not used by Gemma 4 Unified")

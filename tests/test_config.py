@@ -75,3 +75,38 @@ def test_every_test_preset_is_covered():
             assert "two_images" in names
         if PRESETS[p].audio is not None:
             assert "audio" in names
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("text_config", "hidden_size", "x", "text_config.hidden_size must be a non-negative integer"),
+        ("text_config", "num_attention_heads", 2.5, "text_config.num_attention_heads must be a non-negative"),
+        ("text_config", "rms_norm_eps", "1e-6", "text_config.rms_norm_eps must be a number"),
+        ("text_config", "layer_types", "full_attention", "text_config.layer_types must be a list of strings"),
+        ("vision_config", "mm_posemb_size", None, "vision_config.mm_posemb_size must be a non-negative integer"),
+        ("vision_config", "patch_size", True, "vision_config.patch_size must be a non-negative integer"),
+        ("", "image_token_id", "258880", "image_token_id must be a non-negative integer"),
+    ],
+)
+def test_wrongly_typed_config_values_are_named(tmp_path, section, key, value, message):
+    """A config.json that is valid JSON but has a value of the wrong type is refused naming the key, and the
+    export CLI prints one `error:` line (no traceback) and exits 2."""
+    import subprocess
+    import sys
+
+    d = PRESETS["tiny"].to_hf_dict()
+    target = d if section == "" else d[section]
+    target[key] = value
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=message):
+        load_config(ckpt)
+    r = subprocess.run(
+        [sys.executable, "-m", "exporter.export", "--model", str(ckpt), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "error:" in r.stderr and key in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
