@@ -11,7 +11,7 @@ Torch-free on the ONNX Runtime path.  Does not build engines or export (see `exp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +294,21 @@ def _stream(
             res.text = decoders[i].text
 
 
+
+def _stop_ids(stop: Sequence[int] | None) -> list[int]:
+    """``stop`` as a list of non-negative integer ids; floats, bools and strings are refused, not truncated."""
+    if stop is None:
+        return []
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+        raise InputError(f"stop={stop!r}; expected a list of token ids")
+    out = []
+    for pos, s in enumerate(stop):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise InputError(f"stop[{pos}] is {s!r} ({type(s).__name__}); stop ids are non-negative integers")
+        out.append(int(s))
+    return out
+
+
 def generate(
     model_or_dir: LoadedModel | str | Path,
     prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
@@ -334,7 +349,7 @@ def generate(
     else:
         images, audio = [images], [audio]
     tk = model.config["tokens"]
-    stop_ids = {tk["eos"], tk["turn_end"], *(int(s) for s in (stop or ()))}
+    stop_ids = {tk["eos"], tk["turn_end"], *_stop_ids(stop)}
     results: list[GenerationResult] = []
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),

@@ -224,6 +224,11 @@ def test_float_negative_and_bool_token_ids_are_refused(tmp_path):
         with pytest.raises(runtime.InputError, match=message):
             runtime.generate(model, prompt, max_new_tokens=1)
     assert runtime.generate(model, np.array([2, 3], np.int32), max_new_tokens=1).tokens == [12]
+    for stop, message in [([1.5], r"stop\[0\] is 1\.5 \(float\)"), ([True], r"stop\[0\] is True"),
+                          ([-3], r"stop\[0\] is -3"), ("7", "expected a list of token ids")]:
+        with pytest.raises(runtime.InputError, match=message):
+            runtime.generate(model, [2, 3], max_new_tokens=1, stop=stop)
+    assert runtime.generate(model, [2, 3], max_new_tokens=4, stop=[np.int64(12)]).tokens == [12]
 
 
 def test_too_long_message_names_the_image_budget(artifact_store):
