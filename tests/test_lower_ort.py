@@ -1,7 +1,9 @@
 """The ONNX Runtime lowering (`graphs.lower_ort`): the lowered engines compute what the plugin graphs compute, the
 exact number of nodes is rewritten, and look-alikes are left alone with a reason.
 
-The built engines are also checked against PyTorch (images, audio, batches, ring wrap-around) by
+build-engine lowers every attention node of the prefill graph and serves decode with it (one session,
+tests/test_one_session.py), so the "decode" cases run that graph on one new token.  The built engines are also
+checked against PyTorch (images, audio, batches, ring wrap-around) by
 tests/test_export_ort.py and against transformers' greedy generation by tests/test_generate.py: build-engine
 applies the lowering, so those tests run on the lowered graphs.
 """
@@ -70,12 +72,12 @@ def test_lowered_engine_matches_plugin_graph(artifact_store, graph, batch, seq, 
     manifest = read_manifest(art)
     cfg = PRESETS[PRESET]
     plugin = _session(art / manifest["plugin_graphs"][graph]["file"])
-    lowered = _session(art / manifest["engines"]["onnxruntime"][graph])
+    lowered = _session(art / manifest["engines"]["onnxruntime"][graph])  # decode: the prefill graph, S = 1
     max_len = 47  # not the export's max_len
-    feeds = _feeds(plugin, manifest, graph, np.random.default_rng(3), batch=batch, seq=seq, past_lens=past_lens,
+    feeds = _feeds(lowered, manifest, graph, np.random.default_rng(3), batch=batch, seq=seq, past_lens=past_lens,
                    seq_lens=seq_lens, max_len=max_len, cfg=cfg, images=images)
     names = [o.name for o in plugin.get_outputs()]
-    want = dict(zip(names, plugin.run(None, feeds)))
+    want = dict(zip(names, plugin.run(None, {i.name: feeds[i.name] for i in plugin.get_inputs()})))
     got = dict(zip(names, lowered.run(names, feeds)))
     for b in range(batch):
         _assert_close(got["logits"][b, :seq_lens[b]], want["logits"][b, :seq_lens[b]], f"{graph} logits row {b}")
@@ -92,21 +94,21 @@ def test_exact_counts(artifact_store):
     manifest = read_manifest(art)
     t = PRESETS[PRESET].text
     full = sum(not t.is_sliding(i) for i in range(t.num_layers))
-    lowering = manifest["engines"]["onnxruntime"]["lowering"]
-    assert lowering["decode"]["attention"] == {"GroupQueryAttention": full, "Attention": t.num_layers - full, "kept": 0}
-    assert lowering["prefill"]["attention"] == {"GroupQueryAttention": full, "Attention": 0,
-                                                "kept": t.num_layers - full}
+    engine = manifest["engines"]["onnxruntime"]
+    lowering = engine["lowering"]
+    assert set(lowering) == {"prefill"} and engine["decode"] == engine["prefill"]  # one graph serves both
+    assert lowering["prefill"]["attention"] == {"GroupQueryAttention": full, "Attention": t.num_layers - full,
+                                                "kept": 0}
     # 4 block norms + q/k/v norms per layer, the final norm; prefill also the vision and audio embedders' norms
     cfg = PRESETS[PRESET]
-    assert lowering["decode"]["norms"] == 7 * t.num_layers + 1
     assert lowering["prefill"]["norms"] == 7 * t.num_layers + 1 + (cfg.vision is not None) + (cfg.audio is not None)
-    for graph in ("prefill", "decode"):
-        proto = onnx.load(str(art / manifest["engines"]["onnxruntime"][graph]), load_external_data=False)
-        ops = [n.op_type for n in proto.graph.node]
-        assert ops.count("GroupQueryAttention") == (full if graph == "decode" else 0)
-        assert ops.count("If") == (0 if graph == "decode" else full)
-        assert "FusedAttention" not in ops if graph == "decode" else ops.count("FusedAttention") <= t.num_layers - full
-        assert "ReduceMean" not in ops and "Pow" not in ops, f"{graph}: unfused RMSNorm pieces left: {ops}"
+    proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("If") == full  # GroupQueryAttention in one branch, the plugin node's body in the other
+    assert ops.count("Attention") == t.num_layers - full  # sliding layers
+    assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
+    assert "FusedAttention" not in ops, f"a plugin node is left: {sorted(set(ops))}"
+    assert "ReduceMean" not in ops and "Pow" not in ops, f"unfused RMSNorm pieces left: {ops}"
     # the TensorRT plugin graphs are not modified
     plugin = onnx.load(str(art / manifest["plugin_graphs"]["decode"]["file"]), load_external_data=False)
     assert [n.op_type for n in plugin.graph.node].count("FusedAttention") == t.num_layers
