@@ -145,7 +145,7 @@ def test_int4_dequantize_form(int4_tiny):
 def test_int4_runs_as_matmulnbits(int4_tiny):
     n = _want_linears("tiny") + 1
     for graph in ("prefill", "decode"):
-        nodes = onnx.load(str(int4_tiny / "ort" / f"{graph}.onnx"), load_external_data=False).graph.node
+        nodes = onnx.load(str(int4_tiny / read_manifest(int4_tiny)["engines"]["onnxruntime"][graph]), load_external_data=False).graph.node
         ops = collections.Counter(nd.op_type for nd in nodes)
         assert ops["MatMulNBits"] == n and ops["DequantizeLinear"] == 0, ops
         for nd in nodes:

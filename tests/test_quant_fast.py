@@ -106,7 +106,7 @@ def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
     q = built("int8")
     n = _want_linears("tiny")
     for graph in ("prefill", "decode"):
-        ops = _ops(q / "ort" / f"{graph}.onnx")
+        ops = _ops(q / read_manifest(q)["engines"]["onnxruntime"][graph])
         assert ops["MatMulIntegerToFloat"] == n, ops
         # no weight dequantized at run time: the only DequantizeLinear left would be a fallback
         assert ops["DequantizeLinear"] == 0, ops
@@ -140,7 +140,7 @@ def test_int8_build_equals_the_qdq_artifact(built):
 def test_fp8_weights_are_dequantized_once(built):
     q = built("fp8")
     for graph in ("prefill", "decode"):
-        proto = onnx.load(str(q / "ort" / f"{graph}.onnx"), load_external_data=False)
+        proto = onnx.load(str(q / read_manifest(q)["engines"]["onnxruntime"][graph]), load_external_data=False)
         inits = {t.name: t for t in proto.graph.initializer}
         dq_of_const = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
         assert not dq_of_const, [n.name for n in dq_of_const]
