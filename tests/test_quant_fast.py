@@ -88,7 +88,13 @@ def _run_both(root, graph: str, built=None):
         outs = dict(zip(names, pre.run(names, f)))
         d = {"input_ids": outs["logits"].argmax(-1).reshape(1, 1).astype(np.int64), "past_lens": f["seq_lens"]}
         d |= {k.replace("present_", "past_"): v for k, v in outs.items() if k.startswith("present_")}
-        pairs.append((built.run(["logits"], d)[0], plain.run(["logits"], d)[0]))
+        db = d
+        if "seq_lens" in {i.name for i in built.get_inputs()}:  # one built graph serves both: decode = 1-token prefill
+            from runtime.prompt import PrefillInputs
+
+            db = prefill_feeds(PrefillInputs(d["input_ids"], d["past_lens"], np.ones(1, np.int64)), m)
+            db |= {k: v for k, v in d.items() if k.startswith("past_") and k != "past_lens"}
+        pairs.append((built.run(["logits"], db)[0], plain.run(["logits"], d)[0]))
     return pairs
 
 
@@ -119,6 +125,11 @@ def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
     outs = dict(zip(names, pre.run(names, feeds[0])))
     d = {"input_ids": np.array([[5]], np.int64), "past_lens": feeds[0]["seq_lens"]}
     d |= {k.replace("present_", "past_"): v for k, v in outs.items() if k.startswith("present_")}
+    if "seq_lens" in {i.name for i in sess.get_inputs()}:  # one built graph serves both
+        from runtime.prompt import PrefillInputs
+
+        d = prefill_feeds(PrefillInputs(d["input_ids"], d["past_lens"], np.ones(1, np.int64)), m) | {
+            k: v for k, v in d.items() if k.startswith("past_") and k != "past_lens"}
     sess.run(["logits"], d)
     events = json.loads(open(sess.end_profiling()).read())
     kernels = collections.Counter(e["args"]["op_name"] for e in events
