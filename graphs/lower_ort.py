@@ -3,7 +3,7 @@
 Fixed order, each pass in its own file, counts returned:
 
 1. `graphs.lower_ort_attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
-   where exact (sliding-layer prefill keeps the plugin node's body);
+   where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write);
 2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization`` (ONNX Runtime then fuses the residual
    adds into ``SkipSimplifiedLayerNormalization``).
 

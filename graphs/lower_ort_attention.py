@@ -14,8 +14,11 @@ Rewrite:
 * sliding layers, decode: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter`` circular, in place) and one
   ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled iff j <= past_lens: a ring
   slot holds a position within the window whenever it is filled, and attention does not depend on key order).
-* sliding layers, prefill: left as the plugin node (its function body runs): GroupQueryAttention has no ring buffer
-  and cannot open the bidirectional image blocks, so the exact body stays.
+* sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
+  keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
+  written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).
+  GroupQueryAttention has no ring buffer and cannot open the bidirectional image blocks.  With every cache written
+  in place, the lowered prefill graph also serves decode (one ONNX Runtime session; `graphs.build`).
 
 Does not touch projections, norms or anything outside the nodes; the TensorRT plugin graphs are not modified (this
 runs on a copy loaded for the ONNX Runtime build).
