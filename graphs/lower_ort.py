@@ -22,13 +22,70 @@ __all__ = ["lower_graph", "lower_to_file", "remove_lowered"]
 LOWERED_SUFFIX = ".ort-lowered.tmp.onnx"
 
 
-def lower_graph(model, *, decode: bool, max_len: int, log=print) -> dict:
+def _scalar(value):
+    """The integer a constant scalar value holds, else None."""
+    import numpy as np
+
+    t = value.const_value
+    if t is None and value.producer() is not None and value.producer().op_type == "Constant":
+        attr = value.producer().attributes.get("value")
+        t = None if attr is None else attr.value
+    if t is None:
+        return None
+    a = np.asarray(t.numpy())
+    return int(a.reshape(())) if a.size == 1 and a.dtype.kind in "iu" else None
+
+
+def gate_soft_token_slots(model, soft_inputs: dict[int, str]) -> int:
+    """Placeholder slots only where soft tokens are given: ``input_ids == <image/audio token>`` masks that place soft
+    tokens or open image blocks (every such Equal not feeding only the text embedding's ``Or``) are ANDed with
+    "``soft_inputs[token]`` has rows".  A prefill with images or audio is unchanged; a decode step run by the prefill
+    graph (no soft rows) embeds a generated placeholder id as text, as the decode graph and transformers do."""
+    import numpy as np
+    import onnx_ir as ir
+
+    g = model.graph
+    ids = next((v for v in g.inputs if v.name == "input_ids"), None)
+    feeds = {v.name: v for v in g.inputs}
+    if ids is None:
+        return 0
+    n = 0
+    zero = None
+    for node in list(g):
+        if node.op_type != "Equal" or node.domain not in ("", "ai.onnx") or ids not in node.inputs:
+            continue
+        other = node.inputs[1] if node.inputs[0] is ids else node.inputs[0]
+        token = _scalar(other)
+        src = feeds.get(soft_inputs.get(token, ""))
+        out = node.outputs[0]
+        uses = [u for u, _ in out.uses()]
+        if src is None or not uses or all(u.op_type == "Or" for u in uses):
+            continue
+        if zero is None:
+            zero = ir.Value(name="ort_lower_soft_zero", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]),
+                            const_value=ir.tensor(np.array([0], np.int64), name="ort_lower_soft_zero"))
+            g.register_initializer(zero)
+        rows = ir.node("Shape", [src], attributes={"start": 0, "end": 1}, name=f"ort_lower_soft_rows_{n}")
+        has = ir.node("Greater", [rows.outputs[0], zero], name=f"ort_lower_soft_has_{n}")
+        gated = ir.node("And", [out, has.outputs[0]], name=f"ort_lower_soft_gate_{n}")
+        g.insert_after(node, [rows, has, gated])
+        for u in uses:
+            for i, x in enumerate(u.inputs):
+                if x is out:
+                    u.replace_input_with(i, gated.outputs[0])
+        gated.outputs[0].shape, gated.outputs[0].type = out.shape, out.type
+        n += 1
+    return n
+
+
+def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None) -> dict:
     """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts."""
     from graphs.lower_ort_attention import lower_attention
     from graphs.lower_ort_norms import lower_norms
 
     report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log)}
     report["norms"] = lower_norms(model, log=log)
+    report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
     model.graph.sort()
     return report
 
@@ -42,7 +99,9 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tupl
 
     src = Path(src)
     model = ir.load(str(src))
-    report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log)
+    tokens = manifest.get("model_config", {}).get("tokens", {})
+    soft = {int(tokens[k]): f for k, f in (("image", "image_patches"), ("audio", "audio_frames")) if k in tokens}
+    report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft)
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)
     try:
         onnx.save(ir.serde.serialize_model(model), str(dst))  # weights stay in the source's external data

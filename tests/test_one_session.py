@@ -110,6 +110,8 @@ def test_one_session_matches_the_plugin_graphs(artifact_store, capfd):
     # 3. decode well past the window (8): every ring wraps around
     for step in range(10):
         nxt = rng.integers(12, 290, (batch, 1))
+        if step == 3:  # generated placeholder ids are text in decode (no soft tokens: gate_soft_token_slots)
+            nxt[1, 0], nxt[2, 0] = cfg.tokens.image, cfg.tokens.audio
         want, ref = _plugin_step(plugin, manifest, "decode", {"input_ids": nxt, "past_lens": lens}, ref)
         compare(backend.decode(nxt, lens, cache), want, ref, f"decode step {step}", lens + 1)
         lens = lens + 1
