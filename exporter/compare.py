@@ -73,6 +73,49 @@ class TorchGemma4Runner(_lazy_base()):
         return out
 
 
+class OneGraphDecodeRunner(_lazy_base()):
+    """A decode step through a one-graph ONNX Runtime engine (``engines.onnxruntime.one_graph``): the decode feed
+    dict becomes a one-token prefill exactly as `runtime.ort_backend` builds it, so Polygraphy compares the path the
+    runtime takes against our decode function."""
+
+    def __init__(self, path: Path, manifest: dict, input_specs: list[dict], output_names: list[str]):
+        super().__init__(prefix="onnxrt-one-graph-decode")
+        self.path, self.manifest = path, manifest
+        self.input_specs, self.output_names = input_specs, output_names
+        self.session = None
+
+    def activate_impl(self):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+
+    def deactivate_impl(self):
+        self.session = None
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for spec in self.input_specs:
+            meta.add(spec["name"], np.dtype(spec["dtype"]), [d if isinstance(d, int) else -1 for d in spec["shape"]])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        from runtime.ort_backend import prefill_feeds
+        from runtime.prompt import PrefillInputs
+
+        start = time.perf_counter()
+        ids = np.asarray(feed_dict["input_ids"], np.int64).reshape(-1, 1)
+        feeds = prefill_feeds(PrefillInputs(input_ids=ids, past_lens=np.asarray(feed_dict["past_lens"], np.int64),
+                                            seq_lens=np.ones(len(ids), np.int64)), self.manifest)
+        feeds.update({k: v for k, v in feed_dict.items() if k.startswith(("past_key_", "past_value_"))})
+        names = [o.name for o in self.session.get_outputs()]
+        got = dict(zip(names, self.session.run(names, feeds)))
+        out = OrderedDict((n, got[n]) for n in self.output_names)
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
 def feeds_for(cfg: ModelConfig, graph: str, input_specs: list[dict], *, batch: int, seq: int, max_len: int, seed: int):
     """One consistent random feed dict for ``graph``."""
     rng = np.random.default_rng(seed)
@@ -100,8 +143,13 @@ def feeds_for(cfg: ModelConfig, graph: str, input_specs: list[dict], *, batch: i
     feeds["past_lens"] = past.astype(np.int64)
     for spec in input_specs:
         if spec["name"].startswith(("past_key_", "past_value_")):
-            shape = cache_shape(spec, batch, max_len)
-            feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+            shape = cache_shape(spec, batch, max_len)  # (B, Hkv, T, D)
+            cache = rng.standard_normal(shape).astype(np.float32)
+            # slots no position has reached yet are empty (zero), as in the runtime's caches: what an engine leaves
+            # in never-written slots is unspecified (GroupQueryAttention's present copies only the valid length)
+            empty = np.arange(shape[2])[None, :] >= past[:, None]  # (B, T)
+            cache[np.broadcast_to(empty[:, None, :, None], cache.shape)] = 0.0
+            feeds[spec["name"]] = cache
     return OrderedDict((spec["name"], feeds[spec["name"]]) for spec in input_specs)
 
 
@@ -136,12 +184,14 @@ def compare_artifact(root: str | Path, *, model: Gemma4Model | None = None, iter
     ok = True
     for graph in ("prefill", "decode"):
         spec = manifest["graphs"][graph]
-        rel = manifest.get("engines", {}).get("onnxruntime", {}).get(graph, spec["file"])
+        engine = manifest.get("engines", {}).get("onnxruntime", {})
+        rel = engine.get(graph, spec["file"])
         outputs = [o["name"] for o in spec["outputs"]]
-        runners = [
-            TorchGemma4Runner(model, graph, spec["inputs"], outputs),
-            OnnxrtRunner(SessionFromOnnx(str(root / rel), providers=["CPUExecutionProvider"])),
-        ]
+        if graph == "decode" and engine.get("one_graph"):  # decode runs as a one-token prefill of that graph
+            onnxrt = OneGraphDecodeRunner(root / rel, manifest, spec["inputs"], outputs)
+        else:
+            onnxrt = OnnxrtRunner(SessionFromOnnx(str(root / rel), providers=["CPUExecutionProvider"]))
+        runners = [TorchGemma4Runner(model, graph, spec["inputs"], outputs), onnxrt]
         shapes = [(3, 13, min(manifest["max_len"], 45)), (1, 5, min(manifest["max_len"], 29))][:iterations]
         data = [
             feeds_for(cfg, graph, spec["inputs"], batch=b, seq=s, max_len=m, seed=i)
