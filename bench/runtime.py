@@ -429,7 +429,15 @@ def _decode_feeds(stack: Stack, sess, past: int) -> dict:
 
         manifest = read_manifest(stack.path, verify=False)
         feeds = zero_cache(manifest, "decode", 1, int(manifest["max_len"]))
-        feeds.update(input_ids=np.array([[5]], dtype=np.int64), past_lens=np.array([past], dtype=np.int64))
+        ids, lens = np.array([[5]], dtype=np.int64), np.array([past], dtype=np.int64)
+        if manifest.get("engines", {}).get("onnxruntime", {}).get("one_graph"):  # decode = a one-token prefill
+            from runtime.ort_backend import prefill_feeds
+            from runtime.prompt import PrefillInputs
+
+            feeds.update(prefill_feeds(PrefillInputs(input_ids=ids, past_lens=lens,
+                                                     seq_lens=np.ones(1, np.int64)), manifest))
+        else:
+            feeds.update(input_ids=ids, past_lens=lens)
         return {i.name: feeds[i.name] for i in sess.get_inputs()}
     window = json.loads((stack.path / "genai_config.json").read_text())["model"]["decoder"].get(
         "sliding_window", {}).get("window_size", past)
