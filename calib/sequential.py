@@ -376,6 +376,7 @@ def _gather_fp16(model) -> int:
     import onnx_ir as ir
 
     from exporter.stream import lazy_tensor
+    from graphs.cast_precision import cast_output_to_float
 
     graph = model.graph
     done = 0
@@ -397,15 +398,7 @@ def _gather_fp16(model) -> int:
         v = ir.Value(name=name, const_value=lazy_tensor(half, ir.DataType.FLOAT16, shape, name=name))
         graph.register_initializer(v)
         node.replace_input_with(0, v)
-        out = node.outputs[0]
-        users = list(out.uses())
-        cast = ir.node("Cast", [out], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}.cast_fp32")
-        cast.metadata_props.update(node.metadata_props)
-        cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, out.shape
-        graph.insert_after(node, [cast])
-        for use in users:
-            use.node.replace_input_with(use.idx, cast.outputs[0])
-        out.dtype = ir.DataType.FLOAT16
+        cast_output_to_float(graph, node, ir.DataType.FLOAT16, name=f"{node.name}.cast_fp32")
         done += 1
     from calib.linears import drop_unused_weights
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from calib.linears import drop_unused_weights, find_linears, group_of
 
-__all__ = ["DTYPES", "cast_linears"]
+__all__ = ["DTYPES", "cast_linears", "cast_output_to_float"]
 
 DTYPES = ("bf16", "fp16")
 
@@ -28,6 +28,24 @@ def _np_dtype(dtype: str):
     import ml_dtypes
 
     return ml_dtypes.bfloat16
+
+
+
+def cast_output_to_float(graph, node, low, *, name: str):
+    """``node`` now computes in ``low`` (its output's new dtype): a Cast back to fp32 right after it takes over
+    every user of the output; returns the Cast's output."""
+    import onnx_ir as ir
+
+    out = node.outputs[0]
+    users = list(out.uses())  # before the Cast below becomes one
+    up = ir.node("Cast", [out], attributes={"to": ir.DataType.FLOAT}, name=name)
+    up.metadata_props.update(node.metadata_props)
+    up.outputs[0].dtype, up.outputs[0].shape = ir.DataType.FLOAT, out.shape
+    graph.insert_after(node, [up])
+    for use in users:
+        use.node.replace_input_with(use.idx, up.outputs[0])
+    out.dtype = low
+    return up.outputs[0]
 
 
 def cast_linears(model, dtype: str = "bf16", groups: tuple[str, ...] = ("decoder", "lm_head")) -> dict[str, int]:
@@ -68,20 +86,13 @@ def cast_linears(model, dtype: str = "bf16", groups: tuple[str, ...] = ("decoder
         graph.register_initializer(w_low)
         node.replace_input_with(1, w_low)
         out = node.outputs[0]
-        users = list(out.uses())  # before the Cast below becomes one
-        up = ir.node("Cast", [out], attributes={"to": ir.DataType.FLOAT}, name=f"{module}.output.cast_fp32")
-        up.metadata_props.update(node.metadata_props)
-        up.outputs[0].dtype, up.outputs[0].shape = ir.DataType.FLOAT, out.shape
-        graph.insert_after(node, [up])
-        for use in users:
-            use.node.replace_input_with(use.idx, up.outputs[0])
+        up = cast_output_to_float(graph, node, low, name=f"{module}.output.cast_fp32")
         for i, g_out in enumerate(graph.outputs):
             if g_out is out:
-                graph.outputs[i] = up.outputs[0]
+                graph.outputs[i] = up
                 name_out = out.name
                 out.name = f"{name_out}_{dtype}"
-                up.outputs[0].name = name_out
-        out.dtype = low
+                up.name = name_out
         casts += 1
     drop_unused_weights(graph)
     return {"linears": len(linears), "casts": casts}
