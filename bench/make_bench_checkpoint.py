@@ -98,7 +98,7 @@ def build_model(cfg, seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("embed_tokens.weight"):
-                p.normal_(0.0, 0.1, generator=gen)  # larger logits: greedy choices away from ties
+                p.normal_(0.0, 0.5, generator=gen)  # logits well apart: greedy choices away from ties
             elif name.endswith(".weight") and p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias") or name.endswith("pos_embedding"):

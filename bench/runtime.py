@@ -302,6 +302,7 @@ class Stack:
 
 # ---------------------------------------------------------------------------------------------- building
 def _run(cmd: list[str], log: Path) -> tuple[bool, str]:
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:

@@ -118,6 +118,8 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
         # one graph: the same file, all caches in place; runtime.ort_backend opens one session for both
         "decode": "ort/prefill.onnx" if one_graph else "ort/decode.onnx",
         "one_graph": one_graph,
+        # GroupQueryAttention takes no prompt with past context at batch > 1: such a call runs per sequence
+        **({"prefill_with_past": "per_sequence"} if lowering["prefill"]["attention"]["GroupQueryAttention"] else {}),
         "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
         "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k != "refused"},

@@ -4,8 +4,8 @@ Fixed order, each pass in its own file, counts returned:
 
 1. `graphs.lower_ort_attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
    where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write);
-2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization`` (ONNX Runtime then fuses the residual
-   adds into ``SkipSimplifiedLayerNormalization``).
+2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
+   ``SkipSimplifiedLayerNormalization``.
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
 temporary name that the caller removes once ONNX Runtime has optimised and saved it (`remove_lowered`).  The
@@ -81,10 +81,11 @@ def gate_soft_token_slots(model, soft_inputs: dict[int, str]) -> int:
 def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None) -> dict:
     """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts."""
     from graphs.lower_ort_attention import lower_attention
-    from graphs.lower_ort_norms import lower_norms
+    from graphs.lower_ort_norms import fuse_skip_norms, lower_norms
 
     report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log)}
     report["norms"] = lower_norms(model, log=log)
+    report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
     model.graph.sort()
     return report
@@ -111,7 +112,7 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tupl
     a, n = report["attention"], report["norms"]
     log(f"[build-engine] {src.name}: lowered for ONNX Runtime: {a['GroupQueryAttention']} GroupQueryAttention, "
         f"{a['Attention']} Attention, {a['kept']} attention bodies kept, {len(a['refused'])} refused; "
-        f"{n['SimplifiedLayerNormalization']} RMSNorms fused")
+        f"{n['SimplifiedLayerNormalization']} RMSNorms fused, {n['SkipSimplifiedLayerNormalization']} with their residual add")
     return dst, report
 
 

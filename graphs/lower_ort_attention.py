@@ -10,7 +10,11 @@ Rewrite:
   RoPE is the rotate-half RoPE over the whole head_dim with zero frequencies beyond ``rotary_dim``, so the tables
   span head_dim / 2 with cos = 1, sin = 0 in the tail (exact identity).  ``seqlens_k = past_lens + S - 1``: it reads
   keys up to each query's position only, so a full layer costs the valid length, not ``max_len``.  GQA refuses a
-  prompt with past context at batch > 1, so prefill keeps the plugin node for that case behind an ``If``.
+  prompt with past context at batch > 1 (a continued or chunked prefill of several sequences): the lowered graph
+  does not take that call, and the engine record says so (``prefill_with_past: per_sequence``), so
+  `runtime.ort_backend` runs it one sequence at a time on views of the cache rows.  (An ``If`` holding the plugin
+  node's body for that case cost more than it saved: outputs leaving an ``If`` are copies, so every step copied
+  each full layer's whole cache, ~2 ms per full layer per step on the bench model at max_len 512.)
 * sliding layers, decode: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter`` circular, in place) and one
   ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled iff j <= past_lens: a ring
   slot holds a position within the window whenever it is filled, and attention does not depend on key order).
@@ -160,6 +164,13 @@ def _gqa(b: _Builder, node, a: dict, before, into=None):
     return nd.outputs
 
 
+def _seq_key(q):
+    """What identifies q's token count: its named symbolic dim (the same in every layer), else q itself."""
+    dim = None if q.shape is None or len(q.shape) < 2 else q.shape[1]
+    value = getattr(dim, "value", None)
+    return ("dim", value) if isinstance(value, str) and value else ("value", id(q))
+
+
 def _sliding_decode(b: _Builder, node, a: dict, before):
     q, k, v, pk, pv, past_lens = node.inputs[:6]
     h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
@@ -193,8 +204,13 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     seq_lens) and within the window (kp > qp - W) and (causal or both in the same image block).  The ring is then
     written in place with one circular ``TensorScatter`` of U = min(S, W) tokens per row starting at slot
     (e - U) mod W, e = past_lens + seq_lens: positions e - U .. e - 1, taken from the new tokens where p >=
-    past_lens and from the ring itself (rewriting a slot with its own value) where p < past_lens, so right-padded
-    tokens never reach the ring and rows of different lengths share one scatter."""
+    past_lens and from the ring itself (rewriting a slot with its own value) where 0 <= p < past_lens, so
+    right-padded tokens never reach the ring and rows of different lengths share one scatter; slots of positions
+    p < 0 (a row shorter than U) hold no valid key before or after and are written with any ring value.
+
+    Until a ring has wrapped in some row, its slots at and after max(past_lens) hold nothing: the attention reads
+    the first n = max(1, min(W, max(past_lens))) slots only (the rest are masked in every row anyway), so a short
+    context costs its length, not the window."""
     q, k, v, pk, pv, past_lens, seq_lens, blk = node.inputs[:8]
     h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
     cos, sin = b.rope(a)
@@ -207,22 +223,31 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         pl = b.node("Unsqueeze", [past_lens, b.ints([1])], before=before)  # (B, 1)
         return s, ar, pl, b.node("Add", [pl, b.node("Unsqueeze", [ar, b.ints([0])], before=before)], before=before)
 
-    s, ar, pl, pos = b.shared(("spos", id(past_lens), id(q)), positions)  # pos (B, S)
+    s, ar, pl, pos = b.shared(("spos", id(past_lens), _seq_key(q)), positions)  # pos (B, S), once per graph
+
+    def used():  # (1,) slots read: max(1, min(W, max(past_lens)))
+        most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 1})  # (1,)
+        return b.node("Max", [b.node("Min", [most, b.ints([w])], before=before), b.ints([1])], before=before)
+
+    n = b.shared(("sused", w, id(past_lens)), used)
 
     def mask():
         last = b.node("Sub", [pl, b.ints([1])], before=before)  # (B, 1)
-        slots = b.const(("slots", w), np.arange(w, dtype=np.int64), f"ort_lower_slots_{w}")
+        slots = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
+                                 b.node("Squeeze", [n, b.ints([0])], before=before),
+                                 b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")],
+                       before=before)  # (n,) the slots read
         ring_pos = b.node("Sub", [last, b.node("Mod", [b.node("Sub", [last, slots], before=before), b.ints([w])],
-                                               before=before, attrs={"fmod": 0})], before=before)  # (B, W)
-        k_pos = b.node("Concat", [ring_pos, pos], before=before, attrs={"axis": 1})  # (B, W + S)
+                                               before=before, attrs={"fmod": 0})], before=before)  # (B, n)
+        k_pos = b.node("Concat", [ring_pos, pos], before=before, attrs={"axis": 1})  # (B, n + S)
         ring_ok = b.node("GreaterOrEqual", [ring_pos, b.ints([0])], before=before)
         new_ok = b.node("Less", [b.node("Unsqueeze", [ar, b.ints([0])], before=before),
                                  b.node("Unsqueeze", [seq_lens, b.ints([1])], before=before)], before=before)
         k_ok = b.node("Concat", [ring_ok, new_ok], before=before, attrs={"axis": 1})
         neg = b.node("Sub", [b.node("Mul", [ring_pos, b.ints([0])], before=before), b.ints([1])], before=before)
-        k_blk = b.node("Concat", [neg, blk], before=before, attrs={"axis": 1})  # (B, W + S)
+        k_blk = b.node("Concat", [neg, blk], before=before, attrs={"axis": 1})  # (B, n + S)
         qp = b.node("Unsqueeze", [pos, b.ints([2])], before=before)  # (B, S, 1)
-        kp = b.node("Unsqueeze", [k_pos, b.ints([1])], before=before)  # (B, 1, W + S)
+        kp = b.node("Unsqueeze", [k_pos, b.ints([1])], before=before)  # (B, 1, n + S)
         qb = b.node("Unsqueeze", [blk, b.ints([2])], before=before)
         same = b.node("And", [b.node("Equal", [qb, b.node("Unsqueeze", [k_blk, b.ints([1])], before=before)],
                                      before=before),
@@ -230,13 +255,13 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         in_win = b.node("Greater", [kp, b.node("Sub", [qp, b.ints([w])], before=before)], before=before)
         causal = b.node("Or", [b.node("LessOrEqual", [kp, qp], before=before), same], before=before)
         ok = b.node("And", [b.node("And", [b.node("Unsqueeze", [k_ok, b.ints([1])], before=before), in_win],
-                                   before=before), causal], before=before)  # (B, S, W + S)
+                                   before=before), causal], before=before)  # (B, S, n + S)
         bias = b.node("Where", [ok, b.const(("f0",), np.array(0, np.float32), "ort_lower_f32_0"),
                                 b.const(("fmin",), np.array(np.finfo(np.float32).min, np.float32),
                                         "ort_lower_f32_min")], before=before)
-        return b.node("Unsqueeze", [bias, b.ints([1])], before=before)  # (B, 1, S, W + S)
+        return b.node("Unsqueeze", [bias, b.ints([1])], before=before)  # (B, 1, S, n + S)
 
-    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask)
+    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask)  # (B, 1, S, n + S)
 
     def write_index():  # U, the ring-write start slot (B,), gather indices (B, 1, U, 1) into concat(ring, new)
         u = b.node("Min", [s, b.ints([w])], before=before)  # (1,)
@@ -249,28 +274,27 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         p = b.node("Add", [b.node("Unsqueeze", [start, b.ints([1])], before=before),
                            b.node("Unsqueeze", [ur, b.ints([0])], before=before)], before=before)  # (B, U)
         is_new = b.node("GreaterOrEqual", [p, pl], before=before)
-        idx = b.node("Where", [is_new, b.node("Add", [b.node("Sub", [p, pl], before=before), b.ints([w])],
-                                              before=before),
-                               b.node("Mod", [p, b.ints([w])], before=before, attrs={"fmod": 0})], before=before)
+        idx = b.node("Where", [is_new, b.node("Add", [b.node("Sub", [p, pl], before=before), n],
+                                              before=before),  # new token i sits at n + i after the n slots
+                               b.node("Min", [b.node("Mod", [p, b.ints([w])], before=before, attrs={"fmod": 0}),
+                                              b.node("Sub", [n, b.ints([1])], before=before)], before=before)],
+                       before=before)  # old slots (p < past_lens): < n unless p < 0 (never valid: any slot read)
         idx4 = b.node("Unsqueeze", [idx, b.ints([1, 3])], before=before)  # (B, 1, U, 1)
         return first, b.node("Expand", [idx4, b.node("Concat", [b.ints([1, hkv]), u, b.ints([d])], before=before,
                                                             attrs={"axis": 0})], before=before)
 
-    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index)
+    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index)  # after `n` (shared)
     q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)
     k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
+    v3 = b.node("Reshape", [v, b.ints([0, 0, hkv * d])], before=before)
     qr = b.node("RotaryEmbedding", [q3, cos, sin, pos], before=before, attrs={"num_heads": h})
     kr = b.node("RotaryEmbedding", [k3, cos, sin, pos], before=before, attrs={"num_heads": hkv})
-    k4 = b.node("Transpose", [b.node("Reshape", [kr, b.ints([0, 0, hkv, d])], before=before)], before=before,
-                attrs={"perm": [0, 2, 1, 3]})  # (B, Hkv, S, D)
-    v4 = b.node("Transpose", [v], before=before, attrs={"perm": [0, 2, 1, 3]})
-    q4 = b.node("Transpose", [b.node("Reshape", [qr, b.ints([0, 0, h, d])], before=before)], before=before,
-                attrs={"perm": [0, 2, 1, 3]})  # (B, H, S, D)
-    k_all = b.node("Concat", [pk, k4], before=before, attrs={"axis": 2})  # (B, Hkv, W + S, D)
-    v_all = b.node("Concat", [pv, v4], before=before, attrs={"axis": 2})
-    o4 = b.node("Attention", [q4, k_all, v_all, bias], before=before, attrs={"scale": 1.0})  # (B, H, S, D)
-    out = b.node("Reshape", [b.node("Transpose", [o4], before=before, attrs={"perm": [0, 2, 1, 3]}),
-                             b.ints([0, 0, h * d])], before=before)  # (B, S, H * D)
+    # 3-D q/k/v with the ring as past: Attention concatenates (B, Hkv, n + S, D) itself and returns it as present
+    zero1 = b.ints([0])
+    ring_k = b.node("Slice", [pk, zero1, n, b.ints([2])], before=before)  # (B, Hkv, n, D): a view's copy
+    ring_v = b.node("Slice", [pv, zero1, n, b.ints([2])], before=before)
+    out, k_all, v_all = b.node("Attention", [qr, kr, v3, bias, ring_k, ring_v], before=before, outputs=3,
+                               attrs={"scale": 1.0, "q_num_heads": h, "kv_num_heads": hkv})  # out (B, S, H * D)
     scatter = {"mode": "circular", "axis": -2}
     # the updates are gathered from the concat copies, so the in-place writes run after every read of the ring
     present_k = b.node("TensorScatter", [pk, b.node("GatherElements", [k_all, gidx], before=before,
@@ -278,36 +302,6 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     present_v = b.node("TensorScatter", [pv, b.node("GatherElements", [v_all, gidx], before=before,
                                                     attrs={"axis": 2}), first], before=before, attrs=scatter)
     return out, present_k, present_v
-
-
-def _prefill_full(b: _Builder, node, a: dict, before):
-    """``If(batch > 1 and any past context)``: the plugin node (GQA refuses that case), else GroupQueryAttention."""
-    ir = b.ir
-    past_lens = node.inputs[5]
-
-    def general():  # batch > 1 and any past context and S > 1 (one new token is GQA's token generation)
-        many = b.node("Greater", [b.node("Shape", [past_lens], before=before), b.ints([1])], before=before)  # (1,)
-        most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 0})
-        has_past = b.node("Greater", [most, b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0")],
-                          before=before)
-        prompt = b.node("Greater", [b.node("Shape", [node.inputs[0]], before=before, attrs={"start": 1, "end": 2}),
-                                    b.ints([1])], before=before)  # (1,)
-        return b.node("And", [b.node("And", [many, has_past], before=before), prompt], before=before)
-
-    cond = b.shared(("general", id(past_lens)), general)
-    label = node.name or f"FusedAttention_{node.overload}"
-    plugin = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()),
-                     overload=node.overload, num_outputs=3, name=f"{label}_general")
-    else_graph = ir.Graph([], [], nodes=[], name=f"{label}_gqa")
-    gqa_outs = _gqa(b, node, a, before, into=else_graph)
-    for branch_outs, tag in ((plugin.outputs, "general"), (gqa_outs, "gqa")):
-        for o, ref in zip(branch_outs, node.outputs):
-            o.name, o.type, o.shape = f"{ref.name}_{tag}", ref.type, ref.shape
-    else_graph.outputs.extend(gqa_outs)
-    then_graph = ir.Graph([], list(plugin.outputs), nodes=[plugin], name=f"{label}_general")
-    return b.node("If", [cond], before=before, outputs=3,
-                  attrs={"then_branch": ir.AttrGraph("then_branch", then_graph),
-                         "else_branch": ir.AttrGraph("else_branch", else_graph)})
 
 
 def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
@@ -331,11 +325,8 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
         elif a["sliding"]:
             new = _sliding_decode(b, node, a, node)
             counts["Attention"] += 1
-        elif decode:
-            new = _gqa(b, node, a, node)
-            counts["GroupQueryAttention"] += 1
         else:
-            new = _prefill_full(b, node, a, node)
+            new = _gqa(b, node, a, node)
             counts["GroupQueryAttention"] += 1
         for old, nv in zip(node.outputs, new):
             name = old.name
@@ -345,9 +336,9 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
         model.graph.remove(node, safe=True)
     if counts["GroupQueryAttention"]:
         model.opset_imports.setdefault("com.microsoft", 1)
-    if not decode and counts["GroupQueryAttention"]:
-        # the If branches call the plugin function: inline them here, with names unique across subgraphs (ONNX
-        # Runtime's own inliner reuses names across subgraphs, and the optimised graph it saves would not load)
+    if model.functions:
+        # local functions left (the PatchEmbed plugin's body): inline them so the later passes see their nodes, with
+        # names unique across the graph
         import onnx_ir.passes.common as common
 
         common.InlinePass()(model)

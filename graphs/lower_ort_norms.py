@@ -9,16 +9,20 @@ Check: the exponents are 2 and -0.5, the mean is over the last axis only with ke
 the pattern; otherwise the nodes stay and the reason is counted.
 Rewrite: ``SimplifiedLayerNormalization(x, weight or ones, axis=-1, epsilon=eps, stash_type=1)`` (computed in
 fp32: ``x / sqrt(mean(x^2) + eps) * weight``, the same math; it differs from the exported form by float rounding
-only).  ONNX Runtime's own optimiser then folds the residual ``Add`` before a norm into
-``SkipSimplifiedLayerNormalization``.  Norms on quantized graphs are matched the same way (Q/DQ nodes sit on the
-Linears' inputs, after the norm).  Does not touch anything else.
+only).  Norms on quantized graphs are matched the same way (Q/DQ nodes sit on the Linears' inputs, after the norm).
+
+Then (`fuse_skip_norms`) a residual ``Add(a, b)`` of two same-shaped 3-D tensors whose sum feeds a
+``SimplifiedLayerNormalization`` becomes one ``SkipSimplifiedLayerNormalization(a, b, weight)``: its output 0 is the
+norm, output 3 the sum for the Add's other users (the next residual).  ONNX Runtime 1.32 does not do this on its own
+for these graphs (its fusion wants shapes it cannot see here): two kernels fewer per decoder layer.  Does not touch
+anything else.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["lower_norms"]
+__all__ = ["fuse_skip_norms", "lower_norms"]
 
 
 class Refused(ValueError):
@@ -135,3 +139,49 @@ def lower_norms(model, *, log=print) -> dict:
         graph.remove(list(reversed(nodes)), safe=True)
         counts["SimplifiedLayerNormalization"] += 1
     return counts
+
+
+def _same_3d(a, b) -> bool:
+    """Both values are 3-D with equal shapes (symbolic dims by name): an Add without broadcasting."""
+    if a.shape is None or b.shape is None or len(a.shape) != 3 or len(b.shape) != 3:
+        return False
+    return all(str(x) == str(y) and (isinstance(x, int) or getattr(x, "value", None)) for x, y in zip(a.shape, b.shape))
+
+
+def fuse_skip_norms(model, *, log=print) -> int:
+    """``Add(a, b) -> SimplifiedLayerNormalization`` pairs -> ``SkipSimplifiedLayerNormalization``; returns how many."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    n = 0
+    for norm in [x for x in graph if x.op_type == "SimplifiedLayerNormalization" and x.domain in ("", "ai.onnx")]:
+        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or add.graph is not graph:
+            continue
+        a, b = add.inputs
+        axis = norm.attributes.get_int("axis", -1)
+        if not _same_3d(a, b) or axis not in (-1, 2) or norm.attributes.get_int("stash_type", 1) != 1:
+            continue
+        if a.type != b.type or a.type is None or a.type.dtype != ir.DataType.FLOAT:
+            continue
+        total = add.outputs[0]
+        others = [u for u, _ in total.uses() if u is not norm]
+        if any(u.op_type == "SimplifiedLayerNormalization" and u.inputs[0] is total for u in others):
+            continue  # two norms of one sum: leave both as they are
+        eps = norm.attributes.get_float("epsilon", 1e-5)
+        fused = ir.node("SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]], domain="com.microsoft",
+                        attributes={"epsilon": eps}, num_outputs=4, name=f"ort_lower_skip_rmsnorm_{n}")
+        graph.insert_before(norm, fused)
+        y, s = fused.outputs[0], fused.outputs[3]
+        y.shape, y.type = norm.outputs[0].shape, norm.outputs[0].type
+        s.shape, s.type = total.shape, total.type
+        for old, new in ((norm.outputs[0], y), (total, s)):
+            name = old.name
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            old.name, new.name = f"{name}__lowered", name
+        fused.outputs[1].name, fused.outputs[2].name = "", ""
+        graph.remove([norm, add], safe=True)
+        n += 1
+    if n:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return n

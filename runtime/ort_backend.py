@@ -9,7 +9,9 @@ new buffers that replace the old.
 Uses the optimised graphs from ``make build-engine`` when the manifest lists them, else the exported graphs.  When
 ``engines.onnxruntime`` names one file for both (``one_graph``: every attention lowered, every cache written in
 place), one session serves prefill and decode, so the weights are held once: a decode step is a prefill of one
-token (``seq_lens`` 1, no image or audio rows).
+token (``seq_lens`` 1, no image or audio rows).  Where the engine record says ``prefill_with_past:
+per_sequence`` (GroupQueryAttention refuses a prompt with past context at batch > 1), such a prefill runs one
+sequence per call, each bound to zero-copy views of its cache rows.
 Torch-free.  Does not tokenize, sample or loop: see `runtime.generate`.
 """
 
@@ -85,6 +87,14 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
 
 
+class _Cache(list):
+    """The cache OrtValues, with the numpy arrays they wrap (same memory)."""
+
+    def __init__(self, values: list, arrays: list[np.ndarray]):
+        super().__init__(values)
+        self.arrays = arrays
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -111,6 +121,7 @@ class OrtBackend:
         # one graph for both steps only when build-engine says so (all caches in place); a manifest merely naming
         # one file twice without it is refused rather than run with a wrong in-place assumption
         self.one_graph = bool(engine.get("one_graph"))
+        self.per_sequence_continuation = engine.get("prefill_with_past") == "per_sequence"
         if self.one_graph != (rels["prefill"] == rels["decode"]):
             raise ArtifactError(f"{self.root}: engines.onnxruntime has one_graph={engine.get('one_graph')!r} but "
                                 f"prefill {rels['prefill']!r} and decode {rels['decode']!r}; refused")
@@ -129,9 +140,10 @@ class OrtBackend:
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int) -> list:
-        """Zeroed cache buffers for ``batch`` sequences of at most ``max_len`` tokens, as OrtValues."""
-        zeros = (np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32) for spec in self.cache_specs)
-        return [self._ort.OrtValue.ortvalue_from_numpy(z) for z in zeros]
+        """Zeroed cache buffers for ``batch`` sequences of at most ``max_len`` tokens, as OrtValues (wrapping numpy
+        arrays without a copy; the arrays stay reachable as ``.arrays`` for per-sequence views)."""
+        zeros = [np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32) for spec in self.cache_specs]
+        return _Cache([self._ort.OrtValue.ortvalue_from_numpy(z) for z in zeros], zeros)
 
     def _is_sliding(self, cache_index: int) -> bool:
         return self.layer_types[cache_index // 2] == "sliding_attention"
@@ -165,9 +177,49 @@ class OrtBackend:
         return outs["logits"].numpy()
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+        ids = inputs.input_ids
+        if (self.per_sequence_continuation and len(ids) > 1 and ids.shape[1] > 1
+                and (np.asarray(inputs.past_lens) > 0).any()):
+            return self._prefill_per_sequence(inputs, cache)
         feeds = prefill_feeds(inputs, self.manifest)
         in_place = [self.one_graph or not self._is_sliding(i) for i in range(len(cache))]
         return self._run("prefill", feeds, cache, in_place)
+
+    def _prefill_per_sequence(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+        """The prefill of ``inputs`` one sequence per call (batch 1: GroupQueryAttention takes past context), each
+        on OrtValues viewing its rows of the cache arrays in place; rows with no new tokens are not run (their
+        logits are zeros: nothing was computed for them)."""
+        arrays = getattr(cache, "arrays", None)
+        if not self.one_graph:  # rings rebuilt out of place: row views cannot take them
+            raise ArtifactError(f"{self.root}: this ONNX Runtime engine takes no prefill with past context at batch > 1 "
+                                "(GroupQueryAttention) and does not write every cache in place; rebuild it with "
+                                "`make build-engine BACKEND=onnxruntime`, or prefill one sequence at a time")
+        if arrays is None or len(arrays) != len(cache) or any(
+                c.data_ptr() != a.ctypes.data for c, a in zip(cache, arrays)):
+            raise ValueError("a prefill with past context at batch > 1 needs the cache made by new_cache()")
+        tk = self.manifest["model_config"]["tokens"]
+        ids, past, lens = inputs.input_ids, np.asarray(inputs.past_lens), np.asarray(inputs.seq_lens)
+        img = (ids == tk["image"]) & (np.arange(ids.shape[1])[None] < lens[:, None]) if "image" in tk else None
+        aud = (ids == tk["audio"]) & (np.arange(ids.shape[1])[None] < lens[:, None]) if "audio" in tk else None
+        n_img = np.concatenate([[0], np.cumsum(img.sum(1))]) if img is not None else None
+        n_aud = np.concatenate([[0], np.cumsum(aud.sum(1))]) if aud is not None else None
+        out = None
+        for b in range(len(ids)):
+            n = int(lens[b])
+            if n == 0:
+                continue
+            take = lambda x, counts: None if x is None or counts is None else x[counts[b]:counts[b + 1]]  # noqa: E731
+            row = PrefillInputs(ids[b:b + 1, :n], past[b:b + 1], lens[b:b + 1],
+                                take(inputs.image_patches, n_img), take(inputs.image_positions, n_img),
+                                take(inputs.audio_frames, n_aud))
+            views = [self._ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in arrays]
+            logits = self._run("prefill", prefill_feeds(row, self.manifest), views, [True] * len(views))
+            if out is None:
+                out = np.zeros((len(ids), *logits.shape[1:]), logits.dtype)
+            out[b] = logits[0]
+        if out is None:
+            raise ValueError("a prefill call with no new tokens in any sequence")
+        return out
 
     def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
         feeds = {"input_ids": input_ids.astype(np.int64).reshape(-1, 1), "past_lens": past_lens.astype(np.int64)}
