@@ -127,7 +127,8 @@ def _example(cfg: ModelConfig, graph: str):
     return args, dyn
 
 
-def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from, log, rewrite=None) -> None:
+def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from, log, rewrite=None,
+                  share_with: Path | None = None) -> None:
     """Trace one graph and save it; with ``weights_from`` the model is fake and weights stream from there."""
     import onnx
 
@@ -145,7 +146,7 @@ def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from, log,
     else:
         from exporter.stream import stream_graph
 
-        stream_graph(program, path, weights_from, cfg, rewrite=rewrite, log=log)
+        stream_graph(program, path, weights_from, cfg, rewrite=rewrite, share_with=share_with, log=log)
     del program
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, inputs + outputs)
@@ -262,7 +263,8 @@ def export_artifact(
             log(f"[export] tracing {graph} graph ...")
             t0 = time.perf_counter()
             with torch.no_grad():
-                _export_graph(model, graph, stage / f"{graph}.onnx", stream, log, rewrite)
+                _export_graph(model, graph, stage / f"{graph}.onnx", stream, log, rewrite,
+                              share_with=stage / "prefill.onnx" if graph == "decode" else None)
             timings[graph] = round(time.perf_counter() - t0, 2)
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
         if share_external_data(stage, log=log):

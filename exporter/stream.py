@@ -185,10 +185,27 @@ def lazy_tensor(blocks: Callable[[], Iterator[np.ndarray]], dtype, shape, *, nam
     return _Blocks(whole, dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
-def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None, log=print) -> None:
+SHARE_MIN_BYTES = 1 << 20  # `stream_graph(share_with=...)` shares tensors at least this large
+
+
+def _external_entries(graph_path: Path) -> dict[str, object]:
+    """name -> TensorProto (no data) of every initializer ``graph_path`` keeps in external data."""
+    import onnx
+
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    return {t.name: t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None, share_with: Path | None = None,
+                 log=print) -> None:
     """Replace the traced program's fake initializers with lazy reads of ``source`` (a `CheckpointWeights`,
     `SeededWeights` or checkpoint directory), apply ``rewrite(model, source, progress)`` if given, and save with
-    external data (``<graph>.onnx.data``)."""
+    external data (``<graph>.onnx.data``).
+
+    ``share_with``: a graph of the same export already written beside ``path`` (the prefill graph when this is the
+    decode graph).  Initializers it holds under the same name, type and shape are the same tensors (one source, one
+    rewrite), so they are not computed or written again: this graph's entries point into that graph's data file.
+    The artifact's disk peak is then one copy of the weights, not two (12B INT4: the quantization also runs once)."""
     import onnx_ir as ir
 
     from exporter.weights import real_buffers
@@ -216,6 +233,22 @@ def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None,
     if rewrite is not None:
         log(f"[export] {path.name}: rewriting the weights' graph form (e.g. quantization scales) ...")
         rewrite(model, source, progress)
+    shared = {}
+    if share_with is not None:
+        theirs = _external_entries(Path(share_with))
+        for name, value in list(model.graph.initializers.items()):
+            t = theirs.get(name)
+            c = value.const_value
+            if t is None or c is None or int(c.dtype) != t.data_type or tuple(c.shape.numpy()) != tuple(t.dims):
+                continue
+            if c.nbytes < SHARE_MIN_BYTES:  # small tensors are written (and matched by content later)
+                continue
+            shared[name] = t
+            model.graph.initializers.pop(name)  # kept as a value of the graph: its entry is added after saving
+        if shared:
+            log(f"[export] {path.name}: {len(shared)} weight tensors "
+                f"({sum(int(next(e.value for e in t.external_data if e.key == 'length')) for t in shared.values()) / 2**30:.2f} GiB)"
+                f" shared with {Path(share_with).name}, not written again")
     progress.total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     progress.t0 = time.perf_counter()  # the ETA covers the writing only
 
@@ -225,6 +258,16 @@ def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None,
 
     ir.save(model, path, external_data=f"{path.name}.data", callback=count_plain, max_in_flight_bytes=256 << 20)
     progress.close()
+    if shared:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        proto.graph.initializer.extend(shared.values())  # location/offset/length in the other graph's data file
+        onnx.save(proto, str(path))
+        own = path.with_name(f"{path.name}.data")
+        if own.exists() and not any(e.key == "location" and e.value == own.name
+                                    for t in proto.graph.initializer for e in t.external_data):
+            own.unlink()  # everything was shared: the file ir.save left is unreferenced
 
 
 def cast_rewrite(dtype: str):

@@ -58,16 +58,21 @@ def share_external_data(root: Path, primary: str = "prefill.onnx", secondary: st
     root = Path(root)
     p_proto = onnx.load(str(root / primary), load_external_data=False)
     s_proto = onnx.load(str(root / secondary), load_external_data=False)
+    p_files = {_external(t)["location"] for t in _ext_tensors(p_proto)}
+    # tensors the exporter already pointed into the primary's file need no matching; the others are matched by
+    # content, hashing only primary tensors of a length some of them have
+    lengths = {int(_external(t)["length"]) for t in _ext_tensors(s_proto) if _external(t)["location"] not in p_files}
     by_hash: dict[str, tuple[int, int]] = {}
     for t in _ext_tensors(p_proto):
         info = _external(t)
-        by_hash[_digest(root / info["location"], info)] = (
-            int(info.get("offset", 0)), int(info["length"]),
-        )
-    p_files = {_external(t)["location"] for t in _ext_tensors(p_proto)}
+        if int(info["length"]) in lengths:
+            by_hash[_digest(root / info["location"], info)] = (int(info.get("offset", 0)), int(info["length"]))
     moves, extra = [], []
     for t in _ext_tensors(s_proto):
         info = _external(t)
+        if info["location"] in p_files:  # already in the primary's file (the exporter shared it): same place
+            moves.append((t, (int(info.get("offset", 0)), int(info["length"]))))
+            continue
         found = by_hash.get(_digest(root / info["location"], info))
         if found is None:
             extra.append(t)  # e.g. tables only one graph uses: appended to the shared file below
@@ -93,8 +98,8 @@ def share_external_data(root: Path, primary: str = "prefill.onnx", secondary: st
     for t, (offset, length) in moves:
         _set_location(t, SHARED, offset, length)
     os.replace(root / p_files.pop(), root / SHARED)
-    for name in s_files:
-        (root / name).unlink()
+    for name in s_files - {SHARED}:
+        (root / name).unlink(missing_ok=True)  # the primary's own file was renamed to SHARED above
     onnx.save(p_proto, str(root / primary))
     onnx.save(s_proto, str(root / secondary))
     return True

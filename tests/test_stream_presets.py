@@ -28,9 +28,30 @@ def streamed(tmp_path_factory):
     cfg = PRESETS[PRESET]
     out = tmp_path_factory.mktemp("stream") / "fp32"
     source = {"preset": PRESET, "seed": 5, "generator": "exporter.stream.SeededWeights"}
-    export_artifact(fake_model(cfg), out, max_len=64, source=source, weights=SeededWeights(cfg, 5),
-                    log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as mp:  # share every tensor the decode graph has in common with prefill
+        mp.setattr("exporter.stream.SHARE_MIN_BYTES", 0)
+        export_artifact(fake_model(cfg), out, max_len=64, source=source, weights=SeededWeights(cfg, 5),
+                        log=lambda *_: None)
     return out
+
+
+def test_decode_weights_point_into_the_prefill_data(streamed):
+    """The streamed export writes each weight once: decode's entries are prefill's (same file, offset, length)."""
+    import onnx
+
+    def entries(graph):
+        proto = onnx.load(str(streamed / graph), load_external_data=False)
+        return {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    pre, dec = entries("prefill.onnx"), entries("decode.onnx")
+    common = set(pre) & set(dec)
+    assert len(common) > 20, "the decode graph should share the decoder weights"
+    for name in common:
+        assert dec[name] == pre[name], f"{name}: decode {dec[name]} vs prefill {pre[name]}"
+    assert {e["location"] for e in dec.values()} == {"weights.data"}
+    data = [p.name for p in streamed.iterdir() if p.name.endswith(".data")]
+    assert data == ["weights.data"], data
 
 
 def test_seeded_blocks_regenerate_alone(monkeypatch):
