@@ -310,7 +310,9 @@ def int4_rewrite(plan: LayerPlan, block_size: int, *, lm_head: bool = True, embe
         if lm_head and LM_HEAD in linears:
             _quantize_lm_head(model, linears[LM_HEAD], block_size)
         if embedding_fp16:
-            _gather_fp16(model)
+            from calib.embedding import gather_fp16
+
+            gather_fp16(model)
 
     return rewrite
 
@@ -369,41 +371,6 @@ def _quantize_lm_head(model, lin, block_size: int) -> None:
     dq.metadata_props.update(node.metadata_props)
     graph.insert_before(node, [dq])
     node.replace_input_with(1, dq.outputs[0])
-
-
-def _gather_fp16(model) -> int:
-    """The embedding Gather reads an fp16 copy of the table (streamed in blocks) and casts its rows to fp32."""
-    import onnx_ir as ir
-
-    from exporter.stream import lazy_tensor
-    from graphs.cast_precision import cast_output_to_float
-
-    graph = model.graph
-    done = 0
-    for node in list(graph):
-        if node.op_type != "Gather":
-            continue
-        data = node.inputs[0]
-        if data is None or not data.is_initializer() or not data.name.endswith("embed_tokens.weight"):
-            continue
-        old = data.const_value
-        shape = tuple(old.shape.numpy())
-
-        def half(old=old):
-            if hasattr(old, "iter_blocks"):
-                return (np.asarray(b, np.float32).astype(np.float16) for b in old.iter_blocks())
-            return iter([old.numpy().astype(np.float16)])
-
-        name = data.name + "_fp16"
-        v = ir.Value(name=name, const_value=lazy_tensor(half, ir.DataType.FLOAT16, shape, name=name))
-        graph.register_initializer(v)
-        node.replace_input_with(0, v)
-        cast_output_to_float(graph, node, ir.DataType.FLOAT16, name=f"{node.name}.cast_fp32")
-        done += 1
-    from calib.linears import drop_unused_weights
-
-    drop_unused_weights(graph)
-    return done
 
 
 # ---------------------------------------------------------------------------------------------- driver

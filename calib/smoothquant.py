@@ -9,8 +9,8 @@ outliers and W*s absorbs them, where per-channel weight scales cope.  The divisi
 * an elementwise product with a Linear's output (``gelu(gate) * up`` -> down): up_proj's output rows are divided.
 
 Other Linears (o_proj, whose input comes from attention over a weightless-normed V; the vision and audio
-projections after weightless norms; the LM head, tied to the embedding) are left as they are, with the reason
-recorded.  Every fold is checked on the graph first (the values on the way have no other users, the norm weight
+projections after weightless norms; the LM head, whose weight is the embedding's: a Linear whose weight initializer
+has other users is never folded into) are left as they are, with the reason recorded.  Every fold is checked on the graph first (the values on the way have no other users, the norm weight
 feeds only this norm); a graph that does not look as expected is refused for that group, not mis-rewritten.
 Folds edit initializers lazily (`onnx_ir.LazyTensor`): a weight is read and scaled only when the graph is saved.
 """
@@ -55,6 +55,10 @@ def _fold_target(lin_group: list[Linear], linears: dict[str, Linear]):
     """("norm", initializer value, module path) or ("linear", Linear, module) that can absorb 1/s, or a reason."""
     a = lin_group[0].activation
     nodes = {lin.node for lin in lin_group}
+    for lin in lin_group:
+        mine = {lin.node} | ({lin.transpose} if lin.transpose is not None else set())
+        if not _only_users(lin.weight, mine):  # the tied LM head: scaling it would rescale the embedding too
+            return f"its weight {lin.weight.name} has other users (tied)"
     if not _only_users(a, nodes):
         return f"its input {a.name} has users besides the Linears"
     src, chain = trace_back(a)

@@ -7,13 +7,20 @@ The artifact keeps the TensorRT-legal Q/DQ form; only the graph handed to ONNX R
   Linears that share an input (q/k/v, gate/up) share one activation Q/DQ pair in the artifact, so ORT left them as
   fp32 MatMuls on weights dequantized every step.  `split_shared_activation_qdq` gives each such Linear its own
   Q/DQ copy (same scale, same zero point: identical numbers), and the build disables ORT's
-  CommonSubexpressionElimination, which would merge the copies back before the QDQ fusion.
+  CommonSubexpressionElimination, which would merge the copies back before the QDQ fusion.  The tied LM head
+  (quantized by default) has a pair of its own and fuses as it is.  On x86 CPUs without VNNI (AVX2, AVX-512F)
+  ORT's u8 x s8 integer kernel sums pairs of products in saturating int16 (``vpmaddubsw``): with full-range int8
+  weights ([-127, 127]) and activations near the ends of their range a pair overflows (measured on the tiny
+  preset's LM head: logits off by 9 % of their range).  The build therefore sets ORT's
+  ``session.x64quantprecision``, which stores the weights as u8 (+128, zero point 128) in the optimised graph and
+  runs the exact u8 x u8 kernel there (where the CPU has no such overflow, ORT ignores it); the numbers are the
+  artifact's.
 * **FP8**: CPUs have no FP8 arithmetic; ORT would dequantize every FP8 weight on every step.
   `fold_weight_dequantize` replaces each constant weight ``DequantizeLinear(W_fp8, scale)`` by its fp32 result
   (``float(W_fp8) * scale``, the same IEEE product ORT computes, so the numbers are exactly those of the Q/DQ graph
   run by ORT).  Activation Q/DQ stay (the fake-quant semantics of the artifact are kept).
 * **INT4** (W4A16): nothing to do here: ORT's QDQ optimiser fuses ``DequantizeLinear(int4, block_size, axis 0)``
-  + ``MatMul`` into ``MatMulNBits`` itself; the build sets ``session.qdq_matmulnbits_accuracy_level``.
+  + ``MatMul`` into ``MatMulNBits`` itself (the LM head too); the build sets ``session.qdq_matmulnbits_accuracy_level``.
 
 Works on the graph proto without loading its weights; folded FP8 weights are written to a temporary data file
 beside the ORT build.  Does not touch fp32 graphs.
@@ -25,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ORT_INT4_ACCURACY_LEVEL", "fold_weight_dequantize", "lower_quantized_for_ort", "split_shared_activation_qdq"]
+__all__ = ["ORT_INT4_ACCURACY_LEVEL", "ORT_INT8_EXACT", "fold_weight_dequantize", "lower_quantized_for_ort", "split_shared_activation_qdq"]
 
 # MatMulNBits accuracy level for INT4: 4 = int8 activations inside the kernel (block-wise dynamic quantization).
 # Measured on the 225 M bench model and the demo (README, INT4 section): see `lower_quantized_for_ort`.
 ORT_INT4_ACCURACY_LEVEL = 4
+# INT8: ORT's precision mode for x86 without VNNI (u8 x u8 integer matmuls, no int16 saturation): see the docstring
+ORT_INT8_EXACT = "session.x64quantprecision"
 
 
 def _consumers(graph) -> dict[str, list]:
@@ -171,6 +180,7 @@ def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, log=print
     proto = onnx.load(str(src), load_external_data=False)
     config = {"session.model_external_initializers_file_folder_path": str(src.parent)}
     if precision == "int8":
+        config[ORT_INT8_EXACT] = "1"  # u8 x u8 where u8 x s8 could saturate (module docstring)
         n = split_shared_activation_qdq(proto)
         log(f"[build-engine] {src.name}: {n} shared activation Q/DQ pairs split (one per Linear: integer matmuls)")
         return proto.SerializeToString(), config, ["CommonSubexpressionElimination"], {"activation_qdq_split": n}

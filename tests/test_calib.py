@@ -301,7 +301,10 @@ def test_qdq_graphs_follow_the_tensorrt_rules(preset, precision, quantized, arti
     qtype = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}[precision]
     text = PRESETS[preset].text
     n_full = sum(not text.is_sliding(i) for i in range(text.num_layers))
-    want_linears = 7 * text.num_layers - n_full  # full layers: K is V, no v_proj
+    lm_head = precision == "int8"  # the tied LM head is quantized by default for INT8 (FP8: fp32, `DEFAULT_QUANTIZE`)
+    want_linears = 7 * text.num_layers - n_full + lm_head  # full layers: K is V, no v_proj
+    assert ("lm_head" in manifest["quantization"]["quantized"]) == lm_head
+    assert manifest["quantization"]["embedding"] == ("fp16" if lm_head else "fp32")
     for graph in ("prefill", "decode"):
         proto = onnx.load(str(q / f"{graph}.onnx"), load_external_data=True)
         g = proto.graph
@@ -334,19 +337,62 @@ def test_qdq_graphs_follow_the_tensorrt_rules(preset, precision, quantized, arti
             scale = _const(g, wdq.input[1])
             assert axis == 1 and scale.ndim == 1 and scale.shape[0] == w.dims[1], "per output channel, 1-D"
             assert by_out[mm.input[0]].op_type == "DequantizeLinear", f"{mm.name}: activation not quantized"
-        # high precision by default: embedding (Gather), LM head, vision/audio projections
-        for n in g.node:
-            if n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight"):
-                assert next(t for t in g.initializer if t.name == n.input[0]).data_type == onnx.TensorProto.FLOAT
+        # high precision by default: embedding (Gather; fp16 once the LM head no longer reads it, cast to fp32),
+        # vision/audio projections
+        gathers = [n for n in g.node if n.op_type == "Gather" and "embed_tokens.weight" in n.input[0]]
+        assert len(gathers) == 1
+        table = next(t for t in g.initializer if t.name == gathers[0].input[0])
+        users = [n for n in g.node if gathers[0].output[0] in n.input]
+        if lm_head:
+            assert table.data_type == onnx.TensorProto.FLOAT16 and table.name.endswith("embed_tokens.weight_fp16")
+            assert [n.op_type for n in users] == ["Cast"] and users[0].attribute[0].i == onnx.TensorProto.FLOAT
+            assert not any(t.name.endswith("embed_tokens.weight") for t in g.initializer), "fp32 table dropped"
+        else:
+            assert table.data_type == onnx.TensorProto.FLOAT
         other = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n not in matmuls
                  and (n.input[1] in inits or by_out.get(n.input[1]) is not None
                       and by_out[n.input[1]].op_type == "Transpose" and by_out[n.input[1]].input[0] in inits)]
-        # LM head; in prefill also the vision patch_dense + projection and the audio projection
-        n_other = 1 + (graph == "prefill") * (2 * bool(PRESETS[preset].vision) + bool(PRESETS[preset].audio))
+        # LM head (fp8); in prefill also the vision patch_dense + projection and the audio projection
+        n_other = (not lm_head) + (graph == "prefill") * (2 * bool(PRESETS[preset].vision) + bool(PRESETS[preset].audio))
         assert len(other) == n_other, [n.name for n in other]
     scales = json.loads((q / "calibration" / "scales.json").read_text())
     assert len(scales["activation_scale"]) == want_linears
     assert (scales["smoothquant"] is not None) == (precision == "int8")
+
+
+def _initializer(root, graph: str, suffix: str) -> np.ndarray:
+    g = onnx.load(str(root / f"{graph}.onnx"), load_external_data=True).graph
+    return onnx.numpy_helper.to_array(next(t for t in g.initializer if t.name.endswith(suffix)))
+
+
+def test_int8_default_lm_head_and_fp16_embedding(quantized, artifact_store):
+    """The new INT8 default: the tied LM head has its own int8 weights (never smoothed: SmoothQuant would rescale the
+    embedding it is tied to), and the Gather reads the fp16-rounded fp32 table, exactly."""
+    q, src = quantized("tiny", "int8"), artifact_store("tiny")
+    table = _initializer(src, "prefill", "embed_tokens.weight")
+    for graph in ("prefill", "decode"):
+        half = _initializer(q, graph, "embed_tokens.weight_fp16")
+        assert half.dtype == np.float16 and np.array_equal(half, table.astype(np.float16))
+        w = _initializer(q, graph, "lm_head.weight_int8")
+        assert w.shape == table.T.shape and w.dtype == np.int8  # (in, out): pre-transposed
+        # per output channel: the int8 weights times their scales are the fp32 table (no smoothing factor)
+        scale = _initializer(q, graph, "lm_head.weight_scale")
+        err = np.abs(w.astype(np.float32) * scale[None, :] - table.T).max(axis=0)
+        assert np.all(err <= 0.5 * scale + 1e-7), f"max err {(err / scale).max():.3f} scale steps"
+    scales = json.loads((q / "calibration" / "scales.json").read_text())
+    assert "lm_head" in scales["activation_scale"]
+    assert "tied" in scales["smoothquant"]["not_smoothed"]["lm_head"]
+
+
+def test_decoder_only_on_request(artifact_store, tmp_path):
+    """``--quantize decoder``: the old form (fp32 LM head on the fp32 embedding table)."""
+    out = tmp_path / "dec"
+    assert calibrate_main(["--src", str(artifact_store("tiny")), "--out", str(out), "--precision", "int8",
+                           "--quantize", "decoder"]) == 0
+    m = _manifest(out)["quantization"]
+    assert m["quantized"] == ["decoder"] and m["embedding"] == "fp32"
+    lin = find_linears(ir.load(str(out / "prefill.onnx")))
+    assert lin["lm_head"].weight.name.endswith("embed_tokens.weight")  # still the fp32 table, not quantized
 
 
 def test_more_parts_can_be_quantized(artifact_store, tmp_path):
@@ -399,7 +445,7 @@ def test_demo_checkpoint_meets_the_accuracy_targets(precision, demo_artifact, de
     assert plug["decode"]["nodes"] == {"FusedAttention": 6}
     rep = accuracy_report(out, **QUIET)
     assert rep["mean_kl"] <= TARGETS[precision]["mean_kl"] and rep["top1"] >= TARGETS[precision]["top1"], rep
-    assert rep["positions"] >= 40 and len(rep["linear_snr_db"]) == 41
+    assert rep["positions"] >= 40 and len(rep["linear_snr_db"]) == 41 + (precision == "int8")  # + LM head
     assert all(v > 15 for v in rep["linear_snr_db"].values()), rep["worst_linears"]
     for name in ("report.json", "report.md", "report_snr.svg"):
         assert (out / "calibration" / name).is_file()

@@ -19,7 +19,7 @@ from calib.int4 import (
 from exporter.config import PRESETS
 from graphs.build import build_engine
 from runtime.manifest import read_manifest
-from tests.test_quant_fast import _assert_close, _run_both, _want_linears
+from tests.test_quant_fast import _assert_close, _lm_head_op, _run_both, _want_linears
 
 QUIET = dict(log=lambda *_: None)
 
@@ -107,7 +107,7 @@ def test_awq_never_worse_than_rtn_and_better_with_outlier_channels(with_sample):
 @pytest.fixture(scope="module")
 def int4_tiny(artifact_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "tiny-int4"
-    calibrate(artifact_store("tiny"), out, "int4", block_size=32, quantize=("decoder", "lm_head"), **QUIET)
+    calibrate(artifact_store("tiny"), out, "int4", block_size=32, **QUIET)  # default: decoder + tied LM head
     build_engine(out, "onnxruntime", **QUIET)
     return out
 
@@ -115,6 +115,7 @@ def int4_tiny(artifact_store, tmp_path_factory):
 def test_int4_dequantize_form(int4_tiny):
     m = read_manifest(int4_tiny)
     assert m["precision"] == "int4" and m["quantization"]["block_size"] == 32
+    assert m["quantization"]["quantized"] == ["decoder", "lm_head"] and m["quantization"]["embedding"] == "fp16"
     n = _want_linears("tiny") + 1  # + LM head
     for graph in ("prefill", "decode"):
         g = onnx.load(str(int4_tiny / f"{graph}.onnx"), load_external_data=True).graph
@@ -137,9 +138,16 @@ def test_int4_dequantize_form(int4_tiny):
             assert np.all(onnx.numpy_helper.to_array(scale) > 0)
             vals = onnx.numpy_helper.to_array(w).astype(np.int8)
             assert vals.min() >= -8 and vals.max() <= 7
-        # the Linears' fp32 weights are gone (the embedding stays fp32 for the Gather)
+        # the Linears' fp32 weights are gone, the fp32 table too: the Gather reads an fp16 copy, cast to fp32
         assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.name.endswith("proj.weight")
                        for t in g.initializer)
+        assert not any(t.name.endswith("embed_tokens.weight") for t in g.initializer)
+        gather = next(nd for nd in g.node if nd.op_type == "Gather" and nd.input[0].endswith("embed_tokens.weight_fp16"))
+        assert inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT16
+        assert [nd.op_type for nd in g.node if gather.output[0] in nd.input] == ["Cast"]
+        lm = by_out[next(nd for nd in g.node if nd.op_type == "MatMul" and nd.input[1] in by_out
+                         and by_out[nd.input[1]].input[0].endswith("lm_head.weight_int4")).input[1]]
+        assert lm.op_type == "DequantizeLinear"
 
 
 def test_int4_runs_as_matmulnbits(int4_tiny):
@@ -148,6 +156,7 @@ def test_int4_runs_as_matmulnbits(int4_tiny):
         nodes = onnx.load(str(int4_tiny / read_manifest(int4_tiny)["engines"]["onnxruntime"][graph]), load_external_data=False).graph.node
         ops = collections.Counter(nd.op_type for nd in nodes)
         assert ops["MatMulNBits"] == n and ops["DequantizeLinear"] == 0, ops
+        assert _lm_head_op(int4_tiny / read_manifest(int4_tiny)["engines"]["onnxruntime"][graph]) == "MatMulNBits"
         for nd in nodes:
             if nd.op_type == "MatMulNBits":
                 a = {x.name: onnx.helper.get_attribute_value(x) for x in nd.attribute}
@@ -178,11 +187,11 @@ def test_demo_int4_accuracy_and_report(demo_artifact, demo_accuracy, tmp_path):
     out = tmp_path / "demo-int4"
     calibrate(demo_artifact, out, "int4", block_size=32, **QUIET)
     q = read_manifest(out)["quantization"]
-    assert q["int4_method"] == "awq" and q["linears"] == 41
+    assert q["int4_method"] == "awq" and q["linears"] == 42  # 41 decoder Linears + the tied LM head
     build_engine(out, "onnxruntime", **QUIET)
     rep = accuracy_report(out, steps=4, **QUIET)
     assert rep["precision"] == "int4" and rep["passed"], rep
-    assert {"mean_kl", "top1", "perplexity_ratio"} <= set(rep) and len(rep["linear_snr_db"]) == 41
+    assert {"mean_kl", "top1", "perplexity_ratio"} <= set(rep) and len(rep["linear_snr_db"]) == 42
     right, n = evaluate(str(out), n=150, log=lambda *_: None)
     assert abs(right / n - demo_accuracy) <= 0.02, f"int4 {right}/{n} vs fp32 {demo_accuracy:.3f}"
 
