@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--percentile", type=float, default=None,
                    help="activation range from this percentile of |x| instead of the max (e.g. 99.99)")
     p.add_argument("--quantize", default=None,
-                   help=f"comma-separated parts to quantize: {', '.join(GROUPS)} (default: decoder,lm_head for int8 and "
-                        "int4, decoder for fp8; 'decoder' alone keeps the LM head fp32)")
+                   help=f"comma-separated parts to quantize: {', '.join(GROUPS)} (default: decoder,lm_head for int8 "
+                        "and int4, decoder for fp8; 'decoder' alone keeps the LM head fp32)")
     p.add_argument("--embedding", default="auto", choices=("auto", "fp16", "fp32"),
                    help="embedding table dtype: auto = fp16 when the LM head is quantized (the gather is then its "
                         "only reader), else fp32")

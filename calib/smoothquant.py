@@ -10,8 +10,8 @@ outliers and W*s absorbs them, where per-channel weight scales cope.  The divisi
 
 Other Linears (o_proj, whose input comes from attention over a weightless-normed V; the vision and audio
 projections after weightless norms; the LM head, whose weight is the embedding's: a Linear whose weight initializer
-has other users is never folded into) are left as they are, with the reason recorded.  Every fold is checked on the graph first (the values on the way have no other users, the norm weight
-feeds only this norm); a graph that does not look as expected is refused for that group, not mis-rewritten.
+has other users is never folded into) are left as they are, with the reason recorded.  Every fold is checked on
+the graph first (the values on the way have no other users, the norm weight feeds only this norm); a graph that does not look as expected is refused for that group, not mis-rewritten.
 Folds edit initializers lazily (`onnx_ir.LazyTensor`): a weight is read and scaled only when the graph is saved.
 """
 

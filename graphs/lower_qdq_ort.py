@@ -21,10 +21,11 @@ The artifact keeps the TensorRT-legal Q/DQ form; only the graph handed to ONNX R
   run by ORT).  Activation Q/DQ stay (the fake-quant semantics of the artifact are kept).
 * **INT4** (W4A16): `matmul_nbits` turns each ``DequantizeLinear(int4 W (K, N), scale, zero point 0, axis 0,
   block_size) -> MatMul`` (the LM head too) into ``MatMulNBits`` itself, with the weights in its layout (N, K/bs,
-  bs/2) as unsigned nibbles ``q + 8``, 2-D scales (N, K/bs) and *no* zero-point input (its default, 8, is our 0).  ORT's own QDQ fusion
-  makes the same node but with an explicit zero-point tensor, whose kernel is slower (measured on the 234 M bench
-  model's LM head, 262144 x 640, 2 threads: 1.06x the time, median of 25 interleaved runs).  Same numbers: the
-  dequantized weights are identical.  Accuracy level `ORT_INT4_ACCURACY_LEVEL`.
+  bs/2) as unsigned nibbles ``q + 8``, 2-D scales (N, K/bs) and *no* zero-point input (its default, 8, is our 0).
+  ORT's own QDQ fusion makes the same node with an explicit zero-point tensor and 1-D scales, whose kernel is slower
+  (bench model, 2 threads: decode 1.12x slower; the 262144 x 640 LM head alone 1.06x for the zero points and
+  1.07-1.10x for the 1-D scales).  Same numbers: the dequantized weights are identical.  Linears sharing an input
+  (q/k/v, gate/up) become one node and a ``Split``.  Accuracy level `ORT_INT4_ACCURACY_LEVEL`.
 
 Works on the graph proto without loading its weights; folded FP8 weights are written to a temporary data file
 beside the ORT build.  Does not touch fp32 graphs.

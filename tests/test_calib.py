@@ -353,7 +353,8 @@ def test_qdq_graphs_follow_the_tensorrt_rules(preset, precision, quantized, arti
                  and (n.input[1] in inits or by_out.get(n.input[1]) is not None
                       and by_out[n.input[1]].op_type == "Transpose" and by_out[n.input[1]].input[0] in inits)]
         # LM head (fp8); in prefill also the vision patch_dense + projection and the audio projection
-        n_other = (not lm_head) + (graph == "prefill") * (2 * bool(PRESETS[preset].vision) + bool(PRESETS[preset].audio))
+        n_other = (not lm_head) + (graph == "prefill") * (2 * bool(PRESETS[preset].vision)
+                                                          + bool(PRESETS[preset].audio))
         assert len(other) == n_other, [n.name for n in other]
     scales = json.loads((q / "calibration" / "scales.json").read_text())
     assert len(scales["activation_scale"]) == want_linears

@@ -142,7 +142,8 @@ def test_int4_dequantize_form(int4_tiny):
         assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.name.endswith("proj.weight")
                        for t in g.initializer)
         assert not any(t.name.endswith("embed_tokens.weight") for t in g.initializer)
-        gather = next(nd for nd in g.node if nd.op_type == "Gather" and nd.input[0].endswith("embed_tokens.weight_fp16"))
+        gather = next(nd for nd in g.node
+                      if nd.op_type == "Gather" and nd.input[0].endswith("embed_tokens.weight_fp16"))
         assert inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT16
         assert [nd.op_type for nd in g.node if gather.output[0] in nd.input] == ["Cast"]
         lm = by_out[next(nd for nd in g.node if nd.op_type == "MatMul" and nd.input[1] in by_out
