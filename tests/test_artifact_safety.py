@@ -359,7 +359,7 @@ def test_export_cli_reports_a_full_disk(tmp_path, monkeypatch, capsys, reference
     _, ckpt = reference_store("tiny-text")
     capsys.readouterr()  # the reference checkpoint's own progress output
 
-    def disk_fills(model, graph, path, *_rest):
+    def disk_fills(model, graph, path, *_rest, **_kw):
         Path(path).write_bytes(b"\0" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
