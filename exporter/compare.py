@@ -116,6 +116,45 @@ class OneGraphDecodeRunner(_lazy_base()):
         return out
 
 
+class BackendPrefillRunner(OneGraphDecodeRunner):
+    """A prefill through `runtime.ort_backend.OrtBackend`, as the runtime runs it: where the engine record says
+    ``prefill_with_past: per_sequence`` (GroupQueryAttention takes no prompt with past context at batch > 1), such a
+    batch runs one sequence per call on views of its cache rows."""
+
+    def __init__(self, root: Path, manifest: dict, input_specs: list[dict], output_names: list[str]):
+        super().__init__(root, manifest, input_specs, output_names)
+        self.name = self.name.replace("one-graph-decode", "backend-prefill")
+
+    def activate_impl(self):
+        from runtime.ort_backend import OrtBackend
+
+        self.session = OrtBackend(self.path, self.manifest)
+
+    def infer_impl(self, feed_dict):
+        from runtime.prompt import PrefillInputs
+
+        start = time.perf_counter()
+        backend = self.session
+        ids = np.asarray(feed_dict["input_ids"], np.int64)
+        some_past = feed_dict[backend.cache_specs[0]["name"]]
+        cache = backend.new_cache(len(ids), int(some_past.shape[2]) if backend.cache_specs[0]["shape"][2] == "max_len"
+                                  else int(feed_dict[next(s["name"] for s in backend.cache_specs
+                                                          if s["shape"][2] == "max_len")].shape[2]))
+        for arr, spec in zip(cache.arrays, backend.cache_specs):
+            arr[...] = feed_dict[spec["name"]]
+        patches = feed_dict.get("image_patches")
+        frames = feed_dict.get("audio_frames")
+        logits = backend.prefill(PrefillInputs(
+            ids, np.asarray(feed_dict["past_lens"], np.int64), np.asarray(feed_dict["seq_lens"], np.int64),
+            patches if patches is not None and len(patches) else None,
+            feed_dict.get("image_positions") if patches is not None and len(patches) else None,
+            frames if frames is not None and len(frames) else None), cache)
+        got = {"logits": logits}
+        got.update({spec["name"].replace("past_", "present_"): arr for arr, spec in zip(cache.arrays, backend.cache_specs)})
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((n, got[n]) for n in self.output_names)
+
+
 def feeds_for(cfg: ModelConfig, graph: str, input_specs: list[dict], *, batch: int, seq: int, max_len: int, seed: int):
     """One consistent random feed dict for ``graph``."""
     rng = np.random.default_rng(seed)
@@ -189,6 +228,8 @@ def compare_artifact(root: str | Path, *, model: Gemma4Model | None = None, iter
         outputs = [o["name"] for o in spec["outputs"]]
         if graph == "decode" and engine.get("one_graph"):  # decode runs as a one-token prefill of that graph
             onnxrt = OneGraphDecodeRunner(root / rel, manifest, spec["inputs"], outputs)
+        elif graph == "prefill" and engine.get("prefill_with_past") == "per_sequence":
+            onnxrt = BackendPrefillRunner(root, manifest, spec["inputs"], outputs)
         else:
             onnxrt = OnnxrtRunner(SessionFromOnnx(str(root / rel), providers=["CPUExecutionProvider"]))
         runners = [TorchGemma4Runner(model, graph, spec["inputs"], outputs), onnxrt]

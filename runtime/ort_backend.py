@@ -209,7 +209,8 @@ class OrtBackend:
             if n == 0:
                 continue
             take = lambda x, counts: None if x is None or counts is None else x[counts[b]:counts[b + 1]]  # noqa: E731
-            row = PrefillInputs(ids[b:b + 1, :n], past[b:b + 1], lens[b:b + 1],
+            # the full padded width, as a batched call would have it (its padded writes to full layers included)
+            row = PrefillInputs(ids[b:b + 1], past[b:b + 1], lens[b:b + 1],
                                 take(inputs.image_patches, n_img), take(inputs.image_positions, n_img),
                                 take(inputs.audio_frames, n_aud))
             views = [self._ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in arrays]
