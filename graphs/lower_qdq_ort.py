@@ -122,6 +122,18 @@ def _used_names(graph) -> set[str]:
     return used
 
 
+def _set_nodes(graph, nodes: list, initializers: list) -> None:
+    """Replace ``graph``'s nodes, add ``initializers`` and drop the initializers nothing uses any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    used = _used_names(graph)
+    outputs = {o.name for o in graph.output}
+    for t in list(graph.initializer):
+        if t.name not in used and t.name not in outputs:
+            graph.initializer.remove(t)
+
+
 def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8E4M3FN",)) -> int:
     """Replace ``DequantizeLinear(constant W of one of ``types``, constant scale)`` by an fp32 initializer holding its
     result, written to ``data_file`` (external data; its location is stored relative to ``base``, the directory the
@@ -163,13 +175,7 @@ def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8
             written.append(t)
             folded += 1
     if folded:
-        del graph.node[:]
-        graph.node.extend(keep)
-        graph.initializer.extend(written)
-        used = _used_names(graph)
-        for t in list(graph.initializer):
-            if t.name not in used and t.name not in {o.name for o in graph.output}:
-                graph.initializer.remove(t)
+        _set_nodes(graph, keep, written)
     else:
         data_file.unlink()
     return folded
@@ -264,13 +270,7 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
             new_nodes += made[node.output[0]]
         elif not (node.output and node.output[0] in replaced):
             new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(written)
-    used = _used_names(graph)
-    for t in list(graph.initializer):
-        if t.name not in used and t.name not in {o.name for o in graph.output}:
-            graph.initializer.remove(t)
+    _set_nodes(graph, new_nodes, written)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return {"linears": sum(len(g) for g in found.values()), "nodes": len(found)}
