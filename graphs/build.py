@@ -47,7 +47,7 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str]) -> dict:
+def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto") -> dict:
     import onnxruntime as ort
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
@@ -67,6 +67,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
     # of one token; every cache is then written in place): one ONNX Runtime session holds the weights once
     layers = len(manifest["model_config"]["text"]["layer_types"])
     one_graph = False
+    int8_used = None
     bar = Progress(2, "build-engine onnxruntime", unit="graphs")  # ORT's optimiser reports nothing itself
     try:
         for graph in ("prefill", "decode"):
@@ -82,7 +83,10 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
             # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
             src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log)
             # quantized graphs: integer kernels for INT8, fp32 weights for FP8, MatMulNBits for INT4
-            model, config, disabled, _ = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage, log=log)
+            model, config, disabled, qcounts = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage,
+                                                                       int8_kernel=int8_kernel, log=log)
+            if "int8_kernel" in qcounts:
+                int8_used = qcounts["int8_kernel"]
             opts = ort.SessionOptions()
             for key, value in config.items():
                 opts.add_session_config_entry(key, value)
@@ -120,6 +124,9 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
         "one_graph": one_graph,
         # GroupQueryAttention takes no prompt with past context at batch > 1: such a call runs per sequence
         **({"prefill_with_past": "per_sequence"} if lowering["prefill"]["attention"]["GroupQueryAttention"] else {}),
+        # INT8 Linears: 8-bit MatMulNBits (the runtime refuses it on a CPU whose int8 dot products saturate) or ORT's
+        # MatMulIntegerToFloat (exact u8 x u8 everywhere)
+        **({"int8_kernel": int8_used} if int8_used else {}),
         "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
         "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k != "refused"},
@@ -130,8 +137,9 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str])
 
 
 def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, dtype: str = "bf16",
-                 log=print) -> dict:
-    """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first."""
+                 int8_kernel: str = "auto", log=print) -> dict:
+    """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first.
+    ``int8_kernel``: ONNX Runtime's kernel for INT8 Linears (`graphs.lower_qdq_ort.lower_quantized_for_ort`)."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
@@ -166,7 +174,7 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
     if backend == "auto" and manifest.get("precision") == "bf16" and "tensorrt" in engines:
         log("[build-engine] bf16 artifact: no ONNX Runtime form (its CPU has no bf16 MatMul)")
     elif backend in ("onnxruntime", "auto"):
-        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources)
+        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest

@@ -2,19 +2,23 @@
 
 The artifact keeps the TensorRT-legal Q/DQ form; only the graph handed to ONNX Runtime changes:
 
-* **INT8** (W8A8): ORT's QDQ optimiser turns ``DQ(Q(x)) @ DQ(W_int8)`` into an integer matmul
-  (``MatMulIntegerToFloat``) only when the activation's DequantizeLinear has that MatMul as its single consumer.
-  Linears that share an input (q/k/v, gate/up) share one activation Q/DQ pair in the artifact, so ORT left them as
-  fp32 MatMuls on weights dequantized every step.  `split_shared_activation_qdq` gives each such Linear its own
-  Q/DQ copy (same scale, same zero point: identical numbers), and the build disables ORT's
-  CommonSubexpressionElimination, which would merge the copies back before the QDQ fusion.  The tied LM head
-  (quantized by default) has a pair of its own and fuses as it is.  On x86 CPUs without VNNI (AVX2, AVX-512F)
-  ORT's u8 x s8 integer kernel sums pairs of products in saturating int16 (``vpmaddubsw``): with full-range int8
-  weights ([-127, 127]) and activations near the ends of their range a pair overflows (measured on the tiny
-  preset's LM head: logits off by 9 % of their range).  The build therefore sets ORT's
-  ``session.x64quantprecision``, which stores the weights as u8 (+128, zero point 128) in the optimised graph and
-  runs the exact u8 x u8 kernel there (where the CPU has no such overflow, ORT ignores it); the numbers are the
-  artifact's.
+* **INT8** (W8A8): each ``DQ(Q(x)) @ DequantizeLinear(int8 W (K, N), per-channel scale (N,), zero point 0)``
+  becomes ``com.microsoft.MatMulNBits`` with ``bits=8`` reading the activation's DequantizeLinear output (the
+  artifact's static fake quantization is kept, so the input is on the artifact's int8 grid), weights ``q + 128`` in
+  its layout (N, K/bs, bs), the per-channel scale repeated over the K blocks (2-D (N, K/bs)) and no zero-point input
+  (its default, 128, is our 0): the same dequantized weights.  ``accuracy_level`` 4 runs it on int8 dot products:
+  the kernel re-quantizes its input per block of ``INT8_BLOCK_SIZE`` values with a scale of its own, which moves a
+  value of the artifact's grid by at most half a step of that grid (the block's step is never coarser than the
+  tensor's).  Linears sharing an input (q/k/v, gate/up) become one node and a ``Split``.  This is the kernel
+  onnxruntime-genai's int8 models run; ORT's own QDQ fusion instead makes ``MatMulIntegerToFloat``, measured
+  1.9x slower on the bench model's 262144 x 640 LM head (u8 x u8, 2 threads; 1.4x in its u8 x s8 mode, which also
+  saturates int16 pair sums on x86 CPUs without VNNI).  Linears of another form are left to that fusion: each gets
+  its own activation Q/DQ copy (`split_shared_activation_qdq`; ORT fuses a DQ with a single consumer only), ORT's
+  CommonSubexpressionElimination is disabled so the copies survive, and ``session.x64quantprecision`` makes ORT
+  store their weights as u8 and run the exact u8 x u8 kernel.  On a CPU whose int8 dot products can saturate (x86
+  without VNNI: `runtime.ort_backend.int8_dot_products_exact`) MatMulNBits' int8 path could too, so there every
+  Linear takes that fusion instead (``int8_kernel="auto"``); the engine record says which (``int8_kernel``) and the
+  runtime refuses a MatMulNBits engine on a CPU without VNNI.
 * **FP8**: CPUs have no FP8 arithmetic; ORT would dequantize every FP8 weight on every step.
   `fold_weight_dequantize` replaces each constant weight ``DequantizeLinear(W_fp8, scale)`` by its fp32 result
   (``float(W_fp8) * scale``, the same IEEE product ORT computes, so the numbers are exactly those of the Q/DQ graph
@@ -38,15 +42,20 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "ORT_INT4_ACCURACY_LEVEL", "ORT_INT8_EXACT", "fold_weight_dequantize", "lower_quantized_for_ort", "matmul_nbits",
-    "split_shared_activation_qdq",
+    "INT8_ACCURACY_LEVEL", "INT8_BLOCK_SIZE", "ORT_INT4_ACCURACY_LEVEL", "ORT_INT8_EXACT", "fold_weight_dequantize",
+    "lower_quantized_for_ort", "matmul_nbits", "split_shared_activation_qdq",
 ]
 
 # MatMulNBits accuracy level for INT4: 4 = int8 activations inside the kernel (block-wise dynamic quantization).
 # Measured on the 225 M bench model and the demo (README, INT4 section): see `lower_quantized_for_ort`.
 ORT_INT4_ACCURACY_LEVEL = 4
-# INT8: ORT's precision mode for x86 without VNNI (u8 x u8 integer matmuls, no int16 saturation): see the docstring
+# INT8: ORT's precision mode for x86 without VNNI (u8 x u8 integer matmuls, no int16 saturation), for Linears left to
+# ORT's QDQ fusion: see the docstring
 ORT_INT8_EXACT = "session.x64quantprecision"
+# INT8 as 8-bit MatMulNBits: int8 compute; the K block its input is re-quantized in (a power of two dividing K is
+# taken, at most this).  Bench model's LM head (262144 x 640, 2 threads): block 128 1.35x faster than 32
+INT8_ACCURACY_LEVEL = 4
+INT8_BLOCK_SIZE = 128
 
 
 def _consumers(graph) -> dict[str, list]:
@@ -184,40 +193,75 @@ def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8
 def _pack_nbits(q: np.ndarray, block_size: int) -> np.ndarray:
     """int4 values (K, N) in [-8, 7] -> MatMulNBits' B: uint8 (N, ceil(K / bs), bs / 2), nibbles ``q + 8``, the
     lower k in the low nibble; K padded with 0 values (nibble 8) to whole blocks."""
-    k, n = q.shape
-    nb = -(-k // block_size)
-    u = np.full((nb * block_size, n), 8, np.uint8)
-    u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)
-    u = np.ascontiguousarray(u.T).reshape(n, nb, block_size)  # (N, blocks, bs)
+    u = _blocks(q, block_size, 8)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _blocks(q: np.ndarray, block_size: int, offset: int) -> np.ndarray:
+    """int values (K, N) -> uint8 (N, ceil(K / bs), bs) holding ``q + offset``, K padded with 0 values."""
+    k, n = q.shape
+    nb = -(-k // block_size)
+    u = np.full((nb * block_size, n), offset, np.uint8)
+    u[:k] = (q.astype(np.int16) + offset).astype(np.uint8)
+    return np.ascontiguousarray(u.T).reshape(n, nb, block_size)
+
+
+def int8_block_size(k: int) -> int:
+    """The K block of an 8-bit MatMulNBits: the largest power of two <= INT8_BLOCK_SIZE (>= 16) dividing ``k``; 16
+    where none does (K then padded with zeros)."""
+    bs = INT8_BLOCK_SIZE
+    while bs > 16 and k % bs:
+        bs //= 2
+    return bs
+
+
+def _nbits_form(dq, w, inits: dict, base: Path) -> tuple[int, int] | None:
+    """(bits, block size) of a weight ``DequantizeLinear`` MatMulNBits can take as it is, else None: int4 with
+    ``block_size`` along K (axis 0, scales (K/bs, N)) or int8 per output channel (axis 1, scales (N,)); constant
+    inputs, zero point absent or 0."""
+    import onnx
+
+    attrs = {a.name: a.i for a in dq.attribute}
+    if w is None or len(w.dims) != 2 or any(i not in inits for i in dq.input[1:] if i):
+        return None
+    if len(dq.input) > 2 and dq.input[2] and _read_initializer(inits[dq.input[2]], base).astype(np.int16).any():
+        return None  # a non-zero zero point: left to ORT's own fusion
+    if w.data_type == onnx.TensorProto.INT4 and attrs.get("axis") == 0 and attrs.get("block_size"):
+        return 4, attrs["block_size"]
+    scale = inits[dq.input[1]]
+    if (w.data_type == onnx.TensorProto.INT8 and attrs.get("axis", 1) % 2 == 1 and not attrs.get("block_size")
+            and list(scale.dims) == [w.dims[1]]):
+        return 8, int8_block_size(int(w.dims[0]))
+    return None
+
+
 def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = ORT_INT4_ACCURACY_LEVEL,
+                 int8_accuracy_level: int = INT8_ACCURACY_LEVEL, bits: tuple[int, ...] = (4, 8),
                  fuse: bool = True) -> dict[str, int]:
-    """Replace every ``MatMul(x, DequantizeLinear(int4 W (K, N), scale (K/bs, N), zero point 0, axis 0, block_size))``
-    whose DequantizeLinear has that MatMul as its only user by a ``com.microsoft.MatMulNBits`` without zero points,
-    its weights written to ``data_file`` (location relative to ``base``).  ``fuse``: MatMuls reading the same input
-    (q/k/v, gate/up) become one MatMulNBits over their concatenated weights and a ``Split`` of its output (one kernel
-    call and one activation quantization instead of two or three).  Returns {"linears": replaced, "nodes": made}."""
+    """Replace every ``MatMul(x, DequantizeLinear(W))`` whose DequantizeLinear has that MatMul as its only user and
+    whose W is int4 (K, N) with ``block_size`` along K (scale (K/bs, N), axis 0) or int8 (K, N) per output channel
+    (scale (N,), axis 1), zero point 0, by a ``com.microsoft.MatMulNBits`` without zero points, its weights written
+    to ``data_file`` (location relative to ``base``); ``bits`` says which of the two.  ``fuse``: MatMuls reading the
+    same input (q/k/v, gate/up) become one MatMulNBits over their concatenated weights and a ``Split`` of its output
+    (one kernel call and one activation quantization instead of two or three).  Returns {"linears": replaced,
+    "nodes": made}."""
     import onnx
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: nd for nd in graph.node for o in nd.output}
     uses = _consumers(graph)
-    # pass 1: which MatMuls qualify (no weights read yet), grouped by (input, block size)
-    found: dict[tuple[str, int], list] = {}
+    # pass 1: which MatMuls qualify (no weights read yet), grouped by (input, bits, block size)
+    found: dict[tuple[str, int, int], list] = {}
     for node in graph.node:
         dq = producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        attrs = {a.name: a.i for a in dq.attribute} if dq is not None and dq.op_type == "DequantizeLinear" else {}
-        w = inits.get(dq.input[0]) if attrs else None
-        if (w is None or w.data_type != onnx.TensorProto.INT4 or len(w.dims) != 2 or attrs.get("axis") != 0
-                or not attrs.get("block_size") or len(uses.get(dq.output[0], [])) != 1
-                or any(i not in inits for i in dq.input[1:] if i)):
+        if dq is None or dq.op_type != "DequantizeLinear" or len(uses.get(dq.output[0], [])) != 1:
             continue
-        if len(dq.input) > 2 and dq.input[2] and _read_initializer(inits[dq.input[2]], base).astype(np.int8).any():
-            continue  # a non-zero zero point: left to ORT's own fusion
-        key = (node.input[0], attrs["block_size"]) if fuse else (node.output[0], attrs["block_size"])
+        w = inits.get(dq.input[0])
+        form = _nbits_form(dq, w, inits, base)
+        if form is None or form[0] not in bits:
+            continue
+        key = (node.input[0] if fuse else node.output[0], *form)
         found.setdefault(key, []).append((node, dq, w))
     if not found:
         return {"linears": 0, "nodes": 0}
@@ -240,24 +284,30 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
             written.append(t)
             return name
 
-        for (x, bs), group in found.items():
+        for (x, nbits, bs), group in found.items():
             packed, scales, widths = [], [], []
             for node, dq, w in group:
                 q = _read_initializer(w, base).astype(np.int8)  # (K, N)
-                packed.append(_pack_nbits(q, bs))
-                scales.append(np.ascontiguousarray(_read_initializer(inits[dq.input[1]], base).astype(np.float32).T))
+                scale = _read_initializer(inits[dq.input[1]], base).astype(np.float32)
+                if nbits == 4:
+                    packed.append(_pack_nbits(q, bs))
+                    scales.append(np.ascontiguousarray(scale.T))  # (N, K/bs)
+                else:  # the channel's scale in each of its K blocks; unsigned q + 128 (the default zero point)
+                    packed.append(_blocks(q, bs, 128))
+                    scales.append(np.repeat(scale[:, None], packed[-1].shape[1], axis=1))
                 widths.append(q.shape[1])
                 replaced.update((node.output[0], dq.output[0]))
             k, first = int(group[0][2].dims[0]), group[0][0]
             tag = f"{group[0][2].name}.nbits" + (f"_x{len(group)}" if len(group) > 1 else "")
-            b = add(f"{tag}.B", np.concatenate(packed), onnx.TensorProto.UINT8)  # (N total, K/bs, bs/2)
+            b = add(f"{tag}.B", np.concatenate(packed), onnx.TensorProto.UINT8)  # (N total, K/bs, bs * bits / 8)
             # 2-D (N total, K/bs): with the same values flattened to 1-D, as ORT's own fusion writes them, the
             # kernel ran the 262144 x 640 LM head 1.07-1.10x slower (interleaved single-node runs, 2 threads)
             sc = add(f"{tag}.scales", np.concatenate(scales), onnx.TensorProto.FLOAT)
             out = first.output[0] if len(group) == 1 else f"{tag}.out"
             nodes = [onnx.helper.make_node(
                 "MatMulNBits", [x, b, sc], [out], name=f"{first.name}.nbits", domain="com.microsoft",
-                K=k, N=sum(widths), bits=4, block_size=bs, accuracy_level=accuracy_level)]
+                K=k, N=sum(widths), bits=nbits, block_size=bs,
+                accuracy_level=accuracy_level if nbits == 4 else int8_accuracy_level)]
             if len(group) > 1:
                 split = onnx.numpy_helper.from_array(np.array(widths, np.int64), f"{tag}.split")
                 graph.initializer.append(split)
@@ -276,9 +326,10 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
     return {"linears": sum(len(g) for g in found.values()), "nodes": len(found)}
 
 
-def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, log=print):
+def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, int8_kernel: str = "auto", log=print):
     """What ONNX Runtime should load to optimise ``src`` (a graph of the artifact): (model path or serialized bytes,
-    session config entries, optimisers to disable, counts).  fp32 graphs are returned unchanged."""
+    session config entries, optimisers to disable, counts).  fp32 graphs are returned unchanged.  ``int8_kernel``:
+    ``MatMulNBits``, ``MatMulIntegerToFloat`` or ``auto`` (the first where this CPU's int8 dot products are exact)."""
     src = Path(src)
     if precision not in ("int8", "fp8", "int4"):
         return src, {}, [], {}
@@ -288,15 +339,29 @@ def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, log=print
     config = {"session.model_external_initializers_file_folder_path": str(src.parent)}
     if precision == "int4":
         config["session.qdq_matmulnbits_accuracy_level"] = str(ORT_INT4_ACCURACY_LEVEL)  # any ORT fuses itself
-        n = matmul_nbits(proto, src.parent, Path(stage) / f"{src.stem}.nbits.tmp")
+        n = matmul_nbits(proto, src.parent, Path(stage) / f"{src.stem}.nbits.tmp", bits=(4,))
         log(f"[build-engine] {src.name}: {n['linears']} INT4 Linears as {n['nodes']} MatMulNBits (no zero-point "
             "input; Linears sharing an input in one)")
         return proto.SerializeToString(), config, [], {"matmul_nbits": n}
     if precision == "int8":
-        config[ORT_INT8_EXACT] = "1"  # u8 x u8 where u8 x s8 could saturate (module docstring)
-        n = split_shared_activation_qdq(proto)
-        log(f"[build-engine] {src.name}: {n} shared activation Q/DQ pairs split (one per Linear: integer matmuls)")
-        return proto.SerializeToString(), config, ["CommonSubexpressionElimination"], {"activation_qdq_split": n}
+        if int8_kernel == "auto":
+            from runtime.ort_backend import int8_dot_products_exact
+
+            int8_kernel = "MatMulNBits" if int8_dot_products_exact() else "MatMulIntegerToFloat"
+        if int8_kernel not in ("MatMulNBits", "MatMulIntegerToFloat"):
+            raise ValueError(f"int8_kernel={int8_kernel!r}; expected auto, MatMulNBits or MatMulIntegerToFloat")
+        n = {"linears": 0, "nodes": 0}
+        if int8_kernel == "MatMulNBits":
+            n = matmul_nbits(proto, src.parent, Path(stage) / f"{src.stem}.nbits.tmp", bits=(8,))
+            log(f"[build-engine] {src.name}: {n['linears']} INT8 Linears as {n['nodes']} 8-bit MatMulNBits "
+                "(activation Q/DQ kept; Linears sharing an input in one)")
+        split = split_shared_activation_qdq(proto)  # the rest go to ORT's QDQ fusion: one Q/DQ pair per Linear
+        if split or not n["linears"]:
+            log(f"[build-engine] {src.name}: {split} shared activation Q/DQ pairs split (one per Linear: "
+                "MatMulIntegerToFloat)")
+        config[ORT_INT8_EXACT] = "1"  # u8 x u8 where ORT's own fusion's u8 x s8 could saturate (module docstring)
+        return (proto.SerializeToString(), config, ["CommonSubexpressionElimination"] if split else [],
+                {"matmul_nbits": n, "activation_qdq_split": split, "int8_kernel": int8_kernel})
     n = fold_weight_dequantize(proto, src.parent, Path(stage) / f"{src.stem}.fp8_folded.tmp")
     log(f"[build-engine] {src.name}: {n} FP8 weights dequantized to fp32 once (activation Q/DQ kept)")
     return proto.SerializeToString(), config, [], {"weights_folded": n}

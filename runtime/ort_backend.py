@@ -78,6 +78,21 @@ def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int) -
     return out
 
 
+def int8_dot_products_exact() -> bool:
+    """Whether ONNX Runtime's int8 dot-product kernels (MLAS) cannot saturate on this CPU: x86 with AVX-VNNI or
+    AVX512-VNNI (32-bit accumulation), or not x86.  Plain AVX2/AVX-512F add pairs of u8 x s8 products in saturating
+    int16, which full-range int8 weights and activations overflow."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False  # unknown: take the safe kernels
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
+
+
 def _ort_errors() -> tuple[type[BaseException], ...]:
     """The exception types ONNX Runtime raises when it cannot load a model (none of them is a RuntimeError)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
@@ -121,6 +136,11 @@ class OrtBackend:
         # one graph for both steps only when build-engine says so (all caches in place); a manifest merely naming
         # one file twice without it is refused rather than run with a wrong in-place assumption
         self.one_graph = bool(engine.get("one_graph"))
+        if engine.get("int8_kernel") == "MatMulNBits" and not int8_dot_products_exact():
+            raise ArtifactError(
+                f"{self.root}: this ONNX Runtime engine runs INT8 Linears as 8-bit MatMulNBits, built on a CPU whose "
+                "int8 dot products do not saturate (VNNI); this CPU's would (no AVX-VNNI/AVX512-VNNI): rebuild the "
+                "engine here with `make build-engine BACKEND=onnxruntime` (it then takes ORT's exact u8 x u8 kernels)")
         self.per_sequence_continuation = engine.get("prefill_with_past") == "per_sequence"
         if self.one_graph != (rels["prefill"] == rels["decode"]):
             raise ArtifactError(f"{self.root}: engines.onnxruntime has one_graph={engine.get('one_graph')!r} but "
