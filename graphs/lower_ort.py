@@ -5,7 +5,10 @@ Fixed order, each pass in its own file, counts returned:
 1. `graphs.lower_ort_attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
    where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write);
 2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
-   ``SkipSimplifiedLayerNormalization``.
+   ``SkipSimplifiedLayerNormalization``;
+3. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
+4. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
+   serialized graph: its zero-row constants are computed by ONNX Runtime).
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
 temporary name that the caller removes once ONNX Runtime has optimised and saved it (`remove_lowered`).  The
@@ -102,10 +105,14 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tupl
     model = ir.load(str(src))
     tokens = manifest.get("model_config", {}).get("tokens", {})
     soft = {int(tokens[k]): f for k, f in (("image", "image_patches"), ("audio", "audio_frames")) if k in tokens}
+    from graphs.lower_ort_embedders import gate_embedders
+
     report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft)
+    proto = ir.serde.serialize_model(model)
+    report["gated_embedders"] = gate_embedders(proto, src.parent, log=log)
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)
     try:
-        onnx.save(ir.serde.serialize_model(model), str(dst))  # weights stay in the source's external data
+        onnx.save(proto, str(dst))  # weights stay in the source's external data
     except BaseException:
         dst.unlink(missing_ok=True)
         raise

@@ -134,7 +134,11 @@ def test_exact_counts(artifact_store):
     assert lowering["prefill"]["norms"] == 7 * t.num_layers + 1 + (cfg.vision is not None) + (cfg.audio is not None)
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("GroupQueryAttention") == full and "If" not in ops  # full layers: GQA in place, no branch
+    assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
+    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders)
+    ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    assert sorted(n.name for n in ifs) == sorted(
+        ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (cfg.audio is not None))
     assert engine["prefill_with_past"] == "per_sequence"
     assert ops.count("Attention") == t.num_layers - full  # sliding layers
     assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
@@ -227,3 +231,43 @@ def test_norm_look_alikes_are_refused(kwargs, reason):
     assert counts["SimplifiedLayerNormalization"] == 0
     assert any(reason in r for r in counts["refused"]), counts["refused"]
     assert "SimplifiedLayerNormalization" not in [n.op_type for n in model.graph]
+
+
+def _kernels(sess, feeds) -> set[str]:
+    """Names of the nodes ONNX Runtime ran (its profiler) for one call."""
+    import json
+
+    sess.run(None, feeds)
+    events = json.loads(open(sess.end_profiling()).read())
+    return {e["name"].removesuffix("_kernel_time") for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+
+
+def test_embedders_run_only_with_rows(artifact_store, tmp_path):
+    """A text call (a decode step) runs no node of the vision embedder; a call with an image runs them, and both give
+    the plugin graph's numbers (zero-row values are the constants the embedder computes from zero rows)."""
+    art = artifact_store(PRESET)
+    manifest = read_manifest(art)
+    cfg = PRESETS[PRESET]
+    engine = manifest["engines"]["onnxruntime"]
+    proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
+    gate = next(n for n in proto.graph.node if n.name == "ort_lower_gate_image_patches")
+    then = next(a.g for a in gate.attribute if a.name == "then_branch")
+    inner = {n.name for n in then.node}
+    assert len(inner) >= 10  # the patch embedder, its position embedding, the projection to the text width
+    rng = np.random.default_rng(3)
+    plugin = _session(art / manifest["plugin_graphs"]["prefill"]["file"])
+    for images in (0, 4):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / f"p{images}")
+        sess = ort.InferenceSession(str(art / engine["prefill"]), opts, providers=["CPUExecutionProvider"])
+        feeds = _feeds(sess, manifest, "prefill", rng, batch=1, seq=8, past_lens=[0], seq_lens=[8],
+                       max_len=manifest["max_len"], cfg=cfg, images=images)
+        ran = _kernels(sess, feeds)
+        assert bool(ran & inner) == bool(images), (images, sorted(ran & inner)[:5])
+        names = [o.name for o in plugin.get_outputs()]
+        want = plugin.run(None, {i.name: feeds[i.name] for i in plugin.get_inputs()})[0]
+        got = sess.run(names[:1], feeds)[0]
+        _assert_close(got, want, f"logits with {images} image tokens")
