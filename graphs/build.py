@@ -47,7 +47,8 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto") -> dict:
+def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto",
+                       fp8_activations: str = "fp32") -> dict:
     import onnxruntime as ort
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
@@ -67,7 +68,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
     # of one token; every cache is then written in place): one ONNX Runtime session holds the weights once
     layers = len(manifest["model_config"]["text"]["layer_types"])
     one_graph = False
-    int8_used = None
+    quant_form: dict[str, str] = {}  # int8_kernel / fp8_activations: what the quantized Linears became
     bar = Progress(2, "build-engine onnxruntime", unit="graphs")  # ORT's optimiser reports nothing itself
     try:
         for graph in ("prefill", "decode"):
@@ -84,9 +85,9 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
             src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log)
             # quantized graphs: integer kernels for INT8, fp32 weights for FP8, MatMulNBits for INT4
             model, config, disabled, qcounts = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage,
-                                                                       int8_kernel=int8_kernel, log=log)
-            if "int8_kernel" in qcounts:
-                int8_used = qcounts["int8_kernel"]
+                                                                       int8_kernel=int8_kernel,
+                                                                       fp8_activations=fp8_activations, log=log)
+            quant_form.update({k: qcounts[k] for k in ("int8_kernel", "fp8_activations") if k in qcounts})
             opts = ort.SessionOptions()
             for key, value in config.items():
                 opts.add_session_config_entry(key, value)
@@ -125,8 +126,8 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
         # GroupQueryAttention takes no prompt with past context at batch > 1: such a call runs per sequence
         **({"prefill_with_past": "per_sequence"} if lowering["prefill"]["attention"]["GroupQueryAttention"] else {}),
         # INT8 Linears: 8-bit MatMulNBits (the runtime refuses it on a CPU whose int8 dot products saturate) or ORT's
-        # MatMulIntegerToFloat (exact u8 x u8 everywhere)
-        **({"int8_kernel": int8_used} if int8_used else {}),
+        # MatMulIntegerToFloat (exact u8 x u8 everywhere); FP8: activations fp32 (weights only) or fake-quantized
+        **quant_form,
         "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
         "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k != "refused"},
@@ -137,9 +138,10 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
 
 
 def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, dtype: str = "bf16",
-                 int8_kernel: str = "auto", log=print) -> dict:
+                 int8_kernel: str = "auto", fp8_activations: str = "fp32", log=print) -> dict:
     """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first.
-    ``int8_kernel``: ONNX Runtime's kernel for INT8 Linears (`graphs.lower_qdq_ort.lower_quantized_for_ort`)."""
+    ``int8_kernel``, ``fp8_activations``: ONNX Runtime's form of INT8 / FP8 Linears
+    (`graphs.lower_qdq_ort.lower_quantized_for_ort`)."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
@@ -174,7 +176,7 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
     if backend == "auto" and manifest.get("precision") == "bf16" and "tensorrt" in engines:
         log("[build-engine] bf16 artifact: no ONNX Runtime form (its CPU has no bf16 MatMul)")
     elif backend in ("onnxruntime", "auto"):
-        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel)
+        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel, fp8_activations)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest
@@ -186,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--no-plugins", action="store_true",
                    help="build from the exported graphs instead of the plugin graphs (FusedAttention/PatchEmbed)")
+    p.add_argument("--fp8-activations", default="fp32", choices=("fp32", "qdq"),
+                   help="ONNX Runtime, FP8 artifacts: fp32 activations (default: fp32 speed) or the artifact's FP8 "
+                        "activation fake quantization (its numbers, slower)")
+    p.add_argument("--int8-kernel", default="auto", choices=("auto", "MatMulNBits", "MatMulIntegerToFloat"),
+                   help="ONNX Runtime, INT8 artifacts: 8-bit MatMulNBits (CPUs with VNNI) or MatMulIntegerToFloat; "
+                        "auto picks by this CPU")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
     a = p.parse_args(argv)
     try:
-        build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype)
+        build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype, int8_kernel=a.int8_kernel,
+                     fp8_activations=a.fp8_activations)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"build-engine: error: {error_message(e)}", file=sys.stderr)
         return 2

@@ -291,22 +291,93 @@ def test_int8_matmul_nbits_form_and_numbers(tmp_path, k):
 
 
 def test_fp8_weights_are_dequantized_once(built):
+    """The default CPU form of FP8: fp32 weights computed once, no activation fake quantization (the fp32 graph on
+    the FP8 weights: no Q/DQ kernel left)."""
     q = built("fp8")
+    assert read_manifest(q)["engines"]["onnxruntime"]["fp8_activations"] == "fp32"
     for graph in ("prefill", "decode"):
         proto = onnx.load(str(q / read_manifest(q)["engines"]["onnxruntime"][graph]), load_external_data=False)
         inits = {t.name: t for t in proto.graph.initializer}
-        dq_of_const = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-        assert not dq_of_const, [n.name for n in dq_of_const]
         assert not any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.dims and len(t.dims) == 2
                        for t in inits.values())
         ops = collections.Counter(n.op_type for n in proto.graph.node)
-        assert ops["QuantizeLinear"] >= 1, "activation fake quantization is kept"
+        assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0, ops
     assert not list((q / "ort").glob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def fp8_qdq(built, tmp_path_factory):
+    """The FP8 artifact built with its activation fake quantization kept (``fp8_activations="qdq"``)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("fp8qdq") / "tiny-fp8-qdq"
+    shutil.copytree(built("fp8"), out)
+    build_engine(out, "onnxruntime", fp8_activations="qdq", **QUIET)
+    return out
+
+
+def test_fp8_qdq_form_keeps_activation_quantization(fp8_qdq):
+    m = read_manifest(fp8_qdq)
+    assert m["engines"]["onnxruntime"]["fp8_activations"] == "qdq"
+    proto = onnx.load(str(fp8_qdq / m["engines"]["onnxruntime"]["prefill"]), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] >= 1, "activation fake quantization is kept"
+    assert not [n.name for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
-def test_fp8_build_equals_the_qdq_artifact(built, graph):
-    _assert_close(_run_both(built("fp8"), graph), 1e-5, f"fp8 {graph}")
+def test_fp8_build_equals_the_qdq_artifact(fp8_qdq, graph):
+    _assert_close(_run_both(fp8_qdq, graph), 1e-5, f"fp8 {graph}")
+
+
+def test_fp8_weight_only_is_closer_to_fp32(built, artifact_store):
+    """Without the activation rounding the CPU engine is no farther from fp32 than the Q/DQ artifact (prefill
+    logits of held-out prompts), same top-1."""
+    q, fp = built("fp8"), artifact_store("tiny")
+    m, feeds = _feeds(q, 3)
+    ref_s = _session(fp / read_manifest(fp)["engines"]["onnxruntime"]["prefill"])
+    art_s = _session(q / m["graphs"]["prefill"]["file"], unfused=True)
+    eng_s = _session(q / m["engines"]["onnxruntime"]["prefill"])
+
+    def run(sess, f):
+        return sess.run(["logits"], {k: v for k, v in f.items() if k in {i.name for i in sess.get_inputs()}})[0]
+
+    for f in feeds:
+        ref, art, eng = run(ref_s, f), run(art_s, f), run(eng_s, f)
+        e_art, e_eng = np.abs(art - ref), np.abs(eng - ref)
+        assert e_eng.mean() <= e_art.mean() and e_eng.max() <= 1.1 * e_art.max(), (e_eng.mean(), e_art.mean())
+        assert e_eng.max() > 0  # the FP8 weights' rounding is there
+        assert (eng.argmax(-1) == ref.argmax(-1)).mean() >= (art.argmax(-1) == ref.argmax(-1)).mean()
+
+
+def test_drop_activation_qdq_leaves_other_types():
+    """Only FP8 activation pairs are removed: an int8 pair and a weight DequantizeLinear stay."""
+    from graphs.lower_qdq_ort import drop_activation_qdq
+
+    h, tp = onnx.helper, onnx.TensorProto
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             h.make_tensor("z8", tp.FLOAT8E4M3FN, [], [0.0]),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "zi"),
+             onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z8"], ["xq"]),
+             h.make_node("DequantizeLinear", ["xq", "s", "z8"], ["xd"]),
+             h.make_node("MatMul", ["xd", "w"], ["y"]),
+             h.make_node("QuantizeLinear", ["y", "s", "zi"], ["yq"]),
+             h.make_node("DequantizeLinear", ["yq", "s", "zi"], ["yd"]),
+             h.make_node("MatMul", ["yd", "w"], ["out"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", tp.FLOAT, [1, 4])],
+                     [h.make_tensor_value_info("out", tp.FLOAT, [1, 4])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    assert drop_activation_qdq(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["MatMul", "QuantizeLinear", "DequantizeLinear", "MatMul"] and model.graph.node[0].input[0] == "x"
+    assert "z8" not in {t.name for t in model.graph.initializer}
+    x = np.array([[0.1, 0.2, 0.3, 0.47]], np.float32)  # x @ w = 1.07: not on the 0.1 grid, so rounding shows
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    w = np.ones((4, 4), np.float32)
+    want = (np.round((x @ w) / np.float32(0.1)) * np.float32(0.1)) @ w  # int8 fake quant kept, FP8 pair gone
+    np.testing.assert_allclose(y, want, rtol=1e-6)
 
 
 def test_split_leaves_single_users_and_other_graphs_alone():
