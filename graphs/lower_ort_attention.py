@@ -34,7 +34,12 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["lower_attention", "rope_tables"]
+__all__ = ["MASK", "SLIDING_SHARED", "lower_attention", "rope_tables"]
+
+# name prefix of the nodes the sliding layers share (positions, slots read, mask, ring-write indices) and the names
+# of the values they hand to the layers
+MASK = "mask_"
+SLIDING_SHARED = {k: f"ort_lower_sliding_{k}" for k in ("pos", "used", "bias", "first", "gather")}
 
 
 class Refused(ValueError):
@@ -93,6 +98,7 @@ class _Builder:
         self.ir, self.model, self.graph, self.max_len = ir, model, model.graph, max_len
         self.cache: dict = {}
         self.n = 0
+        self.tag = ""  # node name prefix ("mask_": the sliding layers' shared mask/position nodes)
 
     def const(self, key, array: np.ndarray, name: str):
         if key not in self.cache:
@@ -110,7 +116,7 @@ class _Builder:
     def node(self, op, inputs, *, before, domain="", attrs=None, outputs=1, name=None):
         self.n += 1
         nd = self.ir.node(op, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs,
-                          name=name or f"ort_lower_{op}_{self.n}")
+                          name=name or f"ort_lower_{self.tag}{op}_{self.n}")
         self.graph.insert_before(before, nd)
         return nd.outputs if outputs > 1 else nd.outputs[0]
 
@@ -123,9 +129,13 @@ class _Builder:
                                self.const(key + ("sin",), sin, f"ort_lower_rope_sin_{tag}"))
         return self.cache[key]
 
-    def shared(self, key, make):
+    def shared(self, key, make, tag: str = ""):
         if key not in self.cache:
-            self.cache[key] = make()
+            old, self.tag = self.tag, tag or self.tag
+            try:
+                self.cache[key] = make()
+            finally:
+                self.tag = old
         return self.cache[key]
 
 
@@ -223,13 +233,13 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         pl = b.node("Unsqueeze", [past_lens, b.ints([1])], before=before)  # (B, 1)
         return s, ar, pl, b.node("Add", [pl, b.node("Unsqueeze", [ar, b.ints([0])], before=before)], before=before)
 
-    s, ar, pl, pos = b.shared(("spos", id(past_lens), _seq_key(q)), positions)  # pos (B, S), once per graph
+    s, ar, pl, pos = b.shared(("spos", id(past_lens), _seq_key(q)), positions, MASK)  # pos (B, S), once per graph
 
     def used():  # (1,) slots read: max(1, min(W, max(past_lens)))
         most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 1})  # (1,)
         return b.node("Max", [b.node("Min", [most, b.ints([w])], before=before), b.ints([1])], before=before)
 
-    n = b.shared(("sused", w, id(past_lens)), used)
+    n = b.shared(("sused", w, id(past_lens)), used, MASK)
 
     def mask():
         last = b.node("Sub", [pl, b.ints([1])], before=before)  # (B, 1)
@@ -261,7 +271,7 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
                                         "ort_lower_f32_min")], before=before)
         return b.node("Unsqueeze", [bias, b.ints([1])], before=before)  # (B, 1, S, n + S)
 
-    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask)  # (B, 1, S, n + S)
+    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask, MASK)  # (B, 1, S, n + S)
 
     def write_index():  # U, the ring-write start slot (B,), gather indices (B, 1, U, 1) into concat(ring, new)
         u = b.node("Min", [s, b.ints([w])], before=before)  # (1,)
@@ -283,7 +293,10 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         return first, b.node("Expand", [idx4, b.node("Concat", [b.ints([1, hkv]), u, b.ints([d])], before=before,
                                                             attrs={"axis": 0})], before=before)
 
-    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index)  # after `n` (shared)
+    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index, MASK)  # after `n` (shared)
+    for value, key in ((pos, "pos"), (n, "used"), (bias, "bias"), (first, "first"), (gidx, "gather")):
+        value.name = SLIDING_SHARED[key]  # what `graphs.lower_ort_single_token` replaces for one-token calls
+    b.cache.setdefault("sliding_geometry", (w, hkv, d))
     q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)
     k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
     v3 = b.node("Reshape", [v, b.ints([0, 0, hkv * d])], before=before)
@@ -343,4 +356,4 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
 
         common.InlinePass()(model)
         common.NameFixPass()(model)
-    return {**counts, "refused": refused}
+    return {**counts, "refused": refused, "sliding_geometry": b.cache.get("sliding_geometry")}

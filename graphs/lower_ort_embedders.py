@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GROUPS", "gate_embedders"]
+__all__ = ["GROUPS", "gate_embedders", "toposort"]
 
 # the inputs of each modality (those present in a graph are gated together)
 GROUPS = (("image_patches", "image_positions"), ("audio_frames",))
@@ -62,7 +62,7 @@ def _reads(node) -> set[str]:
     return out
 
 
-def _toposort(nodes: list) -> list:
+def toposort(nodes: list) -> list:
     """Nodes in an order where every value is made before it is read (subgraph reads included), keeping the given
     order wherever it already is one."""
     made_by = {o: k for k, n in enumerate(nodes) for o in n.output if o}
@@ -182,7 +182,7 @@ def gate_embedders(proto, base: Path, *, log=print) -> dict[str, int]:
         g.initializer.append(zero)
         first = next(k for k, n in enumerate(g.node) if id(n) in inside)
         kept = [n for n in g.node if id(n) not in inside]
-        new = _toposort(kept[:first] + [rows, has, gate] + kept[first:])
+        new = toposort(kept[:first] + [rows, has, gate] + kept[first:])
         del g.node[:]
         g.node.extend(new)
         done[names[0]] = len(nodes)

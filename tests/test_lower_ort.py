@@ -33,6 +33,9 @@ def _session(path):
 
 
 def _assert_close(got, want, what):
+    assert got.shape == want.shape, what
+    if not want.size:  # a row without new tokens
+        return
     err, scale = np.abs(got - want), float(np.ptp(want)) or 1.0
     assert err.max() <= 1e-4 * scale, f"{what}: max err {err.max():.3g} mean {err.mean():.3g} (range {scale:.3g})"
 
@@ -59,6 +62,9 @@ def _feeds(sess, manifest, graph, rng, *, batch, seq, past_lens, seq_lens, max_l
 
 CASES = [  # graph, batch, new tokens, past_lens, seq_lens, image tokens
     ("decode", 3, 1, [3, 9, 30], [1, 1, 1], 0),  # 9 and 30 > window 8: the rings have wrapped
+    # one-token prefill (the If's one-token mask branch): an empty row, a first token, a wrapped ring
+    ("prefill", 3, 1, [0, 5, 12], [1, 0, 1], 0),
+    ("prefill", 2, 2, [0, 12], [1, 2], 0),  # two tokens: the general branch, a padded row
     ("prefill", 3, 11, [0, 0, 0], [11, 4, 7], 0),  # a batch of different lengths
     ("prefill", 2, 9, [0, 0], [9, 9], 5),  # image block on the sliding layers
     ("prefill", 1, 6, [13], [6], 0),  # a prompt with past context (GroupQueryAttention)
@@ -135,10 +141,12 @@ def test_exact_counts(artifact_store):
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
-    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders)
+    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders),
+    # and the sliding layers' shared mask, one-token or general (graphs.lower_ort_single_token)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     assert sorted(n.name for n in ifs) == sorted(
-        ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (cfg.audio is not None))
+        ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (cfg.audio is not None)
+        + ["ort_lower_s1"] * (full < t.num_layers))
     assert engine["prefill_with_past"] == "per_sequence"
     assert ops.count("Attention") == t.num_layers - full  # sliding layers
     assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
