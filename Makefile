@@ -83,7 +83,8 @@ export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))
 
 build-engine: $(STAMP)
-	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE)
+	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \
+		$(if $(INT8_KERNEL),--int8-kernel $(INT8_KERNEL)) $(if $(FP8_ACTIVATIONS),--fp8-activations $(FP8_ACTIVATIONS))
 
 # PROMPT reaches the CLI verbatim through the environment: neither make nor the shell expands it.
 generate: override export PROMPT := $(value PROMPT)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GROUPS", "gate_embedders", "toposort"]
+__all__ = ["GROUPS", "gate_embedders", "renamed_copies", "toposort"]
 
 # the inputs of each modality (those present in a graph are gated together)
 GROUPS = (("image_patches", "image_positions"), ("audio_frames",))
@@ -59,6 +59,21 @@ def _reads(node) -> set[str]:
         for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
             for n in sub.node:
                 out |= _reads(n)
+    return out
+
+
+def renamed_copies(nodes: list, rename: dict[str, str]) -> list:
+    """Copies of ``nodes`` reading and writing ``rename[name]`` instead of each name it has (for a branch body: no
+    value in a subgraph may shadow one of the outer graph)."""
+    import onnx
+
+    out = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.input[:] = [rename.get(i, i) for i in n.input]
+        c.output[:] = [rename.get(o, o) for o in n.output]
+        out.append(c)
     return out
 
 
@@ -160,13 +175,7 @@ def gate_embedders(proto, base: Path, *, log=print) -> dict[str, int]:
         tag = f"ort_lower_gate_{names[0]}"
         # then: the cone as it is, every value it makes renamed inside the branch (no shadowing of outer names)
         rename = {o: f"{o}__{tag}" for o in made}
-        then_nodes = []
-        for n in nodes:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            c.input[:] = [rename.get(i, i) for i in n.input]
-            c.output[:] = [rename.get(o, o) for o in n.output]
-            then_nodes.append(c)
+        then_nodes = renamed_copies(nodes, rename)
         then_g = onnx.helper.make_graph(then_nodes, f"{tag}_then", [],
                                         [onnx.ValueInfoProto(name=rename[o]) for o in boundary])
         else_nodes = [onnx.helper.make_node("Constant", [], [f"{o}__{tag}_empty"], name=f"{tag}_empty_{k}",

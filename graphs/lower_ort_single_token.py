@@ -37,7 +37,7 @@ def specialize_single_token(proto, geometry: tuple[int, int, int] | None, *, log
     into the else-branch (0: nothing to do or refused, with the reason logged)."""
     import onnx
 
-    from graphs.lower_ort_embedders import toposort
+    from graphs.lower_ort_embedders import renamed_copies, toposort
 
     g = proto.graph
     general = [n for n in g.node if n.name.startswith(PREFIX)]
@@ -92,13 +92,7 @@ def specialize_single_token(proto, geometry: tuple[int, int, int] | None, *, log
     keys = list(SLIDING_SHARED)
     then_g = h.make_graph(nodes, f"{tag}_then", [], [onnx.ValueInfoProto(name=out[k]) for k in keys])
     rename = {o: f"{o}__{tag}_general" for o in made}
-    else_nodes = []
-    for n in general:
-        e = onnx.NodeProto()
-        e.CopyFrom(n)
-        e.input[:] = [rename.get(i, i) for i in n.input]
-        e.output[:] = [rename.get(o, o) for o in n.output]
-        else_nodes.append(e)
+    else_nodes = renamed_copies(general, rename)
     else_g = h.make_graph(else_nodes, f"{tag}_else", [],
                           [onnx.ValueInfoProto(name=rename[SLIDING_SHARED[k]]) for k in keys])
     s = h.make_node("Shape", ["input_ids"], [f"{tag}_S"], name=f"{tag}_S", start=1, end=2)

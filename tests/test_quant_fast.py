@@ -109,6 +109,20 @@ def _assert_close(pairs, rel: float, what: str, mean_rel: float | None = None, t
         assert not top1 or (a.argmax(-1) == b.argmax(-1)).all(), what
 
 
+def _against_fp32(q, fp):
+    """Prefill logits of held-out prompts, per prompt: (the fp32 artifact's engine, the quantized artifact's Q/DQ
+    graph run unfused, the quantized artifact's engine)."""
+    m, feeds = _feeds(q, 3)
+    sessions = (_session(fp / read_manifest(fp)["engines"]["onnxruntime"]["prefill"]),
+                _session(q / m["graphs"]["prefill"]["file"], unfused=True),
+                _session(q / m["engines"]["onnxruntime"]["prefill"]))
+
+    def run(sess, f):
+        return sess.run(["logits"], {k: v for k, v in f.items() if k in {i.name for i in sess.get_inputs()}})[0]
+
+    return [tuple(run(s_, f) for s_ in sessions) for f in feeds]
+
+
 def _lm_head_op(path) -> str:
     """The op type of the node of an optimised graph that reads the LM head's weight (int8 / int4 / fp32 table)."""
     g = onnx.load(str(path), load_external_data=False).graph
@@ -209,17 +223,8 @@ def test_int8_build_equals_the_qdq_artifact(built, artifact_store):
         # a step of the artifact's grid per value, as large as the artifact's own rounding, so the check is against
         # fp32: the engine is as close to fp32 as the Q/DQ artifact (tiny, 3 held-out prompts, measured: mean error
         # 0.97x the artifact's, max 0.93x, top-1 the same), and within that noise of the artifact (decode below)
-        fp = artifact_store("tiny")
-        m, feeds = _feeds(q, 3)
-        ref_s = _session(fp / read_manifest(fp)["engines"]["onnxruntime"]["prefill"])
-        art_s = _session(q / m["graphs"]["prefill"]["file"], unfused=True)
-        eng_s = _session(q / m["engines"]["onnxruntime"]["prefill"])
-
-        def run(sess, f):
-            return sess.run(["logits"], {k: v for k, v in f.items() if k in {i.name for i in sess.get_inputs()}})[0]
-
-        ref, art, eng = (np.concatenate([run(s_, f).reshape(-1, PRESETS["tiny"].text.vocab_size) for f in feeds])
-                         for s_ in (ref_s, art_s, eng_s))
+        ref, art, eng = (np.concatenate([x.reshape(-1, PRESETS["tiny"].text.vocab_size) for x in xs])
+                         for xs in zip(*_against_fp32(q, artifact_store("tiny"))))
         e_art, e_eng = np.abs(art - ref), np.abs(eng - ref)
         assert e_eng.mean() <= 1.25 * e_art.mean() and e_eng.max() <= 1.5 * e_art.max(), (
             f"engine vs fp32 mean {e_eng.mean():.3g} max {e_eng.max():.3g}; artifact {e_art.mean():.3g} {e_art.max():.3g}")
@@ -334,17 +339,7 @@ def test_fp8_build_equals_the_qdq_artifact(fp8_qdq, graph):
 def test_fp8_weight_only_is_closer_to_fp32(built, artifact_store):
     """Without the activation rounding the CPU engine is no farther from fp32 than the Q/DQ artifact (prefill
     logits of held-out prompts), same top-1."""
-    q, fp = built("fp8"), artifact_store("tiny")
-    m, feeds = _feeds(q, 3)
-    ref_s = _session(fp / read_manifest(fp)["engines"]["onnxruntime"]["prefill"])
-    art_s = _session(q / m["graphs"]["prefill"]["file"], unfused=True)
-    eng_s = _session(q / m["engines"]["onnxruntime"]["prefill"])
-
-    def run(sess, f):
-        return sess.run(["logits"], {k: v for k, v in f.items() if k in {i.name for i in sess.get_inputs()}})[0]
-
-    for f in feeds:
-        ref, art, eng = run(ref_s, f), run(art_s, f), run(eng_s, f)
+    for ref, art, eng in _against_fp32(built("fp8"), artifact_store("tiny")):
         e_art, e_eng = np.abs(art - ref), np.abs(eng - ref)
         assert e_eng.mean() <= e_art.mean() and e_eng.max() <= 1.1 * e_art.max(), (e_eng.mean(), e_art.mean())
         assert e_eng.max() > 0  # the FP8 weights' rounding is there
