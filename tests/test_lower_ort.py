@@ -279,3 +279,36 @@ def test_embedders_run_only_with_rows(artifact_store, tmp_path):
         want = plugin.run(None, {i.name: feeds[i.name] for i in plugin.get_inputs()})[0]
         got = sess.run(names[:1], feeds)[0]
         _assert_close(got, want, f"logits with {images} image tokens")
+
+
+def test_fp32_linears_sharing_an_input_are_one_matmul(tmp_path):
+    """`fuse_shared_input_matmuls`: MatMuls of one input (the exporter's ``Transpose(W (out, in))`` form or plain
+    (in, out) weights) become one MatMul + Split with the same numbers; a weight with another user (tied) and a
+    MatMul of another input are left alone."""
+    from graphs.lower_qdq_ort import fuse_shared_input_matmuls
+
+    h, tp = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(0)
+    w = {f"w{i}": rng.standard_normal(s).astype(np.float32) for i, s in
+         enumerate([(6, 8), (3, 8), (8, 5), (8, 4), (6, 8)])}
+    nodes = [h.make_node("Transpose", ["w0"], ["t0"], perm=[1, 0]), h.make_node("MatMul", ["x", "t0"], ["a"]),
+             h.make_node("Transpose", ["w1"], ["t1"], perm=[1, 0]), h.make_node("MatMul", ["x", "t1"], ["b"]),
+             h.make_node("MatMul", ["x", "w2"], ["c"]),
+             h.make_node("MatMul", ["x", "w3"], ["d"]), h.make_node("Add", ["w3", "w3"], ["w3x2"]),  # w3 tied
+             h.make_node("MatMul", ["a", "w4"], ["e"])]  # another input
+    outs = ["a", "b", "c", "d", "w3x2", "e"]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", tp.FLOAT, [2, 8])],
+                     [h.make_tensor_value_info(o, tp.FLOAT, None) for o in outs],
+                     [onnx.numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"x": x})
+    assert fuse_shared_input_matmuls(model, tmp_path, tmp_path / "fused.data") == {"linears": 3, "nodes": 1}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMul") == 3 and ops.count("Split") == 1 and "Transpose" not in ops, ops
+    assert not {"w0", "w1", "w2"} & {t.name for t in model.graph.initializer}
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    after = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(outs, {"x": x})
+    for name, a, b in zip(outs, after, before):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
