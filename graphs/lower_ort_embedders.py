@@ -194,7 +194,61 @@ def gate_embedders(proto, base: Path, *, log=print) -> dict[str, int]:
         new = toposort(kept[:first] + [rows, has, gate] + kept[first:])
         del g.node[:]
         g.node.extend(new)
-        done[names[0]] = len(nodes)
+        merged = _gate_merge(g, tag, boundary, f"{tag}_has")
+        done[names[0]] = len(nodes) + merged
         log(f"[ort-lower] {names[0]}: {len(nodes)} embedder nodes run only when it has rows (If; zero-row values "
-            f"{[tuple(v.shape) for v in empty]} as constants otherwise)")
+            f"{[tuple(v.shape) for v in empty]} as constants otherwise); {merged} nodes placing its soft tokens too")
     return done
+
+
+def _gate_merge(g, tag: str, gated: list[str], cond: str) -> int:
+    """The nodes that place one modality's soft tokens into the text embeddings, ending in
+    ``Where(slot mask, soft features, embeddings)``, under an ``If`` on ``cond`` too: without rows the mask is false
+    everywhere (`gate_soft_token_slots` ANDs it with "has rows"), so the Where returns its third input, which the
+    else-branch passes through (an Identity).  The moved nodes are those between ``gated`` (the embedder If's
+    outputs) and that Where; refused (0) unless nothing outside reads them.  Returns the nodes moved."""
+    import onnx
+
+    down = set(gated)  # values computed from the embedder's outputs
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+        if any(i in down for i in n.input):
+            down.update(o for o in n.output if o)
+    made_by = {o: n for n in g.node for o in n.output if o}
+    outputs = {o.name for o in g.output}
+    for join in g.node:
+        if (join.op_type != "Where" or len(join.input) != 3 or join.input[0] not in down
+                or join.input[1] not in down or join.input[2] in down):
+            continue
+        moved, stack = {id(join): join}, [join.input[0], join.input[1]]
+        while stack:  # the join's ancestors among the values computed from the embedder's outputs
+            v = stack.pop()
+            n = made_by.get(v)
+            if v in gated or n is None or id(n) in moved or v not in down:
+                continue
+            moved[id(n)] = n
+            stack += list(n.input)
+        inner = [n for n in g.node if id(n) in moved]
+        leaks = [o for n in inner if n is not join for o in n.output
+                 if o in outputs or any(id(u) not in moved for u in users.get(o, []))]
+        if leaks or len(inner) < 3:
+            continue
+        made = {o for n in inner for o in n.output if o}
+        rename = {o: f"{o}__{tag}_merge" for o in made}
+        then_g = onnx.helper.make_graph(renamed_copies(inner, rename), f"{tag}_merge_then", [],
+                                        [onnx.ValueInfoProto(name=rename[join.output[0]])])
+        passed = f"{join.output[0]}__{tag}_merge_else"
+        else_g = onnx.helper.make_graph([onnx.helper.make_node("Identity", [join.input[2]], [passed],
+                                                               name=f"{tag}_merge_else")],
+                                        f"{tag}_merge_else", [], [onnx.ValueInfoProto(name=passed)])
+        branch = onnx.helper.make_node("If", [cond], [join.output[0]], name=f"{tag}_merge", then_branch=then_g,
+                                       else_branch=else_g)
+        first = next(k for k, n in enumerate(g.node) if id(n) in moved)
+        kept = [n for n in g.node if id(n) not in moved]
+        new = toposort(kept[:first] + [branch] + kept[first:])
+        del g.node[:]
+        g.node.extend(new)
+        return len(inner)
+    return 0

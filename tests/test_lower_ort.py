@@ -144,9 +144,11 @@ def test_exact_counts(artifact_store):
     # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders),
     # and the sliding layers' shared mask, one-token or general (graphs.lower_ort_single_token)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
-    assert sorted(n.name for n in ifs) == sorted(
-        ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (cfg.audio is not None)
-        + ["ort_lower_s1"] * (full < t.num_layers))
+    gates = ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (
+        cfg.audio is not None)
+    # each modality: its embedder, and the nodes placing its soft tokens into the embeddings
+    assert sorted(n.name for n in ifs) == sorted(gates + [f"{x}_merge" for x in gates]
+                                                 + ["ort_lower_s1"] * (full < t.num_layers))
     assert engine["prefill_with_past"] == "per_sequence"
     assert ops.count("Attention") == t.num_layers - full  # sliding layers
     assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
@@ -259,10 +261,12 @@ def test_embedders_run_only_with_rows(artifact_store, tmp_path):
     cfg = PRESETS[PRESET]
     engine = manifest["engines"]["onnxruntime"]
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
-    gate = next(n for n in proto.graph.node if n.name == "ort_lower_gate_image_patches")
-    then = next(a.g for a in gate.attribute if a.name == "then_branch")
-    inner = {n.name for n in then.node}
-    assert len(inner) >= 10  # the patch embedder, its position embedding, the projection to the text width
+    inner = set()
+    for name in ("ort_lower_gate_image_patches", "ort_lower_gate_image_patches_merge"):
+        gate = next(n for n in proto.graph.node if n.name == name)
+        then = next(a.g for a in gate.attribute if a.name == "then_branch")
+        assert len(then.node) >= 10  # the patch embedder, its position embedding, the projection; the placing
+        inner |= {n.name for n in then.node}
     rng = np.random.default_rng(3)
     plugin = _session(art / manifest["plugin_graphs"]["prefill"]["file"])
     for images in (0, 4):
