@@ -149,6 +149,47 @@ def _set_nodes(graph, nodes: list, initializers: list) -> None:
             graph.initializer.remove(t)
 
 
+class _ExternalData:
+    """Tensors written one after another into ``path`` as external data (location stored relative to ``base``, the
+    directory the graph's external data is read from); ``tensors``: the TensorProtos made."""
+
+    def __init__(self, path: Path, base: Path):
+        self.path, self.base, self.offset, self.tensors = Path(path), Path(base), 0, []
+        self._f = open(self.path, "wb")
+
+    def add(self, name: str, array: np.ndarray, dtype: int) -> str:
+        import onnx
+
+        raw = np.ascontiguousarray(array).tobytes()
+        self._f.write(raw)
+        t = onnx.TensorProto(name=name, data_type=dtype, dims=list(array.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, v in (("location", self.path.relative_to(self.base).as_posix()), ("offset", str(self.offset)),
+                       ("length", str(len(raw)))):
+            t.external_data.add(key=key, value=v)
+        self.offset += len(raw)
+        self.tensors.append(t)
+        return name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _replace_groups(graph, made: dict[str, list], replaced: set[str], initializers: list) -> None:
+    """Each node whose first output is a key of ``made`` -> those nodes; nodes whose first output is in
+    ``replaced`` dropped; ``initializers`` added (`_set_nodes`)."""
+    new_nodes = []
+    for node in graph.node:
+        if node.output and node.output[0] in made:
+            new_nodes += made[node.output[0]]
+        elif not (node.output and node.output[0] in replaced):
+            new_nodes.append(node)
+    _set_nodes(graph, new_nodes, initializers)
+
+
 def drop_activation_qdq(proto, types=("FLOAT8E4M3FN",)) -> int:
     """Remove every ``QuantizeLinear(x) -> DequantizeLinear`` pair whose quantized type is one of ``types`` (the
     zero point's type): the DequantizeLinear's users read ``x``.  Returns the pairs removed."""
@@ -190,10 +231,8 @@ def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8
     inits = {t.name: t for t in graph.initializer}
     kinds = {getattr(onnx.TensorProto, t) for t in types}
     folded, keep = 0, []
-    written: list[onnx.TensorProto] = []
     data_file = Path(data_file)
-    offset = 0
-    with open(data_file, "wb") as f:
+    with _ExternalData(data_file, base) as out:
         for node in graph.node:
             w = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
             if w is None or w.data_type not in kinds or any(n not in inits for n in node.input[1:] if n):
@@ -209,19 +248,11 @@ def fold_weight_dequantize(proto, base: Path, data_file: Path, *, types=("FLOAT8
                 shape = [1] * q.ndim
                 shape[axis % q.ndim] = -1
                 scale = scale.reshape(shape)
-            y = np.ascontiguousarray(q * scale, dtype=np.float32)  # DequantizeLinear with zero point 0
-            raw = y.tobytes()
-            f.write(raw)
-            t = onnx.TensorProto(name=node.output[0], data_type=onnx.TensorProto.FLOAT, dims=list(y.shape))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data_file.relative_to(base).as_posix()), ("offset", str(offset)),
-                         ("length", str(len(raw)))):
-                t.external_data.add(key=k, value=v)
-            offset += len(raw)
-            written.append(t)
+            # DequantizeLinear with zero point 0
+            out.add(node.output[0], np.ascontiguousarray(q * scale, dtype=np.float32), onnx.TensorProto.FLOAT)
             folded += 1
     if folded:
-        _set_nodes(graph, keep, written)
+        _set_nodes(graph, keep, out.tensors)
     else:
         data_file.unlink()
     return folded
@@ -303,24 +334,9 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
     if not found:
         return {"linears": 0, "nodes": 0}
     # pass 2: one group at a time (the 12B's weights are never all in memory)
-    data_file = Path(data_file)
-    offset, written, made = 0, [], {}  # made: output of the group's first MatMul -> nodes replacing the group
+    made = {}  # output of the group's first MatMul -> nodes replacing the group
     replaced: set[str] = set()  # outputs of the MatMuls and DequantizeLinears replaced
-    with open(data_file, "wb") as f:
-
-        def add(name: str, array: np.ndarray, dtype: int) -> str:
-            nonlocal offset
-            raw = np.ascontiguousarray(array).tobytes()
-            f.write(raw)
-            t = onnx.TensorProto(name=name, data_type=dtype, dims=list(array.shape))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for key, v in (("location", data_file.relative_to(base).as_posix()), ("offset", str(offset)),
-                           ("length", str(len(raw)))):
-                t.external_data.add(key=key, value=v)
-            offset += len(raw)
-            written.append(t)
-            return name
-
+    with _ExternalData(data_file, base) as out_data:
         for (x, nbits, bs), group in found.items():
             packed, scales, widths = [], [], []
             for node, dq, w in group:
@@ -336,10 +352,10 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
                 replaced.update((node.output[0], dq.output[0]))
             k, first = int(group[0][2].dims[0]), group[0][0]
             tag = f"{group[0][2].name}.nbits" + (f"_x{len(group)}" if len(group) > 1 else "")
-            b = add(f"{tag}.B", np.concatenate(packed), onnx.TensorProto.UINT8)  # (N total, K/bs, bs * bits / 8)
+            b = out_data.add(f"{tag}.B", np.concatenate(packed), onnx.TensorProto.UINT8)  # (N total, K/bs, bs * bits / 8)
             # 2-D (N total, K/bs): with the same values flattened to 1-D, as ORT's own fusion writes them, the
             # kernel ran the 262144 x 640 LM head 1.07-1.10x slower (interleaved single-node runs, 2 threads)
-            sc = add(f"{tag}.scales", np.concatenate(scales), onnx.TensorProto.FLOAT)
+            sc = out_data.add(f"{tag}.scales", np.concatenate(scales), onnx.TensorProto.FLOAT)
             out = first.output[0] if len(group) == 1 else f"{tag}.out"
             nodes = [onnx.helper.make_node(
                 "MatMulNBits", [x, b, sc], [out], name=f"{first.name}.nbits", domain="com.microsoft",
@@ -351,13 +367,7 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
                 nodes.append(onnx.helper.make_node("Split", [out, split.name], [nd.output[0] for nd, _, _ in group],
                                                    name=f"{first.name}.nbits_split", axis=-1))
             made[first.output[0]] = nodes
-    new_nodes = []
-    for node in graph.node:
-        if node.output and node.output[0] in made:
-            new_nodes += made[node.output[0]]
-        elif not (node.output and node.output[0] in replaced):
-            new_nodes.append(node)
-    _set_nodes(graph, new_nodes, written)
+    _replace_groups(graph, made, replaced, out_data.tensors)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return {"linears": sum(len(g) for g in found.values()), "nodes": len(found)}
@@ -394,38 +404,23 @@ def fuse_shared_input_matmuls(proto, base: Path, data_file: Path) -> dict[str, i
     groups = [g for g in found.values() if len(g) > 1]
     if not groups:
         return {"linears": 0, "nodes": 0}
-    data_file = Path(data_file)
-    made, replaced, written, offset = {}, set(), [], 0
-    with open(data_file, "wb") as f:
+    made, replaced, splits = {}, set(), []
+    with _ExternalData(data_file, base) as out:
         for group in groups:
             w = np.concatenate([_read_initializer(t, base).astype(np.float32).T if tr is not None
                                 else _read_initializer(t, base).astype(np.float32) for _, t, tr in group], axis=1)
             first = group[0][0]
-            tag = f"{group[0][1].name}.fused_x{len(group)}"
-            raw = np.ascontiguousarray(w).tobytes()
-            f.write(raw)
-            t = onnx.TensorProto(name=tag, data_type=onnx.TensorProto.FLOAT, dims=list(w.shape))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for key, v in (("location", data_file.relative_to(base).as_posix()), ("offset", str(offset)),
-                           ("length", str(len(raw)))):
-                t.external_data.add(key=key, value=v)
-            offset += len(raw)
+            tag = out.add(f"{group[0][1].name}.fused_x{len(group)}", w, onnx.TensorProto.FLOAT)
             widths = [int(t_.dims[0] if tr is not None else t_.dims[1]) for _, t_, tr in group]
             split = onnx.numpy_helper.from_array(np.array(widths, np.int64), f"{tag}.split")
-            written += [t, split]
+            splits.append(split)
             made[first.output[0]] = [
                 onnx.helper.make_node("MatMul", [first.input[0], tag], [f"{tag}.out"], name=f"{first.name}.fused"),
                 onnx.helper.make_node("Split", [f"{tag}.out", split.name], [nd.output[0] for nd, _, _ in group],
                                       name=f"{first.name}.fused_split", axis=-1)]
             replaced.update(nd.output[0] for nd, _, _ in group)
             replaced.update(tr.output[0] for _, _, tr in group if tr is not None)
-    new_nodes = []
-    for node in graph.node:
-        if node.output and node.output[0] in made:
-            new_nodes += made[node.output[0]]
-        elif not (node.output and node.output[0] in replaced):
-            new_nodes.append(node)
-    _set_nodes(graph, new_nodes, written)
+    _replace_groups(graph, made, replaced, out.tensors + splits)
     return {"linears": sum(len(g) for g in groups), "nodes": len(groups)}
 
 
