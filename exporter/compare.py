@@ -101,7 +101,7 @@ class OneGraphDecodeRunner(_lazy_base()):
         return meta
 
     def infer_impl(self, feed_dict):
-        from runtime.ort_backend import prefill_feeds
+        from runtime.ort_backend import engine_feeds, prefill_feeds
         from runtime.prompt import PrefillInputs
 
         start = time.perf_counter()
@@ -109,6 +109,7 @@ class OneGraphDecodeRunner(_lazy_base()):
         feeds = prefill_feeds(PrefillInputs(input_ids=ids, past_lens=np.asarray(feed_dict["past_lens"], np.int64),
                                             seq_lens=np.ones(len(ids), np.int64)), self.manifest)
         feeds.update({k: v for k, v in feed_dict.items() if k.startswith(("past_key_", "past_value_"))})
+        feeds = engine_feeds(self.session, feeds, self.manifest)
         names = [o.name for o in self.session.get_outputs()]
         got = dict(zip(names, self.session.run(names, feeds)))
         out = OrderedDict((n, got[n]) for n in self.output_names)

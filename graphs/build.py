@@ -130,8 +130,11 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
         **quant_form,
         "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
-        "lowering": {g: {"attention": {k: v for k, v in r["attention"].items()
-                                       if k not in ("refused", "sliding_geometry")},
+        # the attention geometry the graph takes as inputs, computed by runtime.ort_attention (the window it needs)
+        **({"attention_inputs": {"window": lowering["prefill"]["attention"]["window"]}} if "prefill" in lowering
+           and lowering["prefill"]["attention"]["GroupQueryAttention"] + lowering["prefill"]["attention"]["Attention"]
+           else {}),
+        "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k not in ("refused", "window")},
                          "norms": r["norms"]["SimplifiedLayerNormalization"]} for g, r in lowering.items()},
         "onnxruntime": ort.__version__,
         "providers": ["CPUExecutionProvider"],

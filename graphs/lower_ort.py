@@ -7,9 +7,10 @@ Fixed order, each pass in its own file, counts returned:
 2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
    ``SkipSimplifiedLayerNormalization``;
 3. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
-4. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
-   serialized graph: its zero-row constants are computed by ONNX Runtime);
-5. `graphs.lower_ort_single_token`: the sliding layers' shared mask nodes under an ``If`` with a one-token branch.
+4. nodes left without a user removed (the exported graph's image-block ids: the runtime computes the attention
+   geometry, `runtime.ort_attention`);
+5. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
+   serialized graph: its zero-row constants are computed by ONNX Runtime).
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
 temporary name that the caller removes once ONNX Runtime has optimised and saved it (`remove_lowered`).  The
@@ -91,6 +92,9 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
     report["norms"] = lower_norms(model, log=log)
     report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
+    import onnx_ir.passes.common as common
+
+    common.RemoveUnusedNodesPass()(model)
     model.graph.sort()
     return report
 
@@ -111,9 +115,6 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tupl
     report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft)
     proto = ir.serde.serialize_model(model)
     report["gated_embedders"] = gate_embedders(proto, src.parent, log=log)
-    from graphs.lower_ort_single_token import specialize_single_token
-
-    report["single_token_mask"] = specialize_single_token(proto, report["attention"].get("sliding_geometry"), log=log)
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)
     try:
         onnx.save(proto, str(dst))  # weights stay in the source's external data

@@ -21,6 +21,9 @@ Rewrite:
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
   written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).
+* the geometry every layer of a kind shares (sliding: positions, slots read, the mask, ring-write indices; full:
+  GQA's lengths) is an engine input computed by the runtime (`runtime.ort_attention`, where the formulas are):
+  inside the graph it took ~50 small kernels per call, and a decode step is ~500 kernels in all.
   GroupQueryAttention has no ring buffer and cannot open the bidirectional image blocks.  With every cache written
   in place, the lowered prefill graph also serves decode (one ONNX Runtime session; `graphs.build`).
 
@@ -34,12 +37,7 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["MASK", "SLIDING_SHARED", "lower_attention", "rope_tables"]
-
-# name prefix of the nodes the sliding layers share (positions, slots read, mask, ring-write indices) and the names
-# of the values they hand to the layers
-MASK = "mask_"
-SLIDING_SHARED = {k: f"ort_lower_sliding_{k}" for k in ("pos", "used", "bias", "first", "gather")}
+__all__ = ["lower_attention", "rope_tables"]
 
 
 class Refused(ValueError):
@@ -92,10 +90,10 @@ def _check(node, decode: bool) -> dict:
 class _Builder:
     """New nodes before the first FusedAttention node; shared helper values made once per graph."""
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, host: bool = False):
         import onnx_ir as ir
 
-        self.ir, self.model, self.graph, self.max_len = ir, model, model.graph, max_len
+        self.ir, self.model, self.graph, self.max_len, self.host = ir, model, model.graph, max_len, host
         self.cache: dict = {}
         self.n = 0
         self.tag = ""  # node name prefix ("mask_": the sliding layers' shared mask/position nodes)
@@ -129,6 +127,26 @@ class _Builder:
                                self.const(key + ("sin",), sin, f"ort_lower_rope_sin_{tag}"))
         return self.cache[key]
 
+    def host_input(self, key: str):
+        """The graph input `runtime.ort_attention.INPUTS[key]` (added once), with the batch and sequence dims of
+        ``input_ids``."""
+        from runtime.ort_attention import INPUTS
+
+        if ("input", key) not in self.cache:
+            ids = next((v for v in self.graph.inputs if v.name == "input_ids"), None)
+            bdim, sdim = (ids.shape[0], ids.shape[1]) if ids is not None and ids.shape is not None else ("B", "S")
+            i64, ty = self.ir.DataType.INT64, self.ir.DataType
+            dtype, shape = {
+                "positions": (i64, [bdim, sdim]), "ring_used": (i64, [1]),
+                "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
+                "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
+                "total_len": (ty.INT32, []),
+            }[key]
+            v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
+            self.graph.inputs.append(v)
+            self.cache[("input", key)] = v
+        return self.cache[("input", key)]
+
     def shared(self, key, make, tag: str = ""):
         if key not in self.cache:
             old, self.tag = self.tag, tag or self.tag
@@ -140,7 +158,11 @@ class _Builder:
 
 
 def _lens(b: _Builder, q, past_lens, before):
-    """seqlens_k = past_lens + S - 1 (int32, per sequence) and total_sequence_length = max(past_lens + S)."""
+    """seqlens_k = past_lens + S - 1 (int32, per sequence) and total_sequence_length = max(past_lens + S): engine
+    inputs in a host-fed graph (`runtime.ort_attention`), else computed here."""
+    if b.host:
+        return b.host_input("seqlens_k"), b.host_input("total_len")
+
     def make():
         s = b.node("Shape", [q], before=before, attrs={"start": 1, "end": 2})  # (1,) new tokens S
         end = b.node("Add", [past_lens, s], before=before)  # (B,)
@@ -174,13 +196,6 @@ def _gqa(b: _Builder, node, a: dict, before, into=None):
     return nd.outputs
 
 
-def _seq_key(q):
-    """What identifies q's token count: its named symbolic dim (the same in every layer), else q itself."""
-    dim = None if q.shape is None or len(q.shape) < 2 else q.shape[1]
-    value = getattr(dim, "value", None)
-    return ("dim", value) if isinstance(value, str) and value else ("value", id(q))
-
-
 def _sliding_decode(b: _Builder, node, a: dict, before):
     q, k, v, pk, pv, past_lens = node.inputs[:6]
     h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
@@ -208,95 +223,24 @@ def _sliding_decode(b: _Builder, node, a: dict, before):
 def _sliding_prefill(b: _Builder, node, a: dict, before):
     """Sliding layer, any number S of new tokens (also S = 1: the decode step of a one-graph engine).
 
-    RotaryEmbedding on q and the new k at positions past_lens + i; one ``Attention`` over concat(old ring, new keys)
-    (a copy of one ring per layer per call) with the contract's mask as an additive bias: key valid (ring slot j
-    holds position p_j = L - ((L - j) mod W), L = past_lens - 1, valid iff p_j >= 0; new key i valid iff i <
-    seq_lens) and within the window (kp > qp - W) and (causal or both in the same image block).  The ring is then
-    written in place with one circular ``TensorScatter`` of U = min(S, W) tokens per row starting at slot
-    (e - U) mod W, e = past_lens + seq_lens: positions e - U .. e - 1, taken from the new tokens where p >=
-    past_lens and from the ring itself (rewriting a slot with its own value) where 0 <= p < past_lens, so
-    right-padded tokens never reach the ring and rows of different lengths share one scatter; slots of positions
-    p < 0 (a row shorter than U) hold no valid key before or after and are written with any ring value.
-
-    Until a ring has wrapped in some row, its slots at and after max(past_lens) hold nothing: the attention reads
-    the first n = max(1, min(W, max(past_lens))) slots only (the rest are masked in every row anyway), so a short
-    context costs its length, not the window."""
-    q, k, v, pk, pv, past_lens, seq_lens, blk = node.inputs[:8]
-    h, hkv, d, w = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["window"]
+    RotaryEmbedding on q and the new k at the given positions; one ``Attention`` over concat(first n ring slots,
+    new keys) (a copy of those slots per layer per call) with the given additive mask; the ring then written in
+    place with one circular ``TensorScatter`` of U = min(S, W) tokens per row from slot ``first``, each gathered
+    from that concat (the new token, or the slot's own value for positions before past_lens: right-padded tokens
+    never reach the ring, and rows of different lengths share one scatter).  Slots of positions < 0 (a row shorter
+    than U) hold no valid key before or after and may be written with any ring value.  n, the mask, ``first`` and
+    the gather indices come from `runtime.ort_attention` (the formulas are there): until a ring has wrapped its later
+    slots hold nothing, so n = max(1, min(W, max(past_lens))) and a short context costs its length, not the
+    window."""
+    q, k, v, pk, pv = node.inputs[:5]
+    h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     cos, sin = b.rope(a)
-
-    def positions():
-        s = b.node("Shape", [q], before=before, attrs={"start": 1, "end": 2})  # (1,)
-        ar = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
-                              b.node("Squeeze", [s, b.ints([0])], before=before),
-                              b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")], before=before)  # (S,)
-        pl = b.node("Unsqueeze", [past_lens, b.ints([1])], before=before)  # (B, 1)
-        return s, ar, pl, b.node("Add", [pl, b.node("Unsqueeze", [ar, b.ints([0])], before=before)], before=before)
-
-    s, ar, pl, pos = b.shared(("spos", id(past_lens), _seq_key(q)), positions, MASK)  # pos (B, S), once per graph
-
-    def used():  # (1,) slots read: max(1, min(W, max(past_lens)))
-        most = b.node("ReduceMax", [past_lens], before=before, attrs={"keepdims": 1})  # (1,)
-        return b.node("Max", [b.node("Min", [most, b.ints([w])], before=before), b.ints([1])], before=before)
-
-    n = b.shared(("sused", w, id(past_lens)), used, MASK)
-
-    def mask():
-        last = b.node("Sub", [pl, b.ints([1])], before=before)  # (B, 1)
-        slots = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
-                                 b.node("Squeeze", [n, b.ints([0])], before=before),
-                                 b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")],
-                       before=before)  # (n,) the slots read
-        ring_pos = b.node("Sub", [last, b.node("Mod", [b.node("Sub", [last, slots], before=before), b.ints([w])],
-                                               before=before, attrs={"fmod": 0})], before=before)  # (B, n)
-        k_pos = b.node("Concat", [ring_pos, pos], before=before, attrs={"axis": 1})  # (B, n + S)
-        ring_ok = b.node("GreaterOrEqual", [ring_pos, b.ints([0])], before=before)
-        new_ok = b.node("Less", [b.node("Unsqueeze", [ar, b.ints([0])], before=before),
-                                 b.node("Unsqueeze", [seq_lens, b.ints([1])], before=before)], before=before)
-        k_ok = b.node("Concat", [ring_ok, new_ok], before=before, attrs={"axis": 1})
-        neg = b.node("Sub", [b.node("Mul", [ring_pos, b.ints([0])], before=before), b.ints([1])], before=before)
-        k_blk = b.node("Concat", [neg, blk], before=before, attrs={"axis": 1})  # (B, n + S)
-        qp = b.node("Unsqueeze", [pos, b.ints([2])], before=before)  # (B, S, 1)
-        kp = b.node("Unsqueeze", [k_pos, b.ints([1])], before=before)  # (B, 1, n + S)
-        qb = b.node("Unsqueeze", [blk, b.ints([2])], before=before)
-        same = b.node("And", [b.node("Equal", [qb, b.node("Unsqueeze", [k_blk, b.ints([1])], before=before)],
-                                     before=before),
-                              b.node("GreaterOrEqual", [qb, b.ints([0])], before=before)], before=before)
-        in_win = b.node("Greater", [kp, b.node("Sub", [qp, b.ints([w])], before=before)], before=before)
-        causal = b.node("Or", [b.node("LessOrEqual", [kp, qp], before=before), same], before=before)
-        ok = b.node("And", [b.node("And", [b.node("Unsqueeze", [k_ok, b.ints([1])], before=before), in_win],
-                                   before=before), causal], before=before)  # (B, S, n + S)
-        bias = b.node("Where", [ok, b.const(("f0",), np.array(0, np.float32), "ort_lower_f32_0"),
-                                b.const(("fmin",), np.array(np.finfo(np.float32).min, np.float32),
-                                        "ort_lower_f32_min")], before=before)
-        return b.node("Unsqueeze", [bias, b.ints([1])], before=before)  # (B, 1, S, n + S)
-
-    bias = b.shared(("smask", w, id(past_lens), id(blk)), mask, MASK)  # (B, 1, S, n + S)
-
-    def write_index():  # U, the ring-write start slot (B,), gather indices (B, 1, U, 1) into concat(ring, new)
-        u = b.node("Min", [s, b.ints([w])], before=before)  # (1,)
-        end = b.node("Add", [past_lens, seq_lens], before=before)  # (B,)
-        start = b.node("Sub", [end, u], before=before)  # (B,) may be < 0
-        first = b.node("Mod", [start, b.ints([w])], before=before, attrs={"fmod": 0})
-        ur = b.node("Range", [b.const(("zero",), np.array(0, np.int64), "ort_lower_i64_0d_0"),
-                              b.node("Squeeze", [u, b.ints([0])], before=before),
-                              b.const(("one",), np.array(1, np.int64), "ort_lower_i64_0d_1")], before=before)
-        p = b.node("Add", [b.node("Unsqueeze", [start, b.ints([1])], before=before),
-                           b.node("Unsqueeze", [ur, b.ints([0])], before=before)], before=before)  # (B, U)
-        is_new = b.node("GreaterOrEqual", [p, pl], before=before)
-        idx = b.node("Where", [is_new, b.node("Add", [b.node("Sub", [p, pl], before=before), n],
-                                              before=before),  # new token i sits at n + i after the n slots
-                               b.node("Min", [b.node("Mod", [p, b.ints([w])], before=before, attrs={"fmod": 0}),
-                                              b.node("Sub", [n, b.ints([1])], before=before)], before=before)],
-                       before=before)  # old slots (p < past_lens): < n unless p < 0 (never valid: any slot read)
-        idx4 = b.node("Unsqueeze", [idx, b.ints([1, 3])], before=before)  # (B, 1, U, 1)
-        return first, b.node("Expand", [idx4, b.node("Concat", [b.ints([1, hkv]), u, b.ints([d])], before=before,
-                                                            attrs={"axis": 0})], before=before)
-
-    first, gidx = b.shared(("swrite", w, id(past_lens), id(seq_lens)), write_index, MASK)  # after `n` (shared)
-    for value, key in ((pos, "pos"), (n, "used"), (bias, "bias"), (first, "first"), (gidx, "gather")):
-        value.name = SLIDING_SHARED[key]  # what `graphs.lower_ort_single_token` replaces for one-token calls
-    b.cache.setdefault("sliding_geometry", (w, hkv, d))
+    # the shared geometry, computed by the runtime (`runtime.ort_attention`): positions (B, S), slots read n (1,),
+    # the additive mask (B, 1, S, n + S), the ring-write start slot (B,) and gather indices (B, 1, U, 1)
+    pos, n, bias, first = (b.host_input(key) for key in ("positions", "ring_used", "ring_bias", "ring_first"))
+    gidx = b.shared(("sgather", hkv, d), lambda: b.node("Expand", [b.host_input("ring_gather"), b.ints([1, hkv, 1, d])],
+                                                        before=before))  # (B, Hkv, U, D)
+    b.cache.setdefault("window", a["window"])
     q3 = b.node("Reshape", [q, b.ints([0, 0, h * d])], before=before)
     k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
     v3 = b.node("Reshape", [v, b.ints([0, 0, hkv * d])], before=before)
@@ -318,10 +262,12 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
 
 
 def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
-    """Lower every FusedAttention node of one graph in place; returns counts per form and refusals by node."""
+    """Lower every FusedAttention node of one graph in place; returns counts per form, refusals by node and the
+    sliding window (``window``, None without sliding layers).  A prefill graph takes the shared attention geometry
+    as inputs (`runtime.ort_attention.INPUTS`), the two-graph decode form computes its own from ``past_lens``."""
     if model.opset_imports.get("", 0) < 24:
         raise Refused(f"opset {model.opset_imports.get('')}: the lowering needs opset >= 24 (TensorScatter)")
-    b = _Builder(model, max_len)
+    b = _Builder(model, max_len, host=not decode)
     counts = {"GroupQueryAttention": 0, "Attention": 0, "kept": 0}
     refused = {}
     targets = [n for n in model.graph if n.domain == fa.DOMAIN and n.op_type == fa.OP]
@@ -356,4 +302,4 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
 
         common.InlinePass()(model)
         common.NameFixPass()(model)
-    return {**counts, "refused": refused, "sliding_geometry": b.cache.get("sliding_geometry")}
+    return {**counts, "refused": refused, "window": b.cache.get("window")}

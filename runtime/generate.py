@@ -284,7 +284,7 @@ def _stream(
         if done.all():
             break
         feed = np.where(done, tk["pad"], chosen).astype(np.int64)
-        logits = model.backend.decode(feed[:, None], lens, cache)
+        logits = model.backend.decode(feed[:, None], lens, cache, copy=False)  # consumed before the next step
         lens = np.minimum(lens + 1, max_len - 1)
     for i, res in enumerate(results):
         if decoders[i]:

@@ -18,15 +18,23 @@ import numpy as np
 __all__ = ["Greedy", "Sample", "Sampler", "make_sampler"]
 
 
-def _check_logits(logits: np.ndarray) -> np.ndarray:
+_NAN = "The logits contain NaN; the model produced invalid numbers (check the precision/engine)."
+
+
+def _check_shape(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] == 0 or not np.issubdtype(logits.dtype, np.floating):
         raise ValueError(
             f"Got logits of shape {logits.shape} and dtype {logits.dtype}; expected a float array of shape "
             "(batch, vocab) with vocab >= 1 (take the last position's logits first)."
         )
+    return logits
+
+
+def _check_logits(logits: np.ndarray) -> np.ndarray:
+    logits = _check_shape(logits)
     if np.isnan(logits).any():
-        raise ValueError("The logits contain NaN; the model produced invalid numbers (check the precision/engine).")
+        raise ValueError(_NAN)
     return logits
 
 
@@ -36,7 +44,12 @@ class Greedy:
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(B, V) logits -> (B,) int64 token ids; `rng` is not used."""
-        return np.argmax(_check_logits(logits), axis=-1).astype(np.int64)
+        logits = _check_shape(logits)
+        ids = np.argmax(logits, axis=-1)
+        # argmax returns the first NaN where a row has one: one look per row instead of a scan of the logits
+        if np.isnan(logits[np.arange(len(ids)), ids]).any():
+            raise ValueError(_NAN)
+        return ids.astype(np.int64)
 
 
 @dataclass(frozen=True)

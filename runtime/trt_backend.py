@@ -176,8 +176,8 @@ class TrtBackend:
         self._graph = None  # the prefill may have replaced cache buffers
         return out.numpy()
 
-    def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list) -> np.ndarray:
-        """One step.  When every cache is updated in place, the first call for a batch size runs eagerly and
+    def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list, *, copy: bool = True) -> np.ndarray:
+        """One step (``copy`` is accepted for the ORT backend's signature: the logits are always a new host array).  When every cache is updated in place, the first call for a batch size runs eagerly and
         captures a CUDA graph; later calls with that batch size (and the same cache) replay it."""
         torch = self.torch
         batch = int(input_ids.shape[0])

@@ -21,6 +21,8 @@ from graphs.lower_ort_attention import lower_attention
 from graphs.lower_ort_norms import lower_norms
 from plugins import fused_attention as fa
 from runtime.manifest import read_manifest
+from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
+from runtime.ort_attention import attention_feeds
 from runtime.ort_backend import cache_shape, is_cache
 
 PRESET = "tiny"  # vision + audio, 5 sliding + 1 full layers, window 8
@@ -57,6 +59,8 @@ def _feeds(sess, manifest, graph, rng, *, batch, seq, past_lens, seq_lens, max_l
     for spec in manifest["graphs"][graph]["inputs"]:
         if is_cache(spec["name"]):
             feeds[spec["name"]] = rng.standard_normal(cache_shape(spec, batch, max_len)).astype(np.float32)
+    if "seq_lens" in feeds:  # the lowered engine: the attention geometry the runtime computes (runtime.ort_attention)
+        feeds.update(attention_feeds(names, feeds, manifest["engines"]["onnxruntime"], manifest["model_config"]["tokens"]))
     return feeds
 
 
@@ -141,14 +145,18 @@ def test_exact_counts(artifact_store):
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
-    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders),
-    # and the sliding layers' shared mask, one-token or general (graphs.lower_ort_single_token)
+    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     gates = ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (
         cfg.audio is not None)
     # each modality: its embedder, and the nodes placing its soft tokens into the embeddings
-    assert sorted(n.name for n in ifs) == sorted(gates + [f"{x}_merge" for x in gates]
-                                                 + ["ort_lower_s1"] * (full < t.num_layers))
+    assert sorted(n.name for n in ifs) == sorted(gates + [f"{x}_merge" for x in gates])
+    # the attention geometry is an engine input (runtime.ort_attention), not ~50 nodes: no image-block CumSum left,
+    # one Expand of the ring-write indices, and the record has the window the runtime needs
+    inputs = {i.name for i in proto.graph.input}
+    assert set(ATTENTION_INPUTS.values()) <= inputs
+    assert engine["attention_inputs"] == {"window": t.sliding_window}
+    assert ops.count("CumSum") == 0 and ops.count("Range") == 0 and ops.count("Mod") == 0, sorted(set(ops))
     assert engine["prefill_with_past"] == "per_sequence"
     assert ops.count("Attention") == t.num_layers - full  # sliding layers
     assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
@@ -316,3 +324,17 @@ def test_fp32_linears_sharing_an_input_are_one_matmul(tmp_path):
     after = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(outs, {"x": x})
     for name, a, b in zip(outs, after, before):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_host_image_blocks_equal_the_exported_model():
+    """`runtime.ort_attention.image_blocks` numbers image runs as the exported graph did (`exporter.model`)."""
+    import torch
+
+    from exporter.model import _image_blocks
+    from runtime.ort_attention import image_blocks
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (3, 17), (2, 40)):
+        is_image = rng.random(shape) < 0.5
+        want = _image_blocks(torch.from_numpy(is_image)).numpy()
+        np.testing.assert_array_equal(image_blocks(is_image), want)

@@ -159,3 +159,39 @@ def test_old_two_graph_artifacts_still_load(artifact_store, tmp_path, two):
         manifest = write_manifest(art, manifest)
         with pytest.raises(ArtifactError, match="one_graph"):
             OrtBackend(art, manifest)
+
+
+def test_decode_binding_follows_the_cache(artifact_store):
+    """The decode step keeps its IOBinding while the same cache is decoded (`OrtBackend._decode_bound`): two
+    generations decoded in alternation, and a batch-size change, each get their own cache's logits; ``copy=False``
+    hands out the reused buffer, the default a copy."""
+    art = artifact_store(PRESET)
+    manifest = read_manifest(art)
+    backend, ref = OrtBackend(art, manifest), OrtBackend(art, manifest)
+
+    def start(b, ids):
+        cache = b.new_cache(len(ids), 24)
+        b.prefill(PrefillInputs(input_ids=np.array(ids), past_lens=np.zeros(len(ids), np.int64),
+                                seq_lens=np.full(len(ids), len(ids[0]))), cache)
+        return cache
+
+    a, c = start(backend, [[2, 40, 41, 42]]), start(backend, [[2, 50, 51, 52], [2, 60, 61, 62]])
+    ra, rc = start(ref, [[2, 40, 41, 42]]), start(ref, [[2, 50, 51, 52], [2, 60, 61, 62]])
+    want_a = [ref._run("decode", prefill_feeds(PrefillInputs(np.array([[t]]), np.array([4 + i]), np.ones(1, np.int64)),
+                                               manifest), ra, [True] * len(ra)) for i, t in enumerate((7, 8, 9))]
+    want_c = [ref._run("decode", prefill_feeds(PrefillInputs(np.array([[t], [t + 1]]), np.array([4 + i, 4 + i]),
+                                                             np.ones(2, np.int64)), manifest), rc, [True] * len(rc))
+              for i, t in enumerate((17, 18, 19))]
+    views = []
+    for i, t in enumerate((7, 8, 9)):  # alternate the two caches (and batch sizes 1 and 2) step by step
+        got_a = backend.decode(np.array([[t]]), np.array([4 + i]), a, copy=False)
+        _close(got_a, want_a[i], f"generation a step {i}")
+        views.append(got_a)
+        got_c = backend.decode(np.array([[t + 10], [t + 11]]), np.array([4 + i, 4 + i]), c)
+        _close(got_c, want_c[i], f"generation c step {i}")
+    _close(views[1], want_a[1], "a view from before a rebinding")  # each binding has its own logits buffer
+    first = backend.decode(np.array([[5]]), np.array([7]), a, copy=False)
+    kept = backend.decode(np.array([[6]]), np.array([8]), a)
+    again = backend.decode(np.array([[7]]), np.array([9]), a, copy=False)
+    assert np.shares_memory(first, again)  # consecutive steps of one cache reuse the buffer ...
+    assert not np.shares_memory(kept, again)  # ... and the default is a copy the next step leaves alone

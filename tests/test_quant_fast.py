@@ -21,7 +21,7 @@ from exporter.config import PRESETS
 from graphs.build import build_engine
 from graphs.lower_qdq_ort import int8_block_size, matmul_nbits, split_shared_activation_qdq
 from runtime.manifest import read_manifest
-from runtime.ort_backend import int8_dot_products_exact, prefill_feeds, zero_cache
+from runtime.ort_backend import engine_feeds, int8_dot_products_exact, prefill_feeds, zero_cache
 
 QUIET = dict(log=lambda *_: None)
 
@@ -81,7 +81,7 @@ def _run_both(root, graph: str, built=None):
     built = built or _session(root / m["engines"]["onnxruntime"][graph])
     plain = _session(root / m["graphs"][graph]["file"], unfused=True)
     if graph == "prefill":
-        return [(built.run(["logits"], f)[0], plain.run(["logits"], f)[0]) for f in feeds]
+        return [(built.run(["logits"], engine_feeds(built, f, m))[0], plain.run(["logits"], f)[0]) for f in feeds]
     pre = _session(root / m["graphs"]["prefill"]["file"], unfused=True)
     names = [o.name for o in pre.get_outputs()]
     pairs = []
@@ -95,7 +95,7 @@ def _run_both(root, graph: str, built=None):
 
             db = prefill_feeds(PrefillInputs(d["input_ids"], d["past_lens"], np.ones(1, np.int64)), m)
             db |= {k: v for k, v in d.items() if k.startswith("past_") and k != "past_lens"}
-        pairs.append((built.run(["logits"], db)[0], plain.run(["logits"], d)[0]))
+        pairs.append((built.run(["logits"], engine_feeds(built, db, m))[0], plain.run(["logits"], d)[0]))
     return pairs
 
 
@@ -118,7 +118,7 @@ def _against_fp32(q, fp):
                 _session(q / m["engines"]["onnxruntime"]["prefill"]))
 
     def run(sess, f):
-        return sess.run(["logits"], {k: v for k, v in f.items() if k in {i.name for i in sess.get_inputs()}})[0]
+        return sess.run(["logits"], engine_feeds(sess, f, m))[0]
 
     return [tuple(run(s_, f) for s_ in sessions) for f in feeds]
 
@@ -179,7 +179,7 @@ def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
 
         d = prefill_feeds(PrefillInputs(d["input_ids"], d["past_lens"], np.ones(1, np.int64)), m) | {
             k: v for k, v in d.items() if k.startswith("past_") and k != "past_lens"}
-    sess.run(["logits"], d)
+    sess.run(["logits"], engine_feeds(sess, d, m))
     events = json.loads(open(sess.end_profiling()).read())
     kernels = collections.Counter(e["args"]["op_name"] for e in events
                                   if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))

@@ -122,6 +122,10 @@ def test_bad_logits_raise():
         Greedy().choose(np.zeros(5, np.float32), rng)
     with pytest.raises(ValueError, match="NaN"):
         Sample(1.0).choose(np.array([[0.0, np.nan]]), rng)
+    # greedy looks only at each row's argmax: a NaN anywhere in a row must still be what it finds
+    for row in ([[0.0, 9.0, np.nan, 1.0]], [[np.nan, 9.0, 0.0, 1.0]], [[1.0, 2.0, 3.0, 4.0], [0.0, 9.0, 1.0, np.nan]]):
+        with pytest.raises(ValueError, match="NaN"):
+            Greedy().choose(np.array(row, np.float32), rng)
     with pytest.raises(ValueError, match="-inf"):
         Sample(1.0).choose(np.full((1, 3), -np.inf), rng)
 

@@ -1,0 +1,123 @@
+"""The attention geometry an ONNX Runtime engine takes as inputs: positions, masks and cache-write indices, computed
+on the host from the lengths the runtime already has.
+
+`graphs.lower_ort_attention` lowers each attention node of the one-graph engine to ONNX Runtime kernels
+(GroupQueryAttention for full layers; RotaryEmbedding + Attention + an in-place ring write for sliding layers).
+Those kernels need a few small tensors that depend only on ``past_lens``, ``seq_lens``, the number of new tokens S,
+the window and where the image tokens are; every layer of a kind shares them.  Computed inside the graph they cost
+~50 kernels per call (a decode step: an ``If`` with a one-token branch, ~0.4 ms of a ~12 ms INT4 bench-model step);
+here they are a few numpy operations on arrays of (B, S + window) elements.
+
+The values are the plugin contract's (`plugins.fused_attention.reference`, sliding prefill branch), per sequence:
+
+* positions (B, S): past_lens + i, the RoPE position of new token i;
+* ring slots read n = max(1, min(W, max(past_lens))): until a ring has wrapped its later slots hold nothing;
+* ring bias (B, 1, S, n + S) float32, 0 or float32 min: key valid (ring slot j holds position
+  p_j = L - ((L - j) mod W), L = past_lens - 1, valid iff p_j >= 0; new key i iff i < seq_lens), inside the window
+  (kp > qp - W) and causal, or both in the same image block (bidirectional attention within an image);
+* ring write: U = min(S, W) slots from slot ``first`` = (past_lens + seq_lens - U) mod W, and for each the index into
+  concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
+  own value (padded tokens never reach the ring);
+* full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S).
+
+Image blocks are contiguous runs of the image token, numbered per row, only when the call has image rows (a decode
+step that generates the image token id embeds it as text: `graphs.lower_ort.gate_soft_token_slots`).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "image_blocks"]
+
+# graph input name per value
+INPUTS = {
+    "positions": "attn_positions",  # (B, S) int64
+    "ring_used": "attn_ring_used",  # (1,) int64
+    "ring_bias": "attn_ring_bias",  # (B, 1, S, n + S) float32
+    "ring_first": "attn_ring_first",  # (B,) int64
+    "ring_gather": "attn_ring_gather",  # (B, 1, U, 1) int64
+    "seqlens_k": "attn_seqlens_k",  # (B,) int32
+    "total_len": "attn_total_len",  # () int32
+}
+_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather")
+NEG = np.finfo(np.float32).min
+
+
+def image_blocks(is_image: np.ndarray) -> np.ndarray:
+    """Contiguous runs of image tokens numbered 0, 1, ... per row; -1 elsewhere.  (B, S) int64."""
+    is_image = np.asarray(is_image, bool)
+    prev = np.concatenate([np.zeros_like(is_image[:, :1]), is_image[:, :-1]], axis=1)
+    starts = is_image & ~prev
+    return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int64)
+
+
+def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks: np.ndarray | None = None,
+                     want=INPUTS.keys()) -> dict[str, np.ndarray]:
+    """The values named in ``want`` (keys of `INPUTS`) for a call of ``s`` new tokens per row; ``blocks`` (B, S)
+    image block ids (`image_blocks`), None for no image tokens; ``window`` is needed for the sliding values."""
+    past = np.asarray(past_lens, np.int64).reshape(-1)
+    lens = np.asarray(seq_lens, np.int64).reshape(-1)
+    if len(past) != len(lens):
+        raise ValueError(f"attention inputs: {len(past)} past lengths but {len(lens)} sequence lengths")
+    b, want = len(past), set(want)
+    out: dict[str, np.ndarray] = {}
+    if "seqlens_k" in want:
+        out["seqlens_k"] = (past + s - 1).astype(np.int32)
+    if "total_len" in want:
+        out["total_len"] = np.array(int((past + s).max(initial=s)), np.int32)
+    if not want & set(_SLIDING):
+        return out
+    if not window or window < 1:
+        raise ValueError(f"attention inputs: the sliding layers need the window, got {window!r}")
+    w = int(window)
+    ar = np.arange(s, dtype=np.int64)
+    pos = past[:, None] + ar[None]  # (B, S)
+    n = max(1, min(w, int(past.max(initial=0))))
+    out["positions"] = pos
+    out["ring_used"] = np.array([n], np.int64)
+    if "ring_bias" in want:
+        last = past[:, None] - 1
+        ring_pos = last - np.mod(last - np.arange(n)[None], w)  # (B, n)
+        k_pos = np.concatenate([ring_pos, pos], 1)  # (B, n + S)
+        k_ok = np.concatenate([ring_pos >= 0, ar[None] < lens[:, None]], 1)
+        qp, kp = pos[:, :, None], k_pos[:, None, :]
+        ok = k_ok[:, None, :] & (kp > qp - w)
+        causal = kp <= qp
+        if blocks is not None:
+            blk = np.asarray(blocks, np.int64).reshape(b, s)
+            k_blk = np.concatenate([np.full((b, n), -1, np.int64), blk], 1)
+            causal = causal | ((blk[:, :, None] == k_blk[:, None, :]) & (blk[:, :, None] >= 0))
+        out["ring_bias"] = np.where(ok & causal, np.float32(0), NEG).astype(np.float32)[:, None]
+    if want & {"ring_first", "ring_gather"}:
+        u = min(s, w)
+        start = past + lens - u  # (B,) may be < 0
+        out["ring_first"] = np.mod(start, w)
+        p = start[:, None] + np.arange(u)[None]  # (B, U) the positions written
+        idx = np.where(p >= past[:, None], p - past[:, None] + n,  # new token i sits at n + i after the n slots
+                       np.minimum(np.mod(p, w), n - 1))  # old slots: < n unless p < 0 (never valid: any slot)
+        out["ring_gather"] = idx[:, None, :, None].astype(np.int64)
+    return {k: v for k, v in out.items() if k in want}
+
+
+def attention_feeds(input_names, feeds: dict[str, Any], engine: dict[str, Any],
+                    tokens: dict[str, int]) -> dict[str, np.ndarray]:
+    """The engine inputs of `INPUTS` that a session with ``input_names`` takes, for the call in ``feeds``
+    (``input_ids``, ``past_lens``, ``seq_lens``, ``image_patches`` as `runtime.ort_backend.prefill_feeds` makes
+    them); ``engine`` is the manifest's ``engines.onnxruntime`` record (its ``attention_inputs.window``)."""
+    names = set(input_names)
+    want = [k for k, v in INPUTS.items() if v in names]
+    if not want:
+        return {}
+    ids = np.asarray(feeds["input_ids"])
+    blocks = None
+    patches = feeds.get("image_patches")
+    if "ring_bias" in want and "image" in tokens and patches is not None and len(patches):
+        blocks = image_blocks(ids == tokens["image"])
+    window = (engine.get("attention_inputs") or {}).get("window")
+    values = attention_inputs(feeds["past_lens"], feeds["seq_lens"], ids.shape[1], window=window, blocks=blocks,
+                              want=want)
+    return {INPUTS[k]: v for k, v in values.items()}
