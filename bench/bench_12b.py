@@ -144,6 +144,7 @@ def main() -> int:
     py = [sys.executable]
     results: dict = {"layers": a.layers, "steps": {}}
     log = lambda m: print(m, flush=True)  # noqa: E731
+    failed = None
     try:
         if "checkpoint" in steps:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -177,6 +178,9 @@ def main() -> int:
         ck = results["steps"].get("checkpoint")
         if ck is not None:
             ck["checkpoint_gib"] = round(_du(ckpt) / 2**30, 3)
+    except BaseException as e:  # the steps done so far are still written, with what stopped the run
+        failed = e
+        results["failed"] = f"{type(e).__name__}: {e}"
     finally:
         if not a.keep:  # only what this bench made: --work may name a directory holding other files
             for d in (ckpt, art, exp):
@@ -193,6 +197,8 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
+    if failed is not None:
+        raise failed
     return 0
 
 

@@ -14,7 +14,9 @@ only).  Norms on quantized graphs are matched the same way (Q/DQ nodes sit on th
 Then (`fuse_skip_norms`) a residual ``Add(a, b)`` of two same-shaped 3-D tensors whose sum feeds a
 ``SimplifiedLayerNormalization`` becomes one ``SkipSimplifiedLayerNormalization(a, b, weight)``: its output 0 is the
 norm, output 3 the sum for the Add's other users (the next residual).  ONNX Runtime 1.32 does not do this on its own
-for these graphs (its fusion wants shapes it cannot see here): two kernels fewer per decoder layer.  Does not touch
+for these graphs (its fusion wants shapes it cannot see here): two kernels fewer per decoder layer.  Before that,
+Gemma 4's per-layer scale of the residual sum (``Mul(Add(h, SLN(y)), layer_scalar)``) moves into the norm weight and
+a ``Mul`` on the residual (`scale_into_residual`), so the next norm reads the Add and fuses too.  Does not touch
 anything else.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fuse_skip_norms", "lower_norms"]
+__all__ = ["fuse_skip_norms", "lower_norms", "scale_into_residual"]
 
 
 class Refused(ValueError):
@@ -148,11 +150,82 @@ def _same_3d(a, b) -> bool:
     return all(str(x) == str(y) and (isinstance(x, int) or getattr(x, "value", None)) for x, y in zip(a.shape, b.shape))
 
 
-def fuse_skip_norms(model, *, log=print) -> int:
-    """``Add(a, b) -> SimplifiedLayerNormalization`` pairs -> ``SkipSimplifiedLayerNormalization``; returns how many."""
+def _norm_behind(v):
+    """The SimplifiedLayerNormalization making ``v`` (directly or through a float-to-float Cast/CastLike, as the
+    exporter writes the norm's cast back to the input type) when each value on the way has that one use."""
+    import onnx_ir as ir
+
+    if v is None or len(list(v.uses())) != 1 or v.is_graph_output():
+        return None
+    p = v.producer()
+    if p is not None and p.op_type in ("Cast", "CastLike") and p.inputs[0] is not None:
+        src = p.inputs[0]
+        if src.type is None or v.type is None or src.type.dtype != ir.DataType.FLOAT or v.type.dtype != src.type.dtype:
+            return None
+        return _norm_behind(src)
+    return p if p is not None and p.op_type == "SimplifiedLayerNormalization" else None
+
+
+def scale_into_residual(model) -> int:
+    """Gemma 4's ``layer_scalar``: ``Mul(Add(h, SLN(y, w)), c) -> SLN`` (c a constant scalar or per-channel vector)
+    becomes ``Add(Mul(h, c), SLN(y, w * c)) -> SLN``: the scale folded into the norm weight and carried by the
+    residual, so the sum feeds the next norm directly and `fuse_skip_norms` makes it one Skip norm (one kernel
+    fewer per decoder layer; the same products in another rounding order).  Only where the Add's sum and the
+    SLN's output have no other user.  Returns how many."""
     import onnx_ir as ir
 
     graph = model.graph
+    n = 0
+    for mul in [x for x in graph if x.op_type == "Mul" and x.domain in ("", "ai.onnx")]:
+        if mul.graph is not graph or len(mul.inputs) != 2:
+            continue
+        total, c = mul.inputs
+        add = total.producer() if total is not None else None
+        scale = _const(c)
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or scale is None:
+            continue
+        if scale.dtype != np.float32 or scale.ndim > 1 or len(list(total.uses())) != 1 or total.is_graph_output():
+            continue
+        if not any(u.op_type == "SimplifiedLayerNormalization" and u.inputs[0] is mul.outputs[0]
+                   for u, _ in mul.outputs[0].uses()):
+            continue
+        a, b = add.inputs
+        if not _same_3d(a, b):
+            continue
+        found = [(v, _norm_behind(v)) for v in (b, a)]
+        v, norm = next(((v, nrm) for v, nrm in found if nrm is not None), (None, None))
+        weight = _const(norm.inputs[1]) if norm is not None and len(norm.inputs) > 1 else None
+        last = a.shape[-1] if a.shape is not None else None
+        if weight is None or weight.ndim != 1 or not isinstance(last, int) or scale.size not in (1, last):
+            continue
+        other = a if v is b else b
+        folded = (weight.astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+        name = f"ort_lower_scaled_norm_weight_{n}"
+        w = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(folded.shape),
+                     const_value=ir.tensor(folded, name=name))
+        graph.register_initializer(w)
+        norm.replace_input_with(1, w)
+        scaled = ir.node("Mul", [other, c], name=f"ort_lower_residual_scale_{n}")
+        graph.insert_before(add, scaled)
+        scaled.outputs[0].shape, scaled.outputs[0].type = other.shape, other.type
+        add.replace_input_with(0 if add.inputs[0] is other else 1, scaled.outputs[0])
+        out = mul.outputs[0]
+        name = out.name
+        out.replace_all_uses_with(total, replace_graph_outputs=True)
+        total.shape, total.type = out.shape, out.type
+        graph.remove(mul, safe=True)
+        total.name = name
+        n += 1
+    return n
+
+
+def fuse_skip_norms(model, *, log=print) -> int:
+    """``Add(a, b) -> SimplifiedLayerNormalization`` pairs -> ``SkipSimplifiedLayerNormalization``; returns how many
+    (after `scale_into_residual`)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    scale_into_residual(model)
     n = 0
     for norm in [x for x in graph if x.op_type == "SimplifiedLayerNormalization" and x.domain in ("", "ai.onnx")]:
         add = norm.inputs[0].producer() if norm.inputs[0] is not None else None

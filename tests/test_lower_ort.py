@@ -162,6 +162,10 @@ def test_exact_counts(artifact_store):
     assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
     assert "FusedAttention" not in ops, f"a plugin node is left: {sorted(set(ops))}"
     assert "ReduceMean" not in ops and "Pow" not in ops, f"unfused RMSNorm pieces left: {ops}"
+    # both residual adds of every layer end in a Skip norm: the attention's, and (but for the last layer, whose sum
+    # goes to the final norm through the last-token gather) the layer_scalar-scaled sum feeding the next layer
+    # (graphs.lower_ort_norms.scale_into_residual)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * t.num_layers - 1, ops.count("Add")
     # the TensorRT plugin graphs are not modified
     plugin = onnx.load(str(art / manifest["plugin_graphs"]["decode"]["file"]), load_external_data=False)
     assert [n.op_type for n in plugin.graph.node].count("FusedAttention") == t.num_layers
