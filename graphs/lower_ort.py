@@ -3,12 +3,14 @@
 Fixed order, each pass in its own file, counts returned:
 
 1. `graphs.lower_ort_attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
-   where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write);
+   where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write), the shared
+   attention geometry as engine inputs;
 2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
    ``SkipSimplifiedLayerNormalization``;
 3. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
-4. nodes left without a user removed (the exported graph's image-block ids: the runtime computes the attention
-   geometry, `runtime.ort_attention`);
+4. `graphs.lower_ort_shapes`: Reshape/Expand shape arguments computed from dims the node already has -> constants;
+   then nodes left without a user removed (those, and the exported graph's image-block ids: the runtime computes
+   the attention geometry, `runtime.ort_attention`);
 5. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
    serialized graph: its zero-row constants are computed by ONNX Runtime).
 
@@ -92,6 +94,9 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
     report["norms"] = lower_norms(model, log=log)
     report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
+    from graphs.lower_ort_shapes import constant_shapes
+
+    report["constant_shapes"] = constant_shapes(model)
     import onnx_ir.passes.common as common
 
     common.RemoveUnusedNodesPass()(model)

@@ -342,3 +342,47 @@ def test_host_image_blocks_equal_the_exported_model():
         is_image = rng.random(shape) < 0.5
         want = _image_blocks(torch.from_numpy(is_image)).numpy()
         np.testing.assert_array_equal(image_blocks(is_image), want)
+
+
+def test_computed_shape_arguments_become_constants():
+    """`graphs.lower_ort_shapes.constant_shapes`: ``Reshape(x, Concat(Shape(x)[0], Shape(x)[1], 4, 8))`` (allowzero
+    1, as exported) gets the constant [0, 0, 4, 8] and allowzero 0, an Expand to (batch, 1, 16) gets [1, 1, 16]; same
+    outputs on other batch/sequence sizes; a Reshape whose output dims are not the input's (by name) is left."""
+    from graphs.lower_ort_shapes import constant_shapes
+
+    f, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    x = ir.Value(name="x", type=ir.TensorType(f), shape=ir.Shape(["batch", "seq", 32]))
+    e = ir.Value(name="e", type=ir.TensorType(f), shape=ir.Shape(["batch", 1, 1]))
+    c = lambda n, a: ir.Value(name=n, type=ir.TensorType(i64), shape=ir.Shape([len(a)]),  # noqa: E731
+                              const_value=ir.tensor(np.array(a, np.int64), name=n))
+    consts = [c("b0", [0]), c("b1", [1]), c("tail", [4, 8]), c("one", [1]), c("hid", [16])]
+    shape = ir.node("Shape", [x])
+    d0 = ir.node("Gather", [shape.outputs[0], consts[0]], attributes={"axis": 0})
+    d1 = ir.node("Gather", [shape.outputs[0], consts[1]], attributes={"axis": 0})
+    cat = ir.node("Concat", [d0.outputs[0], d1.outputs[0], consts[2]], attributes={"axis": 0})
+    view = ir.node("Reshape", [x, cat.outputs[0]], attributes={"allowzero": 1})
+    view.outputs[0].name, view.outputs[0].shape = "y", ir.Shape(["batch", "seq", 4, 8])
+    view.outputs[0].type = ir.TensorType(f)
+    other = ir.node("Reshape", [x, cat.outputs[0]], attributes={"allowzero": 1})  # output dims named otherwise
+    other.outputs[0].name, other.outputs[0].shape = "z", ir.Shape(["rows", "cols", 4, 8])
+    other.outputs[0].type = ir.TensorType(f)
+    ecat = ir.node("Concat", [d0.outputs[0], consts[3], consts[4]], attributes={"axis": 0})
+    exp = ir.node("Expand", [e, ecat.outputs[0]])
+    exp.outputs[0].name, exp.outputs[0].shape = "w", ir.Shape(["batch", 1, 16])
+    exp.outputs[0].type = ir.TensorType(f)
+    nodes = [shape, d0, d1, cat, view, other, ecat, exp]
+    graph = ir.Graph([x, e], [view.outputs[0], other.outputs[0], exp.outputs[0]], nodes=nodes,
+                     initializers=consts, name="g", opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.random((3, 5, 32), dtype=np.float32), "e": rng.random((3, 1, 1), dtype=np.float32)}
+    run = lambda: ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),  # noqa: E731
+                                       providers=["CPUExecutionProvider"]).run(None, feeds)
+    before = run()
+    assert constant_shapes(model) == 2
+    assert ir.convenience.get_const_tensor(view.inputs[1]).numpy().tolist() == [0, 0, 4, 8]
+    assert view.attributes.get_int("allowzero") == 0
+    assert ir.convenience.get_const_tensor(exp.inputs[1]).numpy().tolist() == [1, 1, 16]
+    assert other.inputs[1] is cat.outputs[0]  # left as it was
+    for a, b in zip(before, run()):
+        np.testing.assert_array_equal(a, b)
