@@ -148,7 +148,13 @@ def main() -> int:
         return _child_generate(a.child_generate)
     steps = [s.strip() for s in a.steps.split(",") if s.strip()]
     work = Path(a.work)
+    marker = work / ".bench-12b"  # what this bench made: it deletes and rewrites only inside such a directory
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        print(f"error: --work {work} exists, is not empty and was not made by bench_12b (no {marker.name}); "
+              "name a new or empty directory", file=sys.stderr)
+        return 2
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     ckpt, art, exp = work / "ckpt", work / "int4", work / "export"
     py = [sys.executable]
     results: dict = {"layers": a.layers, "steps": {}}
@@ -198,6 +204,7 @@ def main() -> int:
             for d in (ckpt, art, exp):
                 shutil.rmtree(d, ignore_errors=True)
             try:
+                marker.unlink(missing_ok=True)
                 work.rmdir()
             except OSError:
                 pass

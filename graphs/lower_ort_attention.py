@@ -96,7 +96,6 @@ class _Builder:
         self.ir, self.model, self.graph, self.max_len, self.host = ir, model, model.graph, max_len, host
         self.cache: dict = {}
         self.n = 0
-        self.tag = ""  # node name prefix ("mask_": the sliding layers' shared mask/position nodes)
 
     def const(self, key, array: np.ndarray, name: str):
         if key not in self.cache:
@@ -114,7 +113,7 @@ class _Builder:
     def node(self, op, inputs, *, before, domain="", attrs=None, outputs=1, name=None):
         self.n += 1
         nd = self.ir.node(op, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs,
-                          name=name or f"ort_lower_{self.tag}{op}_{self.n}")
+                          name=name or f"ort_lower_{op}_{self.n}")
         self.graph.insert_before(before, nd)
         return nd.outputs if outputs > 1 else nd.outputs[0]
 
@@ -147,13 +146,9 @@ class _Builder:
             self.cache[("input", key)] = v
         return self.cache[("input", key)]
 
-    def shared(self, key, make, tag: str = ""):
+    def shared(self, key, make):
         if key not in self.cache:
-            old, self.tag = self.tag, tag or self.tag
-            try:
-                self.cache[key] = make()
-            finally:
-                self.tag = old
+            self.cache[key] = make()
         return self.cache[key]
 
 

@@ -171,9 +171,9 @@ class OrtBackend:
             self.sessions["decode"], self.io["decode"] = self.sessions["prefill"], self.io["prefill"]
         self.engine = engine
         self.tokens = manifest["model_config"].get("tokens", {})
+        self.window = (engine.get("attention_inputs") or {}).get("window")
         sliding = {ATTENTION_INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")}
-        if any(sliding & set(names) for names, _ in self.io.values()) and not (
-                engine.get("attention_inputs") or {}).get("window"):
+        if any(sliding & set(names) for names, _ in self.io.values()) and not self.window:
             raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
                                 "inputs but its record has no attention_inputs.window; rebuild it with "
                                 "`make build-engine BACKEND=onnxruntime`")
@@ -291,7 +291,7 @@ class OrtBackend:
         bound["ids"][...] = ids
         bound["past"][...] = lens
         if bound["attention"]:  # this step's geometry (shapes change while the rings fill): bound anew
-            values = attention_inputs(lens, np.ones(len(lens), np.int64), 1, window=bound["window"],
+            values = attention_inputs(lens, np.ones(len(lens), np.int64), 1, window=self.window,
                                       want=bound["attention"])
             for key, value in values.items():
                 arr = bound["arrays"][key] = np.ascontiguousarray(value)
@@ -327,8 +327,7 @@ class OrtBackend:
             binding.bind_ortvalue_output(p_out, value)
         return {"binding": binding, "cache": cache, "values": list(cache), "batch": batch, "arrays": arrays,
                 "ids": arrays["input_ids"], "past": arrays["past_lens"], "logits": None,
-                "attention": [k for k, v in ATTENTION_INPUTS.items() if v in names_in],
-                "window": (self.engine.get("attention_inputs") or {}).get("window")}
+                "attention": [k for k, v in ATTENTION_INPUTS.items() if v in names_in]}
 
     @staticmethod
     def cache_arrays(cache: list) -> list[np.ndarray]:
