@@ -24,7 +24,7 @@ import numpy as np
 
 from calib.linears import Linear, drop_unused_weights
 
-__all__ = ["PRECISIONS", "Precision", "activation_scales", "quantize_graph", "weight_scales"]
+__all__ = ["PRECISIONS", "Precision", "activation_scales", "quantize_graph", "quantized_weight", "weight_scales"]
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,42 @@ def activation_scales(stats, modules: list[str], precision: Precision, *, smooth
     return scales
 
 
+def _row_blocks(lin: Linear):
+    """The Linear's (out, in) weight as float32 blocks of output rows.  A weight streamed from a checkpoint in row
+    blocks (`exporter.stream.lazy_tensor`: the 12B's tied 262144 x 3840 LM head) is never held whole in fp32."""
+    t = lin.weight.const_value
+    if lin.out_in and hasattr(t, "iter_blocks"):
+        for b in t.iter_blocks():
+            b = np.asarray(b, np.float32)
+            yield b.reshape(-1, b.shape[-1])
+    else:
+        yield lin.weight_out_in()
+
+
 def weight_scales(lin: Linear, precision: Precision) -> np.ndarray:
     """Per output channel scale of the Linear's (possibly smoothed) weight."""
-    rows = np.abs(lin.weight_out_in()).max(axis=1)
+    rows = np.concatenate([np.abs(b).max(axis=1) for b in _row_blocks(lin)])
     return np.where(rows > 0, rows / precision.qmax, 1.0).astype(np.float32)
+
+
+def quantized_weight(lin: Linear, ws: np.ndarray, precision: Precision, *, out_in: bool) -> np.ndarray:
+    """The weight quantized with per-output-channel scales ``ws``, laid out (out, in) or (in, out), filled one block
+    of output rows at a time."""
+    blocks = _row_blocks(lin)
+    first = next(blocks)
+    in_f = first.shape[1]
+    q = np.empty((len(ws), in_f) if out_in else (in_f, len(ws)), precision.numpy_type())
+    start = 0
+    for b in (first, *blocks):
+        qb = precision.quantize(b, ws[start:start + len(b), None])
+        if out_in:
+            q[start:start + len(b)] = qb
+        else:
+            q[:, start:start + len(b)] = qb.T
+        start += len(b)
+    if start != len(ws):
+        raise ValueError(f"{lin.module}: the weight has {start} output channels, its scales {len(ws)}")
+    return q
 
 
 def _const(ir, name: str, array: np.ndarray):
@@ -126,8 +158,7 @@ def quantize_graph(model, linears: dict[str, Linear], act_scales: dict[str, floa
         shape = (out_f, in_f) if keep_out_in else (in_f, out_f)
 
         def make(lin=lin, ws=ws, keep=keep_out_in):
-            q = precision.quantize(lin.weight_out_in(), ws[:, None])
-            return ir.tensor(np.ascontiguousarray(q if keep else q.T))
+            return ir.tensor(quantized_weight(lin, ws, precision, out_in=keep))
 
         w_name = f"{module}.weight_{precision.name}"
         wq = ir.Value(name=w_name, const_value=ir.LazyTensor(make, dtype=precision.ir_type(), shape=ir.Shape(shape), name=w_name))

@@ -23,7 +23,7 @@ import numpy as np
 
 from calib.linears import Linear, trace_back
 
-__all__ = ["SmoothGroup", "SmoothPlan", "apply_smoothing", "plan_smoothing"]
+__all__ = ["SmoothGroup", "SmoothPlan", "apply_smoothing", "plan_smoothing", "smoothing_factors"]
 
 
 @dataclass
@@ -89,6 +89,16 @@ def _fold_target(lin_group: list[Linear], linears: dict[str, Linear]):
     return "its input is neither a weighted RMSNorm nor a product with a Linear's output"
 
 
+def smoothing_factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """Per input channel ``s = max|X|^alpha / max|W|^(1-alpha)`` (channels of a Linear group's shared input; ``w_max``
+    over all the group's weights); channels with no activation or no weight keep 1."""
+    x_max, w_max = np.asarray(x_max, np.float64), np.asarray(w_max, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(x_max, alpha) / np.power(w_max, 1.0 - alpha)
+    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+    return np.clip(s, 1e-5, 1e5).astype(np.float32)
+
+
 def plan_smoothing(linears: dict[str, Linear], stats, modules: list[str], alpha: float = 0.5) -> SmoothPlan:
     """Smoothing factors for the groups of ``modules`` (the Linears to quantize) that can absorb them."""
     if not 0.0 <= alpha <= 1.0:
@@ -106,12 +116,8 @@ def plan_smoothing(linears: dict[str, Linear], stats, modules: list[str], alpha:
         if names[0] not in stats.tensors:
             plan.skipped.update({n: "no statistics (it never ran on the calibration data)" for n in names})
             continue
-        x_max = stats.tensors[names[0]].absmax.astype(np.float64)
-        w_max = np.max([np.abs(lin.weight_out_in()).max(axis=0) for lin in group], axis=0).astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.power(x_max, alpha) / np.power(w_max, 1.0 - alpha)
-        s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
-        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
+        w_max = np.max([np.abs(lin.weight_out_in()).max(axis=0) for lin in group], axis=0)
+        s = smoothing_factors(stats.tensors[names[0]].absmax, w_max, alpha)
         kind, _, source = target
         plan.groups.append(SmoothGroup(names, kind, source, s))
     return plan

@@ -226,6 +226,7 @@ def export_artifact(
     weight_dtype: str = "fp32",
     rewrite=None,
     manifest_extra: dict | None = None,
+    add_files=None,
     log=print,
 ) -> dict:
     """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success).
@@ -235,6 +236,8 @@ def export_artifact(
 
     With ``weights_from`` (a checkpoint directory), ``model`` may be a fake model (`exporter.stream.fake_model`):
     weights are streamed from the checkpoint into external data instead of taken from the model.
+    ``add_files(stage)`` writes more files into the staged artifact after the graphs (a quantizing rewrite's scales);
+    they are listed in the manifest like the rest.
     """
     cfg = model.cfg
     if max_len is None:
@@ -293,6 +296,8 @@ def export_artifact(
             "export_seconds": timings,
         }
         manifest |= manifest_extra or {}  # e.g. precision/quantization of a quantizing rewrite
+        if add_files is not None:
+            add_files(stage)
         manifest = write_manifest(stage, manifest)
     log(f"[export] artifact ready: {out}")
     return manifest

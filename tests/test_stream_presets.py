@@ -158,11 +158,14 @@ def test_sequential_statistics_equal_a_full_forward():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             st = ref.setdefault(name, TensorStats(np.zeros(mod.in_features), np.zeros(len(EDGES) - 1, np.int64)))
             hooks.append(mod.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0].numpy())))
+    head = ref.setdefault("lm_head", TensorStats(np.zeros(cfg.text.hidden_size),
+                                                 np.zeros(len(EDGES) - 1, np.int64)))
+    hooks.append(model.model.language_model.norm.register_forward_hook(lambda m, a, out: head.update(out.numpy())))
     with torch.no_grad():
         for x in inputs:
             n = int(x.seq_lens[0])
             model.prefill(torch.from_numpy(x.input_ids), torch.tensor([0]), torch.tensor([n]),
-                          model.empty_caches(1, n + 1))
+                          model.empty_caches(1, n + 1), all_logits=True)  # the LM head's input at every position
     assert set(ref) == set(stats.tensors)
     for name, st in ref.items():
         got = stats.tensors[name]
@@ -259,3 +262,93 @@ def test_awq_folding_leaves_the_fp32_model_unchanged():
     rng = float(want.max() - want.min())
     err = float((got - want).abs().max())
     assert err <= 1e-4 * rng, f"folded model differs: max err {err:.3g} vs range {rng:.3g}"
+
+
+SMALL_BLOCKS = 4096  # elements per seeded row block: the tied LM head then streams in many blocks
+
+
+@pytest.fixture(scope="module")
+def streamed_small_blocks(tmp_path_factory):
+    """The fp32 artifact of the seeded weights generated in small row blocks (the blocks' seeds depend on where
+    the blocks start, so the weights differ from `streamed`'s)."""
+    from exporter.export import export_artifact
+    from exporter.stream import SeededWeights, fake_model
+
+    cfg = PRESETS[PRESET]
+    out = tmp_path_factory.mktemp("stream-small-blocks") / "fp32"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("exporter.stream._BLOCK_ELEMS", SMALL_BLOCKS)
+        export_artifact(fake_model(cfg), out, max_len=64, source={"preset": PRESET, "seed": 5},
+                        weights=SeededWeights(cfg, 5), log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_w8a8_from_weights_equals_calibrate(streamed_small_blocks, tmp_path, monkeypatch, precision):
+    """INT8 (SmoothQuant 0.5, LM head quantized) and FP8 straight from the weights, layer by layer, give what
+    ``make calibrate`` gives from the fp32 artifact of the same weights: the same activation scales (the LM head's
+    over every position, so never smaller than calibrate's last-position range), weight scales and smoothing
+    factors, the same Q/DQ graph form, quantized weights equal but for rounding-boundary ties, and the same greedy
+    tokens.  Row blocks are made small so the tied LM head is quantized block by block."""
+    import json
+
+    import runtime
+    from calib.calibrate import calibrate
+    from calib.sequential import quantize_checkpoint
+    from exporter import stream
+
+    from calib import qdq
+
+    monkeypatch.setattr(stream, "_BLOCK_ELEMS", SMALL_BLOCKS)
+    blocks: dict[str, int] = {}
+    row_blocks = qdq._row_blocks
+
+    def counted(lin):
+        for b in row_blocks(lin):
+            blocks[lin.module] = blocks.get(lin.module, 0) + 1
+            yield b
+
+    monkeypatch.setattr(qdq, "_row_blocks", counted)
+    quiet = lambda *_: None  # noqa: E731
+    seq, cal = tmp_path / "seq", tmp_path / "cal"
+    quantize_checkpoint(PRESET, seq, precision=precision, seed=5, max_prompts=1000, max_len=64, log=quiet)
+    if precision == "int8":
+        assert blocks["lm_head"] > 4, "the tied LM head was not read in row blocks"
+    monkeypatch.setattr(qdq, "_row_blocks", row_blocks)
+    calibrate(streamed_small_blocks, cal, precision, log=quiet)
+    a, b = (json.loads((d / "calibration" / "scales.json").read_text()) for d in (seq, cal))
+    assert set(a["activation_scale"]) == set(b["activation_scale"])
+    assert ("lm_head" in b["activation_scale"]) == (precision == "int8")
+    for m, want in b["activation_scale"].items():
+        got = a["activation_scale"][m]
+        if m == "lm_head":
+            assert got >= want * (1 - 1e-6), "the LM head's range covers more positions than calibrate's"
+        else:
+            assert got == pytest.approx(want, rel=1e-5), m
+    for m, want in b["weight_scale"].items():
+        np.testing.assert_allclose(a["weight_scale"][m], want, rtol=1e-5, err_msg=m)
+    if precision == "int8":
+        sa = {tuple(g["modules"]): g for g in a["smoothquant"]["groups"]}
+        sb = {tuple(g["modules"]): g for g in b["smoothquant"]["groups"]}
+        assert set(sa) == set(sb) and len(sb) == 3 * PRESETS[PRESET].text.num_layers
+        for k, g in sb.items():
+            assert (sa[k]["fold"], sa[k]["into"]) == (g["fold"], g["into"]), k
+            np.testing.assert_allclose(sa[k]["factors"], g["factors"], rtol=1e-4, err_msg=str(k))
+    else:
+        assert a["smoothquant"] is None and b["smoothquant"] is None
+    ia, ma = _initializers(seq / "decode.onnx")
+    ib, mb = _initializers(cal / "decode.onnx")
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(ma) == ops(mb)
+    qnames = [n for n in ib if n.endswith(f".weight_{precision}")]
+    assert len(qnames) == len(b["weight_scale"]) and set(qnames) <= set(ia)
+    for n in qnames:
+        x, y = ia[n].astype(np.float32), ib[n].astype(np.float32)
+        assert x.shape == y.shape, n
+        differ = x != y
+        assert differ.mean() < 1e-3, f"{n}: {differ.mean():.2%} of the values differ"
+    ids = [2, 105, 9, 17, 33, 80, 12]
+    got = runtime.generate(runtime.load(seq), ids, max_new_tokens=8).tokens
+    assert got == runtime.generate(runtime.load(cal), ids, max_new_tokens=8).tokens
+    man = runtime.load(seq).manifest
+    assert man["precision"] == precision and man["quantization"]["from_checkpoint"] is True
