@@ -53,6 +53,7 @@ help:
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8|int4 [BLOCK_SIZE=32] [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
+	@echo "make calibrate SRC=<checkpoint dir> OUT=<dir> PRECISION=int8|fp8|int4   the same from a checkpoint, layer by layer (the 12B in < 8 GiB)"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
 	@echo "make gpu-check [QUICK=1]          on a CUDA machine (no install needed): Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
@@ -101,10 +102,10 @@ compare: $(STAMP)
 	$(PY) -m exporter.compare --artifact $(OUT)
 
 calibrate: $(STAMP)
-	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact> (and OUT=<new artifact> PRECISION=int8|fp8|int4)" >&2; exit 2; }
+	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact or checkpoint dir> (and OUT=<new artifact> PRECISION=int8|fp8|int4)" >&2; exit 2; }
 	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA)) $(FORCE_FLAG) \
 		$(if $(filter int4,$(PRECISION)),--block-size $(BLOCK_SIZE) --int4-method $(INT4_METHOD))
-	$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))
+	$(if $(wildcard $(SRC)/manifest.json),$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA)),@echo "make calibrate: $(SRC) is a checkpoint, so there is no fp32 artifact to report against: python -m calib.report --artifact $(QOUT) --reference <fp32 artifact of it>")
 
 check-quant: $(STAMP)
 	$(PY) -m calib.check --artifact $(OUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA))

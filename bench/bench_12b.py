@@ -1,7 +1,8 @@
 """Benchmark: the 12B (or a slice with its exact dimensions) through the whole pipeline on this machine.
 
-``python bench/bench_12b.py [--layers 48] [--steps checkpoint,export,int4,generate] [--work DIR] [--keep]``
-(``make bench-12b``) -> ``bench/results/12b.json``.
+``python bench/bench_12b.py [--layers 48] [--steps checkpoint,export,int4,build,generate] [--work DIR] [--keep]``
+(``make bench-12b``) -> ``bench/results/12b.json``.  A run of some steps keeps the other steps' earlier records of
+the same layer count in the file (each step carries its own date).
 
 Each step runs in a child process; its peak resident memory is that child's own ``ru_maxrss`` (``os.wait4``), its
 wall time is measured around it, and the disk in use under the work directory is sampled every second while it
@@ -9,7 +10,8 @@ runs (the peak is what the step needs on disk at once).  Steps:
 
 1. ``checkpoint``: `bench/make_12b_checkpoint.py` (seeded bf16 weights, HF layout, streamed);
 2. ``export``: ``make export`` of that checkpoint (``--weight-dtype``, bf16 by default: the GPU path; fp32 needs
-   twice the disk), then deleted;
+   twice the disk), then deleted; ``export-preset``: ``make export MODEL=gemma4-12b`` (seeded weights, no
+   checkpoint; 48 layers only), then deleted;
 3. ``int4``: `calib.sequential` from the checkpoint (layer-by-layer statistics on the built-in calibration set,
    AWQ or RTN, block-wise INT4 streamed export);
 4. ``build``: ``make build-engine BACKEND=onnxruntime`` of the INT4 artifact (one graph for prefill and decode:
@@ -17,7 +19,10 @@ runs (the peak is what the step needs on disk at once).  Steps:
    sessions with every weight each: 22 GiB peak for the 48-layer INT4 artifact);
 5. ``generate``: `runtime.generate` on the INT4 artifact, 16 new tokens for a text and for an image prompt: load
    time, time to first token, decode tokens/s, and the weight-read bound (bytes of the weights one decode step
-   reads, tables only gathered from excepted, over the memory bandwidth measured in the same process).
+   reads, tables only gathered from excepted, over the read bandwidth `bench.runtime.bandwidth_probe` measures in
+   the same process: two threads, as the runtime);
+6. ``int8`` / ``fp8``: `calib.sequential` W8A8 from the checkpoint (SmoothQuant 0.5 for INT8, the LM head INT8;
+   FP8 decoder only, as ``make calibrate``), then deleted.
 
 With ``--layers`` < 48 the numbers are for that slice; ``extrapolated_48_layers`` scales the per-layer part
 linearly (stated as such in the JSON).
@@ -88,14 +93,11 @@ def _child_generate(art: str) -> int:
     import numpy as np
 
     import runtime
+    from bench.runtime import bandwidth_probe
 
-    buf = np.ones(1 << 28, np.float32)  # 1 GiB: read bandwidth
-    buf.sum()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        buf.sum()
-    bw = 3 * buf.nbytes / (time.perf_counter() - t0)
-    del buf
+    probe = bandwidth_probe(1024, threads=2, repeats=5)  # the runtime reads weights on 2 threads
+    bw = probe()
+    del probe
     t0 = time.perf_counter()
     model = runtime.load(art)
     load_s = time.perf_counter() - t0
@@ -147,6 +149,9 @@ def main() -> int:
     if a.child_generate:
         return _child_generate(a.child_generate)
     steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    if bad := [s for s in steps if s not in _STEP_ORDER]:
+        print(f"error: --steps {','.join(bad)}: unknown; steps are {','.join(_STEP_ORDER)}", file=sys.stderr)
+        return 2
     work = Path(a.work)
     marker = work / ".bench-12b"  # what this bench made: it deletes and rewrites only inside such a directory
     if work.exists() and any(work.iterdir()) and not marker.exists():
@@ -172,6 +177,31 @@ def main() -> int:
             results["steps"]["export"]["weight_dtype"] = a.weight_dtype
             results["steps"]["export"]["artifact_gib"] = round(_du(exp) / 2**30, 3)
             shutil.rmtree(exp, ignore_errors=True)
+        if "export-preset" in steps:
+            if a.layers != 48:
+                raise ValueError("export-preset exports the gemma4-12b preset (48 layers); run it with --layers 48")
+            results["steps"]["export-preset"] = run_step(
+                "export-preset", py + ["-m", "exporter.export", "--model", "gemma4-12b", "--out", str(exp),
+                                       "--max-len", "4096", "--weight-dtype", a.weight_dtype], work, log)
+            results["steps"]["export-preset"] |= {"weight_dtype": a.weight_dtype,
+                                                  "artifact_gib": round(_du(exp) / 2**30, 3)}
+            shutil.rmtree(exp, ignore_errors=True)
+        for prec in ("int8", "fp8"):
+            if prec not in steps:
+                continue
+            qart = work / prec
+            results["steps"][prec] = run_step(
+                prec, py + ["-m", "calib.sequential", "--model", str(ckpt), "--out", str(qart), "--max-len", "4096",
+                            "--precision", prec, "--max-prompts", str(a.max_prompts), "--force"], work, log)
+            q = json.loads((qart / "manifest.json").read_text())["quantization"]
+            results["steps"][prec] |= {
+                "artifact_gib": round(_du(qart) / 2**30, 3), "quantized": q["quantized"],
+                "smoothquant_alpha": q["smoothquant_alpha"], "embedding": q["embedding"],
+                "calibration": f"{q['calibration_prompts']} prompts, {q['calibration_tokens']} tokens from "
+                               f"{q['calibration_data']} (images at {q['max_soft_tokens']} soft tokens)",
+                "statistics_s": q["sequential"]["statistics_seconds"],
+            }
+            shutil.rmtree(qart, ignore_errors=True)  # measured; --keep keeps the checkpoint and the INT4 artifact
         if "int4" in steps:
             results["steps"]["int4"] = run_step(
                 "int4", py + ["-m", "calib.sequential", "--model", str(ckpt), "--out", str(art), "--max-len", "4096",
@@ -201,7 +231,7 @@ def main() -> int:
         results["failed"] = f"{type(e).__name__}: {e}"
     finally:
         if not a.keep:  # only what this bench made: --work may name a directory holding other files
-            for d in (ckpt, art, exp):
+            for d in (ckpt, art, exp, work / "int8", work / "fp8"):
                 shutil.rmtree(d, ignore_errors=True)
             try:
                 marker.unlink(missing_ok=True)
@@ -213,12 +243,32 @@ def main() -> int:
     results |= {"machine": f"{platform.machine()} {os.cpu_count()} cores, "
                            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    now = results["date"]
+    for rec in results["steps"].values():
+        rec.setdefault("date", now)
+    out = Path(a.out)
+    try:  # the steps not run now keep their earlier records (same layer count only)
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("layers") == a.layers:
+        for step, rec in old.get("steps", {}).items():
+            if step not in results["steps"]:
+                rec.setdefault("date", old.get("date"))
+                results["steps"][step] = rec
+        order = lambda k: _STEP_ORDER.index(k) if k in _STEP_ORDER else len(_STEP_ORDER)  # noqa: E731
+        results["steps"] = {k: results["steps"][k] for k in sorted(results["steps"], key=order)}
+        for key, value in old.items():  # e.g. the config of the earlier run's slice
+            results.setdefault(key, value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
     if failed is not None:
         raise failed
     return 0
+
+
+_STEP_ORDER = ["checkpoint", "export", "export-preset", "int4", "build", "generate", "int8", "fp8"]
 
 
 def _extrapolate(results: dict, layers: int) -> dict:

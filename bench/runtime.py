@@ -700,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep our existing artifacts even if the code changed since they were built")
     ap.add_argument("--no-build", action="store_true", help="measure the artifacts already in bench/work")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the artifacts and stop (measure later with --no-build, on a quiet machine)")
     ap.add_argument("--jobs", type=int, default=2, help="artifact builds run at a time")
     ap.add_argument("--baseline", action="store_true", help="also store this run as `baseline` in the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -732,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         ours, skipped = build_ours(a.checkpoint, ["int8", "fp8", "int4"], a.reuse, a.jobs)
     genai, genai_skipped = build_genai(a.checkpoint, ["fp32", "int8", "int4"])
     skipped.update(genai_skipped)
+    if a.build_only:
+        print(f"[bench] built: {', '.join([*ours, *genai])}; not built: {skipped or 'none'}", flush=True)
+        return 0
     stacks = {n: Stack(n, "ours", p, n.split("-")[1]) for n, p in ours.items()}
     stacks.update({n: Stack(n, "genai", p, n.split("-")[1]) for n, p in genai.items()})
     stacks["transformers"] = Stack("transformers", "transformers", a.checkpoint, "fp32")

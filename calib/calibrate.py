@@ -242,7 +242,9 @@ def _quantize_int4(graphs, linears, stats, modules, block_size: int, method: str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calib.calibrate", description=__doc__.split("\n")[0])
-    p.add_argument("--src", required=True, help="fp32 artifact directory (from `make export`)")
+    p.add_argument("--src", required=True,
+                   help="fp32 artifact directory (from `make export`), or a checkpoint directory (quantized layer by "
+                        "layer from its weights: calib.sequential)")
     p.add_argument("--out", required=True,
                    help="quantized artifact directory to write: new, empty or a previous artifact (replaced on success)")
     p.add_argument("--force", action="store_true",
@@ -270,10 +272,29 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"calibrate: error: --smoothquant {a.smoothquant!r}: expected a number, 'none' or 'auto'", file=sys.stderr)
         return 2
+    quantize = None if a.quantize is None else tuple(x.strip() for x in a.quantize.split(",") if x.strip())
+    src = Path(a.src)
+    if not (src / "manifest.json").exists() and (src / "config.json").is_file():  # a checkpoint, not an artifact
+        if a.stats is not None or a.embedding != "auto":
+            print(f"calibrate: error: {src} is a checkpoint: --stats and --embedding are for fp32 artifacts",
+                  file=sys.stderr)
+            return 2
+        from calib.sequential import quantize_checkpoint
+        from runtime.staging import error_message
+
+        print(f"[calibrate] {src} is a checkpoint: quantizing layer by layer from its weights (calib.sequential)")
+        try:
+            quantize_checkpoint(str(src), a.out, precision=a.precision, block_size=a.block_size,
+                                method=a.int4_method, smoothquant=sq, percentile=a.percentile,
+                                quantize=quantize, data_dir=a.data, force=a.force)
+        except (ValueError, OSError) as e:
+            print(f"calibrate: error: {error_message(e)}", file=sys.stderr)
+            return 2
+        return 0
     try:
         calibrate(a.src, a.out, a.precision, data_dir=a.data, stats_path=a.stats, smoothquant=sq,
                   percentile=a.percentile,
-                  quantize=None if a.quantize is None else tuple(x.strip() for x in a.quantize.split(",") if x.strip()),
+                  quantize=quantize,
                   embedding_fp16=None if a.embedding == "auto" else a.embedding == "fp16",
                   block_size=a.block_size, int4_method=a.int4_method, force=a.force)
     except (ValueError, OSError) as e:  # ArtifactError, OutputRefused are ValueErrors; a full disk an OSError

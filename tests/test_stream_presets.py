@@ -352,3 +352,24 @@ def test_w8a8_from_weights_equals_calibrate(streamed_small_blocks, tmp_path, mon
     assert got == runtime.generate(runtime.load(cal), ids, max_new_tokens=8).tokens
     man = runtime.load(seq).manifest
     assert man["precision"] == precision and man["quantization"]["from_checkpoint"] is True
+
+
+def test_calibrate_cli_takes_a_checkpoint(reference_store, tmp_path, capsys):
+    """``make calibrate SRC=<checkpoint dir>`` quantizes layer by layer from the weights (no fp32 artifact), leaves
+    the checkpoint as it was, and refuses the artifact-only options with the reason."""
+    import hashlib
+
+    import runtime
+    from calib.calibrate import main
+
+    _, ckpt = reference_store(PRESET)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir() if p.is_file()}
+    out = tmp_path / "fp8"
+    assert main(["--src", str(ckpt), "--out", str(out), "--precision", "fp8"]) == 0
+    man = runtime.load(out).manifest
+    assert man["precision"] == "fp8" and man["quantization"]["from_checkpoint"] is True
+    assert man["source"]["checkpoint"] == str(ckpt.resolve())
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir() if p.is_file()} == before
+    assert main(["--src", str(ckpt), "--out", str(tmp_path / "x"), "--precision", "int8", "--stats", "s.npz"]) == 2
+    assert "is a checkpoint: --stats and --embedding are for fp32 artifacts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
