@@ -132,7 +132,7 @@ def _child_generate(art: str) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--steps", default="checkpoint,export,int4,build,generate")
@@ -145,7 +145,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the INT4 artifact")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "12b.json"))
     p.add_argument("--child-generate", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.child_generate:
         return _child_generate(a.child_generate)
     steps = [s.strip() for s in a.steps.split(",") if s.strip()]

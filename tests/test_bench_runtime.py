@@ -100,3 +100,26 @@ def test_markdown_lists_every_stack_of_every_case():
     assert "| fp32 b1 | ours-fp32-512 |" in md and "64/64" in md and "80%" in md
     assert "| ours-fp32-512 | 1000 (900) | 900 | 1170 |" in md
     assert "ours-int4: no int4" in md
+
+
+def test_bench_12b_keeps_earlier_steps_and_refuses_unknown_ones(tmp_path, capsys):
+    """A bench-12b run of some steps keeps the other steps' records of the same layer count (with their date) and
+    drops them for another layer count; an unknown step is refused before anything runs."""
+    import json
+
+    from bench import bench_12b
+
+    out, work = tmp_path / "12b.json", tmp_path / "work"
+    old = {"layers": 2, "date": "2026-01-01 00:00 UTC", "config": "slice",
+           "steps": {"int4": {"wall_s": 5.0}, "checkpoint": {"wall_s": 1.0, "date": "2026-01-02 00:00 UTC"}}}
+    out.write_text(json.dumps(old))
+    assert bench_12b.main(["--layers", "2", "--steps", "", "--work", str(work), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert list(got["steps"]) == ["checkpoint", "int4"]  # the pipeline's order
+    assert got["steps"]["int4"] == {"wall_s": 5.0, "date": "2026-01-01 00:00 UTC"}
+    assert got["steps"]["checkpoint"]["date"] == "2026-01-02 00:00 UTC"
+    assert got["config"] == "slice" and got["date"] != old["date"]
+    assert bench_12b.main(["--layers", "3", "--steps", "", "--work", str(work), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["steps"] == {}
+    assert bench_12b.main(["--steps", "int4,bogus", "--work", str(work), "--out", str(out)]) == 2
+    assert "--steps bogus: unknown" in capsys.readouterr().err
