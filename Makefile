@@ -58,7 +58,7 @@ help:
 	@echo "make gpu-check [QUICK=1]          on a CUDA machine (no install needed): Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
 	@echo "make test                         install, then run the test suite"
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
-	@echo "make bench-12b [LAYERS=48]         the 12B (or a slice): checkpoint, export, INT4 from the checkpoint, generate -> bench/results/12b.json"
+	@echo "make bench-12b [LAYERS=48] [BENCH_ARGS=--steps ...]   the 12B (or a slice): checkpoint, exports, INT4/INT8/FP8 from the checkpoint, engine, generate -> bench/results/12b.json"
 	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
 
 $(STAMP): pyproject.toml
@@ -122,7 +122,7 @@ bench: $(STAMP)
 	$(PY) bench/calibrate_demo.py
 
 bench-12b: $(STAMP)
-	nice -n 10 $(PY) bench/bench_12b.py --layers $(LAYERS)
+	nice -n 10 $(PY) bench/bench_12b.py --layers $(LAYERS) $(BENCH_ARGS)
 
 # Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --reuse, --only 1,3
 bench-runtime: $(STAMP)
