@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["steps"][step] = rec
         order = lambda k: _STEP_ORDER.index(k) if k in _STEP_ORDER else len(_STEP_ORDER)  # noqa: E731
         results["steps"] = {k: results["steps"][k] for k in sorted(results["steps"], key=order)}
-        for key, value in old.items():  # e.g. the config of the earlier run's slice
-            results.setdefault(key, value)
+        for key, value in old.items():  # e.g. the config of the earlier run's slice; not its failure
+            if key not in ("failed", "extrapolated_48_layers"):
+                results.setdefault(key, value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))

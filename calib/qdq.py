@@ -18,6 +18,7 @@ is given; `calib.calibrate` decides which (decoder projections by default).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +99,7 @@ def quantized_weight(lin: Linear, ws: np.ndarray, precision: Precision, *, out_i
     in_f = first.shape[1]
     q = np.empty((len(ws), in_f) if out_in else (in_f, len(ws)), precision.numpy_type())
     start = 0
-    for b in (first, *blocks):
+    for b in itertools.chain([first], blocks):  # one block in memory at a time
         qb = precision.quantize(b, ws[start:start + len(b), None])
         if out_in:
             q[start:start + len(b)] = qb
