@@ -215,7 +215,7 @@ class Ours:
         t0 = time.perf_counter()  # max_len is the artifact's own
         first = None
         stream = self._rt.generate(self.model, prompts if len(prompts) > 1 else prompts[0],
-                                   max_new_tokens=new_tokens, stream=True)
+                                   max_new_tokens=new_tokens, stream=True, detokenize=False)  # ids, as genai's loop
         for _ in stream:
             if first is None:
                 first = time.perf_counter()

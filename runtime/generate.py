@@ -250,6 +250,7 @@ def _stream(
     stop_ids: set[int],
     max_soft_tokens: int,
     results: list[GenerationResult],
+    detokenize: bool = True,
 ) -> Iterator[Piece]:
     cfg, tk = model.config, model.config["tokens"]
     prepared = [
@@ -262,7 +263,7 @@ def _stream(
             raise _too_long(i, p, max_len, max_soft_tokens)
     batch = pack_batch(prepared, tk["pad"])
     results[:] = [GenerationResult([], None, "length", len(p.ids)) for p in prepared]
-    decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer else None for _ in prepared]
+    decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer and detokenize else None for _ in prepared]
     cache = model.backend.new_cache(len(prepared), max_len)
     logits = _prefill(model, prepared, batch, cache)
     lens = batch.seq_lens.copy()
@@ -323,6 +324,7 @@ def generate(
     stop: Sequence[int] | None = None,
     stream: bool = False,
     max_soft_tokens: int = 280,
+    detokenize: bool = True,
 ):
     """Generate from one prompt (returns a `GenerationResult`) or a batch (returns a list of them).
 
@@ -330,6 +332,8 @@ def generate(
     list of token ids; a batch is a list of those.  ``images``/``audio``: for one prompt, a list in placeholder
     order; for a batch, one such list per prompt.  With ``stream=True`` an iterator of `Piece` is returned
     instead; the final results are then in the iterator's ``results`` attribute once it is exhausted.
+    ``detokenize=False``: token ids only (each `Piece`'s text is empty, the results' ``text`` None), no tokenizer
+    work per step, for callers that detokenize themselves (and for speed comparisons with stacks that return ids).
     """
     model = model_or_dir if isinstance(model_or_dir, LoadedModel) else load(model_or_dir)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -354,6 +358,7 @@ def generate(
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),
         rng=np.random.default_rng(seed), stop_ids=stop_ids, max_soft_tokens=max_soft_tokens, results=results,
+        detokenize=bool(detokenize),
     )
     if stream:
         return _Streamer(pieces, results, batched)

@@ -126,6 +126,10 @@ def test_text_prompt_with_tokenizer(tmp_path, reference_store):
     assert by_text.tokens == by_ids.tokens
     assert isinstance(by_text.text, str)
     assert by_text.text == model.tokenizer.decode([t for t in by_text.tokens if t not in (1, 106)])
+    # detokenize=False: the same tokens, no text anywhere
+    ids_only = runtime.generate(model, encoded, max_new_tokens=6, stream=True, detokenize=False)
+    assert {p.text for p in ids_only} == {""}
+    assert ids_only.results.tokens == by_ids.tokens and ids_only.results.text is None
 
 
 def test_batch_logits_do_not_depend_on_padding(artifact_store):
