@@ -167,12 +167,15 @@ def _same_scope(src, *nodes) -> None:
 
 
 def quantize_graph_int4(model, linears: dict[str, Linear], modules: list[str], block_size: int,
-                        input_factors: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+                        input_factors: dict[str, np.ndarray] | None = None, *,
+                        scales_cache: dict[str, np.ndarray] | None = None, on_module=None) -> dict[str, int]:
     """Replace the weights of ``modules`` (those this graph has) by int4 ``DequantizeLinear(axis=0, block_size)``.
 
     ``input_factors``: Linears whose activation must be divided by a per-channel factor in the graph (AWQ factors
     nothing upstream could absorb): a ``Mul`` by ``1/s`` is inserted before the MatMul, and the weight rows are
-    multiplied by ``s`` before quantization.  Weights are quantized lazily when the graph is saved."""
+    multiplied by ``s`` before quantization.  Weights are quantized lazily when the graph is saved; their scales are
+    computed now (one read of each weight), or taken from ``scales_cache`` (module -> scales, filled here: the
+    second graph of a streamed export reuses the first one's).  ``on_module(module)`` is called after each."""
     import ml_dtypes
     import onnx_ir as ir
 
@@ -198,11 +201,18 @@ def quantize_graph_int4(model, linears: dict[str, Linear], modules: list[str], b
             graph.insert_before(node, [mul])
             node.replace_input_with(0, mul.outputs[0])
             counts["input_muls"] += 1
-        w_out_in = lin.weight_out_in()
-        out_f, in_f = w_out_in.shape
-        w_in_out = w_out_in.T if s is None else w_out_in.T * s[:, None]
-        _, scales = int4_values(w_in_out, block_size)  # scales now (small); values lazily at save time
-        del w_out_in, w_in_out
+        if scales_cache is not None and module in scales_cache:
+            scales = scales_cache[module]
+            out_f = scales.shape[1]
+            in_f = (lin.weight.shape[1] if lin.out_in else lin.weight.shape[0])
+        else:
+            w_out_in = lin.weight_out_in()
+            out_f, in_f = w_out_in.shape
+            w_in_out = w_out_in.T if s is None else w_out_in.T * s[:, None]
+            _, scales = int4_values(w_in_out, block_size)  # scales now (small); values lazily at save time
+            del w_out_in, w_in_out
+            if scales_cache is not None:
+                scales_cache[module] = scales
 
         def make(lin=lin, s=s, scales=scales):
             w = lin.weight_out_in().T
@@ -224,6 +234,8 @@ def quantize_graph_int4(model, linears: dict[str, Linear], modules: list[str], b
         graph.insert_before(node, [wdq])
         node.replace_input_with(1, wdq.outputs[0])
         counts["linears"] += 1
+        if on_module is not None:
+            on_module(module)
     drop_unused_weights(graph)
     return counts
 

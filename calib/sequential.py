@@ -325,15 +325,23 @@ class FoldedWeights:
 
 # ---------------------------------------------------------------------------------------------- graph rewrite
 def int4_rewrite(plan: LayerPlan, block_size: int, *, lm_head: bool = True, embedding_fp16: bool = True):
-    """A `exporter.stream.stream_graph` rewrite: decoder Linears (and the LM head) to block-wise INT4."""
+    """A `exporter.stream.stream_graph` rewrite: decoder Linears (and the LM head) to block-wise INT4.  The
+    weights' scales are computed once (one read of every weight, with a progress bar) and reused for the second
+    graph."""
+    cache: dict[str, np.ndarray] = {}
 
     def rewrite(model, source, progress) -> None:
         from calib.int4 import quantize_graph_int4
         from calib.linears import LM_HEAD, find_linears, group_of
+        from runtime.progress import Progress
 
         linears = find_linears(model)
         modules = [m for m in linears if group_of(m) == "decoder"]
-        quantize_graph_int4(model, linears, modules, block_size, plan.input_muls())
+        todo = sum(m not in cache for m in modules)
+        with Progress(todo, "int4 weight scales", unit="Linears") as bar:
+            quantize_graph_int4(model, linears, modules, block_size, plan.input_muls(), scales_cache=cache,
+                                on_module=lambda m: bar.update(1 if todo else 0,
+                                                               note=m.removeprefix("model.language_model.")))
         if lm_head and LM_HEAD in linears:
             _quantize_lm_head(model, linears[LM_HEAD], block_size)
         if embedding_fp16:
@@ -356,12 +364,16 @@ def w8a8_rewrite(plan: LayerPlan, stats, precision, quantize: tuple[str, ...], *
         from calib.linears import find_linears, group_of
         from calib.qdq import activation_scales, quantize_graph, weight_scales
 
+        from runtime.progress import Progress
+
         linears = find_linears(model)
         modules = [m for m in linears if group_of(m) in quantize]
         a_scales = activation_scales(stats, modules, precision, smooth=plan, percentile=percentile)
-        for m in modules:
-            if m not in cache:
+        todo = [m for m in modules if m not in cache]
+        with Progress(len(todo), f"{precision} weight scales", unit="Linears") as bar:
+            for m in todo:  # reads every weight once (block by block, folded): minutes for the 12B
                 cache[m] = weight_scales(linears[m], precision)
+                bar.update(1, note=m.removeprefix("model.language_model."))
         quantize_graph(model, linears, a_scales, {m: cache[m] for m in modules}, precision)
         if embedding_fp16:
             from calib.embedding import gather_fp16
