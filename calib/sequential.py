@@ -46,9 +46,6 @@ from exporter.config import ModelConfig
 
 __all__ = ["FoldedWeights", "LayerPlan", "collect_sequential", "quantize_checkpoint"]
 
-_LIN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-        "mlp.up_proj", "mlp.down_proj")
-
 
 def _layer_prefix(i: int) -> str:
     return f"model.language_model.layers.{i}."
@@ -190,9 +187,11 @@ def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: in
     from calib.int4 import awq_search
     from calib.linears import LM_HEAD
     from calib.smoothquant import smoothing_factors
-    from calib.stats import EDGES, Stats, TensorStats
+    from calib.stats import EDGES, SAMPLE_ROWS, Stats, TensorStats
     from exporter.model import Gemma4Model
     from runtime.progress import Progress
+
+    rows = SAMPLE_ROWS if method == "awq" and awq_objective == "sample" else 0  # only AWQ's sampled objective reads rows
 
     with torch.device("meta"):
         model = Gemma4Model(cfg)
@@ -212,13 +211,10 @@ def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: in
             _load_part(model, source, _layer_prefix(i))
             layer = model.model.language_model.layers[i]
             hooks = []
-            for lin in _LIN:
-                parent, attr = lin.split(".")
-                mod = getattr(getattr(layer, parent), attr)
-                if mod is None:  # k_eq_v full layers have no v_proj
-                    continue
-                name = _layer_prefix(i) + lin
-                st = stats.setdefault(name, TensorStats(np.zeros(mod.in_features), np.zeros(len(EDGES) - 1, np.int64)))
+            for mods, _ in _groups(layer, i):  # Linears sharing an input share one record (one hook)
+                mod = layer.get_submodule(mods[0][len(_layer_prefix(i)):])
+                st = TensorStats(np.zeros(mod.in_features), np.zeros(len(EDGES) - 1, np.int64), sample_rows=rows)
+                stats.update({name: st for name in mods})
                 hooks.append(mod.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0].detach().numpy())))
             attn = layer.self_attn
             inv_freq = (model.rope_sliding if attn.sliding else model.rope_full).inv_freq
@@ -254,7 +250,7 @@ def collect_sequential(source, cfg: ModelConfig, inputs: list, *, block_size: in
             records.append({"layer": i, "seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": round(rss, 3)})
             bar.update(1, note=f"layer {i} {records[-1]['seconds']:.1f} s, peak RSS {rss:.2f} GiB")
     _load_part(model, source, "model.language_model.norm.")
-    head = TensorStats(np.zeros(t.hidden_size), np.zeros(len(EDGES) - 1, np.int64))
+    head = TensorStats(np.zeros(t.hidden_size), np.zeros(len(EDGES) - 1, np.int64), sample_rows=0)
     for h in hs:
         head.update(model.model.language_model.norm(h).numpy())
     stats[LM_HEAD] = head
@@ -370,7 +366,7 @@ def w8a8_rewrite(plan: LayerPlan, stats, precision, quantize: tuple[str, ...], *
         modules = [m for m in linears if group_of(m) in quantize]
         a_scales = activation_scales(stats, modules, precision, smooth=plan, percentile=percentile)
         todo = [m for m in modules if m not in cache]
-        with Progress(len(todo), f"{precision} weight scales", unit="Linears") as bar:
+        with Progress(len(todo), f"{precision.name} weight scales", unit="Linears") as bar:
             for m in todo:  # reads every weight once (block by block, folded): minutes for the 12B
                 cache[m] = weight_scales(linears[m], precision)
                 bar.update(1, note=m.removeprefix("model.language_model."))

@@ -37,7 +37,8 @@ class TensorStats:
     rows: int = 0  # tokens seen
     abssum: np.ndarray | None = None  # (in_features,) float64 sum of |x| (AWQ: mean |x| per channel)
     sqsum: np.ndarray | None = None  # (in_features,) float64 sum of x^2 (AWQ's diagonal objective)
-    sample: np.ndarray | None = None  # (<= SAMPLE_ROWS, in_features) rows kept by reservoir sampling (AWQ)
+    sample: np.ndarray | None = None  # (<= sample_rows, in_features) rows kept by reservoir sampling (AWQ)
+    sample_rows: int = SAMPLE_ROWS  # 0: keep no rows (W8A8 and AWQ's diagonal objective need none)
 
     @property
     def absmean(self) -> np.ndarray:
@@ -58,15 +59,16 @@ class TensorStats:
             return
         if self.abssum is None:
             self.abssum, self.sqsum = np.zeros(a.shape[1]), np.zeros(a.shape[1])
-            self.sample = np.zeros((0, a.shape[1]), np.float32)
+            if self.sample_rows:
+                self.sample = np.zeros((0, a.shape[1]), np.float32)
         self.abssum += a.sum(axis=0, dtype=np.float64)
         self.sqsum += np.square(x, dtype=np.float64).sum(axis=0)
         rng = np.random.default_rng(self.rows)  # reservoir sampling, deterministic for the same prompts
-        for i, row in enumerate(x):
+        for i, row in enumerate(x if self.sample_rows else ()):
             seen = self.rows + i
-            if len(self.sample) < SAMPLE_ROWS:
+            if len(self.sample) < self.sample_rows:
                 self.sample = np.concatenate([self.sample, row[None]])
-            elif (j := int(rng.integers(0, seen + 1))) < SAMPLE_ROWS:
+            elif (j := int(rng.integers(0, seen + 1))) < self.sample_rows:
                 self.sample[j] = row
         np.maximum(self.absmax, a.max(axis=0), out=self.absmax)
         idx = np.clip(np.searchsorted(EDGES, a.ravel(), side="right") - 1, 0, len(EDGES) - 2)
@@ -95,6 +97,7 @@ class Stats:
             arrays[f"{name}/rows"] = np.array(t.rows)
             if t.abssum is not None:
                 arrays[f"{name}/abssum"], arrays[f"{name}/sqsum"] = t.abssum, t.sqsum
+            if t.sample is not None:
                 arrays[f"{name}/sample"] = t.sample
         tmp = Path(str(path) + ".tmp.npz")
         np.savez_compressed(tmp, __meta__=np.array(json.dumps(self.meta)), **arrays)
