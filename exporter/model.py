@@ -153,7 +153,9 @@ class AttentionCore(nn.Module):
         q = q.reshape(b, self.num_kv_heads, groups, s, d)  # (B, Hkv, G, S, D)
         scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))  # (B, Hkv, G, S, T)
         scores = torch.where(allowed[:, None, None], scores, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        # fp32 softmax (bf16/fp16 scores upcast); a float64 run (the tests' exact reference) keeps float64, whose
+        # masked scores would overflow to -inf in fp32 and turn fully masked padding rows into NaN
+        probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v[:, :, None])  # (B, Hkv, G, S, D)
         return out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
 

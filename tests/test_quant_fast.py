@@ -333,7 +333,11 @@ def test_fp8_qdq_form_keeps_activation_quantization(fp8_qdq):
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
 def test_fp8_build_equals_the_qdq_artifact(fp8_qdq, graph):
-    _assert_close(_run_both(fp8_qdq, graph), 1e-5, f"fp8 {graph}")
+    """The built engine (weights folded to fp32, attention and norms lowered) against the plain Q/DQ artifact, at
+    DESIGN's tolerance for a rewritten graph (1e-4 of the logit range) and the same argmax.  Not tighter: the
+    lowered kernels sum in another order, and where that moves an activation across an FP8 rounding boundary the
+    difference grows to a step of E4M3 (an AVX2 host without AVX-512: 3e-5 of the range)."""
+    _assert_close(_run_both(fp8_qdq, graph), 1e-4, f"fp8 {graph}")
 
 
 def test_fp8_weight_only_is_closer_to_fp32(built, artifact_store):
