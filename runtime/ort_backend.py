@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
-from runtime.ort_attention import attention_feeds, attention_inputs
+from runtime.ort_attention import attention_feeds, decode_inputs
 from runtime.prompt import PrefillInputs
 
 __all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "prefill_feeds", "zero_cache"]
@@ -290,10 +290,13 @@ class OrtBackend:
             bound = self._bound = self._bind_decode(cache, len(ids))
         bound["ids"][...] = ids
         bound["past"][...] = lens
-        if bound["attention"]:  # this step's geometry (shapes change while the rings fill): bound anew
-            values = attention_inputs(lens, np.ones(len(lens), np.int64), 1, window=self.window,
-                                      want=bound["attention"])
-            for key, value in values.items():
+        if bound["attention"]:  # this step's geometry: written into the bound arrays, bound anew where the shape
+            # changed (the ring mask grows while the rings fill)
+            for key, value in decode_inputs(lens, window=self.window, want=bound["attention"]).items():
+                arr = bound["arrays"].get(key)
+                if arr is not None and arr.shape == value.shape:
+                    arr[...] = value
+                    continue
                 arr = bound["arrays"][key] = np.ascontiguousarray(value)
                 bound["binding"].bind_ortvalue_input(ATTENTION_INPUTS[key], self._ort.OrtValue.ortvalue_from_numpy(arr))
         self.sessions["decode"].run_with_iobinding(bound["binding"])

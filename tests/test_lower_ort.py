@@ -344,6 +344,31 @@ def test_host_image_blocks_equal_the_exported_model():
         np.testing.assert_array_equal(image_blocks(is_image), want)
 
 
+def test_decode_fast_path_equals_the_general_geometry():
+    """`runtime.ort_attention.decode_inputs` (the decode loop's few-call form) gives exactly what the general
+    `attention_inputs` gives for one new token per row: batches of mixed lengths, empty, filling and wrapped rings,
+    the step that replaces a ring's oldest slot, windows of 1 to 512."""
+    from runtime.ort_attention import attention_inputs, decode_inputs
+
+    rng = np.random.default_rng(0)
+    for w in (1, 2, 3, 8, 512):
+        for trial in range(200):
+            b = int(rng.integers(1, 5))
+            past = rng.integers(0, 3 * w + 3, size=b)
+            if trial % 4 == 0:
+                past[:] = past[0]
+            want = attention_inputs(past, np.ones(b, np.int64), 1, window=w)
+            got = decode_inputs(past, window=w)
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, (key, w, past)
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} window {w} past {past}")
+    subset = decode_inputs([5, 0], window=4, want=["seqlens_k", "total_len"])
+    assert set(subset) == {"seqlens_k", "total_len"} and int(subset["total_len"]) == 6
+    with pytest.raises(ValueError, match="window"):
+        decode_inputs([3], window=None)
+
+
 def test_computed_shape_arguments_become_constants():
     """`graphs.lower_ort_shapes.constant_shapes`: ``Reshape(x, Concat(Shape(x)[0], Shape(x)[1], 4, 8))`` (allowzero
     1, as exported) gets the constant [0, 0, 4, 8] and allowzero 0, an Expand to (batch, 1, 16) gets [1, 1, 16]; same
