@@ -429,7 +429,7 @@ def _decode_feeds(stack: Stack, sess, past: int) -> dict:
         from runtime.ort_backend import zero_cache
 
         manifest = read_manifest(stack.path, verify=False)
-        feeds = zero_cache(manifest, "decode", 1, int(manifest["max_len"]))
+        feeds = zero_cache(manifest, "decode", 1, int(manifest["max_len"]), engine=True)
         ids, lens = np.array([[5]], dtype=np.int64), np.array([past], dtype=np.int64)
         if manifest.get("engines", {}).get("onnxruntime", {}).get("one_graph"):  # decode = a one-token prefill
             from runtime.ort_backend import prefill_feeds

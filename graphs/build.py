@@ -48,7 +48,7 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto",
-                       fp8_activations: str = "fp32") -> dict:
+                       fp8_activations: str = "fp32", sliding: str = "ring", slack: int | None = None) -> dict:
     import onnxruntime as ort
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
@@ -82,7 +82,14 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
                     break
             t0 = time.perf_counter()
             # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
-            src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log)
+            src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log,
+                                                 sliding=sliding, slack=slack)
+            if sliding == "window" and graph == "prefill":
+                a = lowering[graph]["attention"]
+                if a["kept"] or a["refused"] or a["GroupQueryAttention"] != layers:
+                    raise ValueError(f"{root}: --ort-sliding window needs every attention node lowered to "
+                                     f"GroupQueryAttention; {a['GroupQueryAttention']} of {layers} were "
+                                     f"(refused: {a['refused'] or 'none'})")
             # quantized graphs: integer kernels for INT8, fp32 weights for FP8, MatMulNBits for INT4
             model, config, disabled, qcounts = lower_quantized_for_ort(src, manifest.get("precision", "fp32"), stage,
                                                                        int8_kernel=int8_kernel,
@@ -124,17 +131,25 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
         "decode": "ort/prefill.onnx" if one_graph else "ort/decode.onnx",
         "one_graph": one_graph,
         # GroupQueryAttention takes no prompt with past context at batch > 1: such a call runs per sequence
-        **({"prefill_with_past": "per_sequence"} if lowering["prefill"]["attention"]["GroupQueryAttention"] else {}),
+        # (unless it takes query_seqlens: the windowed sliding form)
+        **({"prefill_with_past": "per_sequence"} if lowering["prefill"]["attention"]["GroupQueryAttention"]
+           and sliding != "window" else {}),
+        # the windowed sliding form has no bidirectional image blocks: the runtime refuses image rows
+        **({"images": False} if sliding == "window" else {}),
         # INT8 Linears: 8-bit MatMulNBits (the runtime refuses it on a CPU whose int8 dot products saturate) or ORT's
         # MatMulIntegerToFloat (exact u8 x u8 everywhere); FP8: activations fp32 (weights only) or fake-quantized
         **quant_form,
         "from": {"prefill": sources["prefill"], "decode": sources["prefill" if one_graph else "decode"]},
         "optimization": "ORT_ENABLE_EXTENDED",
         # the attention geometry the graph takes as inputs, computed by runtime.ort_attention (the window it needs)
-        **({"attention_inputs": {"window": lowering["prefill"]["attention"]["window"]}} if "prefill" in lowering
+        **({"attention_inputs": {"window": lowering["prefill"]["attention"]["window"],
+                                 **({"sliding": "window",
+                                     "sliding_slots": lowering["prefill"]["attention"].get("sliding_slots")}
+                                    if sliding == "window" else {})}} if "prefill" in lowering
            and lowering["prefill"]["attention"]["GroupQueryAttention"] + lowering["prefill"]["attention"]["Attention"]
            else {}),
-        "lowering": {g: {"attention": {k: v for k, v in r["attention"].items() if k not in ("refused", "window")},
+        "lowering": {g: {"attention": {k: v for k, v in r["attention"].items()
+                                       if k not in ("refused", "window", "sliding", "sliding_slots")},
                          "norms": r["norms"]["SimplifiedLayerNormalization"]} for g, r in lowering.items()},
         "onnxruntime": ort.__version__,
         "providers": ["CPUExecutionProvider"],
@@ -142,10 +157,19 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
 
 
 def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, dtype: str = "bf16",
-                 int8_kernel: str = "auto", fp8_activations: str = "fp32", log=print) -> dict:
+                 int8_kernel: str = "auto", fp8_activations: str = "fp32", ort_sliding: str = "ring",
+                 ort_sliding_slack: int | None = None, log=print) -> dict:
     """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first.
     ``int8_kernel``, ``fp8_activations``: ONNX Runtime's form of INT8 / FP8 Linears
-    (`graphs.lower_qdq_ort.lower_quantized_for_ort`)."""
+    (`graphs.lower_qdq_ort.lower_quantized_for_ort`).  ``ort_sliding``: ONNX Runtime's sliding layers, ``ring``
+    (every input) or ``window`` (faster, text and audio only: `graphs.lower_ort_attention.lower_attention`), with
+    ``ort_sliding_slack`` slots beyond the window."""
+    from graphs.lower_ort_attention import SLIDING_FORMS
+
+    if ort_sliding not in SLIDING_FORMS:
+        raise ValueError(f"--ort-sliding {ort_sliding!r}; expected one of {', '.join(SLIDING_FORMS)}")
+    if ort_sliding == "window" and not plugins:
+        raise ValueError("--ort-sliding window lowers the plugin graphs' attention nodes; drop --no-plugins")
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}; expected one of {', '.join(BACKENDS)}")
     root = Path(artifact)
@@ -180,7 +204,8 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
     if backend == "auto" and manifest.get("precision") == "bf16" and "tensorrt" in engines:
         log("[build-engine] bf16 artifact: no ONNX Runtime form (its CPU has no bf16 MatMul)")
     elif backend in ("onnxruntime", "auto"):
-        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel, fp8_activations)
+        engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel, fp8_activations,
+                                                    ort_sliding, ort_sliding_slack)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest
@@ -200,10 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                         "auto picks by this CPU")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
+    p.add_argument("--ort-sliding", default="ring", choices=("ring", "window"),
+                   help="ONNX Runtime: sliding layers over a ring of window slots (default; text, images, audio) or "
+                        "GroupQueryAttention's windowed cache (one kernel per layer, faster decode; text and audio "
+                        "only: images are refused by the runtime)")
+    p.add_argument("--ort-sliding-slack", type=int, default=None,
+                   help="--ort-sliding window: cache slots beyond the window (default 256; the cache compacts once "
+                        "every slack + 1 tokens)")
     a = p.parse_args(argv)
     try:
         build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype, int8_kernel=a.int8_kernel,
-                     fp8_activations=a.fp8_activations)
+                     fp8_activations=a.fp8_activations, ort_sliding=a.ort_sliding,
+                     ort_sliding_slack=a.ort_sliding_slack)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"build-engine: error: {error_message(e)}", file=sys.stderr)
         return 2

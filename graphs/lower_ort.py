@@ -85,12 +85,15 @@ def gate_soft_token_slots(model, soft_inputs: dict[int, str]) -> int:
     return n
 
 
-def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None) -> dict:
-    """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts."""
+def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None,
+                sliding: str = "ring", slack: int | None = None) -> dict:
+    """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts.  ``sliding``/``slack``:
+    the sliding layers' form (`graphs.lower_ort_attention.lower_attention`)."""
     from graphs.lower_ort_attention import lower_attention
     from graphs.lower_ort_norms import fuse_skip_norms, lower_norms
 
-    report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log)}
+    extra = {} if slack is None else {"slack": slack}
+    report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log, sliding=sliding, **extra)}
     report["norms"] = lower_norms(model, log=log)
     report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
@@ -104,7 +107,8 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
     return report
 
 
-def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tuple[Path, dict]:
+def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print, sliding: str = "ring",
+                  slack: int | None = None) -> tuple[Path, dict]:
     """Lower the graph ``src`` into a temporary file beside it (sharing its external weights); returns the file and
     the counts.  `remove_lowered` deletes it.  Graphs without FusedAttention nodes (``--no-plugins``) get the norm
     pass only."""
@@ -117,7 +121,8 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print) -> tupl
     soft = {int(tokens[k]): f for k, f in (("image", "image_patches"), ("audio", "audio_frames")) if k in tokens}
     from graphs.lower_ort_embedders import gate_embedders
 
-    report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft)
+    report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft,
+                         sliding=sliding, slack=slack)
     proto = ir.serde.serialize_model(model)
     report["gated_embedders"] = gate_embedders(proto, src.parent, log=log)
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)

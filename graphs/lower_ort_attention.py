@@ -21,6 +21,8 @@ Rewrite:
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
   written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).
+* sliding layers, ``sliding="window"`` (build-engine ``--ort-sliding window``): GroupQueryAttention over ONNX
+  Runtime's windowed cache instead of the ring, for text and audio (no bidirectional image blocks): `lower_attention`.
 * the geometry every layer of a kind shares (sliding: positions, slots read, the mask, ring-write indices; full:
   GQA's lengths) is an engine input computed by the runtime (`runtime.ort_attention`, where the formulas are):
   inside the graph it took ~50 small kernels per call, and a decode step is ~500 kernels in all.
@@ -37,7 +39,12 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["lower_attention", "rope_tables"]
+__all__ = ["SLIDING_FORMS", "WINDOW_SLACK", "lower_attention", "rope_tables", "window_slots"]
+
+SLIDING_FORMS = ("ring", "window")
+# slots a windowed sliding cache holds beyond the window (`window_slots`): GroupQueryAttention compacts the cache
+# (moves ~window rows) once every WINDOW_SLACK + 1 tokens; 12B: 256 x 8 KV heads x 256 x 4 B x 2 = 16 MiB per layer
+WINDOW_SLACK = 256
 
 
 class Refused(ValueError):
@@ -94,6 +101,7 @@ class _Builder:
         import onnx_ir as ir
 
         self.ir, self.model, self.graph, self.max_len, self.host = ir, model, model.graph, max_len, host
+        self.query_seqlens = False  # GroupQueryAttention nodes take the host's query_seqlens (windowed form)
         self.cache: dict = {}
         self.n = 0
 
@@ -139,7 +147,7 @@ class _Builder:
                 "positions": (i64, [bdim, sdim]), "ring_used": (i64, [1]),
                 "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
                 "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
-                "total_len": (ty.INT32, []),
+                "total_len": (ty.INT32, []), "query_seqlens": (ty.INT32, [bdim]),
             }[key]
             v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
             self.graph.inputs.append(v)
@@ -170,9 +178,10 @@ def _lens(b: _Builder, q, past_lens, before):
     return b.shared(("lens", id(past_lens), repr(q.shape[1])), make)
 
 
-def _gqa(b: _Builder, node, a: dict, before, into=None):
-    """GroupQueryAttention for a full layer: helper nodes before ``before``, the GQA node there too or appended to
-    the graph ``into``; returns its (out, present_key, present_value)."""
+def _gqa(b: _Builder, node, a: dict, before, into=None, window: bool = False):
+    """GroupQueryAttention for a full layer (or, ``window``, a sliding layer over ONNX Runtime's windowed cache:
+    `lower_attention`'s ``sliding="window"``): helper nodes before ``before``, the GQA node there too or appended
+    to the graph ``into``; returns its (out, present_key, present_value)."""
     q, k, v, pk, pv, past_lens = node.inputs[:6]
     h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     seqlens_k, total = _lens(b, q, past_lens, before)
@@ -181,7 +190,11 @@ def _gqa(b: _Builder, node, a: dict, before, into=None):
     k3 = b.node("Reshape", [k, b.ints([0, 0, hkv * d])], before=before)
     v3 = b.node("Reshape", [v, b.ints([0, 0, hkv * d])], before=before)
     attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": 1.0, "do_rotary": 1, "rotary_interleaved": 0}
+    if window:  # keys kp > qp - W: ORT's left window counts the W - 1 earlier keys and the query's own (tested)
+        attrs.update(local_window_size=int(a["window"]), sliding_window_cache=1)
     inputs = [q3, k3, v3, pk, pv, seqlens_k, total, cos, sin]
+    if b.query_seqlens:  # right-padded rows: only each row's valid tokens enter the cache (any batch, any past)
+        inputs += [None] * 7 + [b.host_input("query_seqlens")]
     if into is None:
         return b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3, attrs=attrs)
     b.n += 1
@@ -256,13 +269,36 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     return out, present_k, present_v
 
 
-def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
+def window_slots(window: int, max_len: int, slack: int = WINDOW_SLACK) -> int:
+    """Capacity of a windowed sliding cache (``sliding="window"``): the window plus ``slack`` slots, which ONNX
+    Runtime's GroupQueryAttention fills before it compacts (it moves the window to row 0 every slack + 1 tokens),
+    never more than ``max_len`` needs, never less than the window (its minimum)."""
+    if slack < 0:
+        raise ValueError(f"sliding-cache slack {slack}; expected >= 0")
+    return max(int(window), min(int(window) + int(slack), int(max_len)))
+
+
+def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: str = "ring",
+                    slack: int = WINDOW_SLACK) -> dict:
     """Lower every FusedAttention node of one graph in place; returns counts per form, refusals by node and the
     sliding window (``window``, None without sliding layers).  A prefill graph takes the shared attention geometry
-    as inputs (`runtime.ort_attention.INPUTS`), the two-graph decode form computes its own from ``past_lens``."""
+    as inputs (`runtime.ort_attention.INPUTS`), the two-graph decode form computes its own from ``past_lens``.
+
+    ``sliding="window"`` (prefill graphs only): sliding layers become GroupQueryAttention too, with ONNX Runtime's
+    windowed cache (``sliding_window_cache``; `window_slots` slots instead of the ring's window, its own layout:
+    the resident positions in order from row 0), and every GroupQueryAttention takes ``query_seqlens`` (right
+    padding never enters a cache, so batched prompts with past context need no per-sequence calls).  One kernel per
+    sliding layer instead of the ring's seven, but causal only: the bidirectional image blocks of the sliding
+    layers cannot be expressed, so such an engine takes text and audio, not images (the runtime refuses them)."""
+    if sliding not in SLIDING_FORMS:
+        raise ValueError(f"sliding={sliding!r}; expected one of {SLIDING_FORMS}")
+    if sliding == "window" and decode:
+        raise Refused("the windowed sliding form is for the one-graph engine (prefill graph)")
     if model.opset_imports.get("", 0) < 24:
         raise Refused(f"opset {model.opset_imports.get('')}: the lowering needs opset >= 24 (TensorScatter)")
     b = _Builder(model, max_len, host=not decode)
+    b.query_seqlens = sliding == "window"
+    slots = None
     counts = {"GroupQueryAttention": 0, "Attention": 0, "kept": 0}
     refused = {}
     targets = [n for n in model.graph if n.domain == fa.DOMAIN and n.op_type == fa.OP]
@@ -273,7 +309,18 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
             refused[node.name or node.overload] = str(e)
             log(f"[ort-lower] {node.name or node.overload}: left as the plugin node: {e}")
             continue
-        if a["sliding"] and not decode:
+        if a["sliding"] and sliding == "window":
+            slots = window_slots(a["window"], max_len, slack)
+            for value in (*node.inputs[3:5], *node.outputs[1:3]):  # the caches: graph inputs and outputs
+                if value.shape is None:
+                    continue
+                dims = list(value.shape)
+                dims[2] = slots
+                value.shape = b.ir.Shape(dims)
+            b.cache.setdefault("window", a["window"])
+            new = _gqa(b, node, a, node, window=True)
+            counts["GroupQueryAttention"] += 1
+        elif a["sliding"] and not decode:
             new = _sliding_prefill(b, node, a, node)
             counts["Attention"] += 1
         elif a["sliding"]:
@@ -297,4 +344,5 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print) -> dict:
 
         common.InlinePass()(model)
         common.NameFixPass()(model)
-    return {**counts, "refused": refused, "window": b.cache.get("window")}
+    return {**counts, "refused": refused, "window": b.cache.get("window"), "sliding": sliding,
+            **({"sliding_slots": slots} if slots else {})}

@@ -18,7 +18,9 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
 * ring write: U = min(S, W) slots from slot ``first`` = (past_lens + seq_lens - U) mod W, and for each the index into
   concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
   own value (padded tokens never reach the ring);
-* full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S).
+* full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
+  for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
+  seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
 
 Image blocks are contiguous runs of the image token, numbered per row, only when the call has image rows (a decode
 step that generates the image token id embeds it as text: `graphs.lower_ort.gate_soft_token_slots`).
@@ -42,6 +44,7 @@ INPUTS = {
     "ring_gather": "attn_ring_gather",  # (B, 1, U, 1) int64
     "seqlens_k": "attn_seqlens_k",  # (B,) int32
     "total_len": "attn_total_len",  # () int32
+    "query_seqlens": "attn_query_seqlens",  # (B,) int32, engines whose attention skips right padding
 }
 _SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather")
 NEG = np.finfo(np.float32).min
@@ -65,7 +68,10 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
         raise ValueError(f"attention inputs: {len(past)} past lengths but {len(lens)} sequence lengths")
     b, want = len(past), set(want)
     out: dict[str, np.ndarray] = {}
-    if "seqlens_k" in want:
+    if "query_seqlens" in want:  # padding never enters a cache: each row's length counts, not the call's width
+        out["query_seqlens"] = lens.astype(np.int32)
+        out["seqlens_k"] = np.maximum(past + lens - 1, 0).astype(np.int32)  # a row of no tokens keeps its cache
+    elif "seqlens_k" in want:
         out["seqlens_k"] = (past + s - 1).astype(np.int32)
     if "total_len" in want:
         out["total_len"] = np.array(int((past + s).max(initial=s)), np.int32)
@@ -117,6 +123,8 @@ def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys
     out: dict[str, np.ndarray] = {}
     if "seqlens_k" in want:
         out["seqlens_k"] = past.astype(np.int32)
+    if "query_seqlens" in want:
+        out["query_seqlens"] = np.ones(len(past), np.int32)
     if "total_len" in want:
         out["total_len"] = np.array(int(past.max(initial=0)) + 1, np.int32)
     if not want & set(_SLIDING):

@@ -22,21 +22,39 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
 from runtime.ort_attention import attention_feeds, decode_inputs
 from runtime.prompt import PrefillInputs
 
-__all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "prefill_feeds", "zero_cache"]
+__all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "prefill_feeds", "sliding_slots", "zero_cache"]
 
 
 def is_cache(name: str) -> bool:
     return name.startswith(("past_key_", "past_value_", "present_key_", "present_value_"))
 
 
-def cache_shape(spec: dict[str, Any], batch: int, max_len: int) -> list[int]:
-    """A cache input's shape from its manifest spec (dims ``batch``, ``max_len`` or numbers)."""
-    return [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+def cache_shape(spec: dict[str, Any], batch: int, max_len: int, sliding_slots: int | None = None) -> list[int]:
+    """A cache input's shape from its manifest spec (dims ``batch``, ``max_len`` or numbers); ``sliding_slots``
+    replaces a sliding ring's window (its static slot count) by an engine's own (`sliding_slots`)."""
+    shape = [batch if d == "batch" else max_len if d == "max_len" else int(d) for d in spec["shape"]]
+    if sliding_slots is not None and len(shape) == 4 and spec["shape"][2] not in ("batch", "max_len"):
+        shape[2] = int(sliding_slots)
+    return shape
+
+
+def sliding_slots(manifest: dict[str, Any]) -> int | None:
+    """Slots of the sliding caches of the artifact's ONNX Runtime engine when they are not the exported ring's
+    (``--ort-sliding window``: GroupQueryAttention's windowed cache), else None."""
+    record = (manifest.get("engines", {}).get("onnxruntime", {}).get("attention_inputs") or {})
+    if record.get("sliding") != "window":
+        return None
+    slots = record.get("sliding_slots")
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < int(record.get("window") or 1):
+        raise ArtifactError(f"manifest.json: engines.onnxruntime.attention_inputs.sliding_slots is {slots!r}; "
+                            f"expected an integer >= the window {record.get('window')!r}; rebuild the engine")
+    return slots
 
 
 def _spec_dim(manifest: dict[str, Any], name: str, axis: int) -> int | None:
@@ -82,12 +100,15 @@ def engine_feeds(session, feeds: dict[str, np.ndarray], manifest: dict[str, Any]
     return out
 
 
-def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int) -> dict[str, np.ndarray]:
-    """Zeroed ``past_*`` inputs of ``graph`` as numpy arrays (for plain ``session.run`` callers)."""
+def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int, *,
+               engine: bool = False) -> dict[str, np.ndarray]:
+    """Zeroed ``past_*`` inputs of ``graph`` as numpy arrays (for plain ``session.run`` callers); ``engine``: shaped
+    for the ONNX Runtime engine (its sliding caches may differ: `sliding_slots`)."""
     out = {}
+    slots = sliding_slots(manifest) if engine else None
     for spec in manifest["graphs"][graph]["inputs"]:
         if is_cache(spec["name"]):
-            out[spec["name"]] = np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32)
+            out[spec["name"]] = np.zeros(cache_shape(spec, batch, max_len, slots), dtype=np.float32)
     return out
 
 
@@ -178,13 +199,17 @@ class OrtBackend:
                                 "inputs but its record has no attention_inputs.window; rebuild it with "
                                 "`make build-engine BACKEND=onnxruntime`")
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
+        # --ort-sliding window engines: GroupQueryAttention's windowed sliding caches, no image rows
+        self.sliding_slots = sliding_slots(manifest) if engine else None
+        self.takes_images = engine.get("images", True) is not False
         self.layer_types = manifest["model_config"]["text"]["layer_types"]
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch: int, max_len: int) -> list:
         """Zeroed cache buffers for ``batch`` sequences of at most ``max_len`` tokens, as OrtValues (wrapping numpy
         arrays without a copy; the arrays stay reachable as ``.arrays`` for per-sequence views)."""
-        zeros = [np.zeros(cache_shape(spec, batch, max_len), dtype=np.float32) for spec in self.cache_specs]
+        zeros = [np.zeros(cache_shape(spec, batch, max_len, self.sliding_slots), dtype=np.float32)
+                 for spec in self.cache_specs]
         return _Cache([self._ort.OrtValue.ortvalue_from_numpy(z) for z in zeros], zeros)
 
     def _is_sliding(self, cache_index: int) -> bool:
@@ -220,6 +245,11 @@ class OrtBackend:
         return outs["logits"].numpy()
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+        if not self.takes_images and inputs.image_patches is not None and len(inputs.image_patches):
+            raise InputError(
+                f"{self.root}: this ONNX Runtime engine was built with --ort-sliding window (text and audio only: its "
+                "sliding layers cannot attend both ways inside an image); rebuild it with `make build-engine "
+                "BACKEND=onnxruntime` (the default ring form) to give it images")
         ids = inputs.input_ids
         if (self.per_sequence_continuation and len(ids) > 1 and ids.shape[1] > 1
                 and (np.asarray(inputs.past_lens) > 0).any()):
