@@ -7,7 +7,8 @@ On the bench checkpoint (`bench/make_bench_checkpoint.py`: 234 M parameters, the
   behind ``make export`` / ``make calibrate`` / ``make build-engine``, rebuilt whenever the code they depend on
   changed (a hash of the source directories, committed or not), so the numbers are for the code as it is
   (``--reuse`` keeps existing ones regardless).  A precision ``calib.calibrate`` refuses is skipped and its reason
-  recorded;
+  recorded.  ``*-win`` stacks: copies of the fp32-512, INT8 and INT4 artifacts whose engine is built with
+  ``--ort-sliding window`` (text and audio only, as onnxruntime-genai's gemma4_text models);
 - onnxruntime-genai's own builder output at fp32 / int8 / int4 (``bench/genai_build.py``, reused while the
   checkpoint and the genai version are unchanged);
 - transformers (eager attention, torch with the same thread count) as the floor and the greedy reference;
@@ -49,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results" / "runtime.json"
+# suffix of a stack whose engine was built with `--ort-sliding window` (GroupQueryAttention windowed sliding caches)
+WINDOW = "-win"
 CHECKPOINT = ROOT / "bench" / "checkpoints" / "bench-234m"
 REF = "genai-fp32"
 SAME_PRECISION = {"fp32": "genai-fp32", "int8": "genai-int8", "int4": "genai-int4"}
@@ -383,12 +386,22 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool,
         step(name, [[py, "-m", "calib.calibrate", "--src", str(WORK / "ours-fp32-512"), "--out", str(WORK / name),
                      "--force", "--precision", prec], build(name)], (*CODE, "calib"), after="ours-fp32-512")
 
+    def window(src):  # the same artifact with the --ort-sliding window engine (text and audio only)
+        name = f"{src}{WINDOW}"
+        if src not in made:
+            skipped[name] = f"no {src} artifact"
+            return
+        copy = [py, "-c", "import shutil, sys; shutil.rmtree(sys.argv[2], ignore_errors=True); "
+                "shutil.copytree(sys.argv[1], sys.argv[2])", str(WORK / src), str(WORK / name)]
+        step(name, [copy, build(name) + ["--ort-sliding", "window"]], CODE, after=src)
+
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(export, (512, 4096)))
         if "ours-fp32-512" in made:
             list(pool.map(calibrate, precisions))
         else:
             skipped.update({f"ours-{p}": "no fp32 artifact to calibrate" for p in precisions})
+        list(pool.map(window, ["ours-fp32-512", *(f"ours-{p}" for p in precisions if p != "fp8")]))
     return made, skipped
 
 
@@ -574,17 +587,16 @@ def cases(quick: bool, cycles: int | None = None, new_tokens: int | None = None)
 def _cases(quick: bool) -> list[Case]:
     q = quick
     n = 16 if q else 64
+    quantized = ["genai-fp32", "genai-int8", "genai-int4", "ours-fp32-512", "ours-int8", "ours-fp8", "ours-int4",
+                 f"ours-int8{WINDOW}", f"ours-int4{WINDOW}"]
     return [
-        Case("fp32, batch 1, 128-token prompt", ["genai-fp32", "ours-fp32-512", "ours-fp32-4096", "transformers"],
+        Case("fp32, batch 1, 128-token prompt",
+             ["genai-fp32", "ours-fp32-512", "ours-fp32-4096", f"ours-fp32-512{WINDOW}", "transformers"],
              128, 1, n, 1 if q else 5),
-        Case("quantized, batch 1, 128-token prompt",
-             ["genai-fp32", "genai-int8", "genai-int4", "ours-fp32-512", "ours-int8", "ours-fp8", "ours-int4"],
-             128, 1, n, 1 if q else 3),
+        Case("quantized, batch 1, 128-token prompt", quantized, 128, 1, n, 1 if q else 3),
         Case("fp32, batch 1, 2048-token prompt (max_len 4096)", ["genai-fp32", "ours-fp32-4096"],
              512 if q else 2048, 1, n, 1 if q else 3, 4096),
-        Case("batch 4, 128-token prompts",
-             ["genai-fp32", "genai-int8", "genai-int4", "ours-fp32-512", "ours-int8", "ours-fp8", "ours-int4"],
-             128, 4, n, 1 if q else 3),
+        Case("batch 4, 128-token prompts", quantized, 128, 4, n, 1 if q else 3),
     ]
 
 

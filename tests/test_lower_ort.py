@@ -154,7 +154,8 @@ def test_exact_counts(artifact_store):
     # the attention geometry is an engine input (runtime.ort_attention), not ~50 nodes: no image-block CumSum left,
     # one Expand of the ring-write indices, and the record has the window the runtime needs
     inputs = {i.name for i in proto.graph.input}
-    assert set(ATTENTION_INPUTS.values()) <= inputs
+    assert set(ATTENTION_INPUTS.values()) - {"attn_query_seqlens"} <= inputs  # query_seqlens: --ort-sliding window
+    assert "attn_query_seqlens" not in inputs
     assert engine["attention_inputs"] == {"window": t.sliding_window}
     assert ops.count("CumSum") == 0 and ops.count("Range") == 0 and ops.count("Mod") == 0, sorted(set(ops))
     assert engine["prefill_with_past"] == "per_sequence"
