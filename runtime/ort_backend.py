@@ -320,7 +320,11 @@ class OrtBackend:
             bound = self._bound = self._bind_decode(cache, len(ids))
         bound["ids"][...] = ids
         bound["past"][...] = lens
-        if bound["attention"]:  # this step's geometry: written into the bound arrays, bound anew where the shape
+        if bound["lengths"] is not None:  # GroupQueryAttention only (--ort-sliding window): two writes in place
+            seqlens_k, total = bound["lengths"]
+            np.copyto(seqlens_k, lens, casting="unsafe")  # past_lens: one new token per row
+            total[...] = lens.max() + 1
+        elif bound["attention"]:  # this step's geometry: written into the bound arrays, bound anew where the shape
             # changed (the ring mask grows while the rings fill)
             for key, value in decode_inputs(lens, window=self.window, want=bound["attention"]).items():
                 arr = bound["arrays"].get(key)
@@ -358,9 +362,18 @@ class OrtBackend:
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
+        attention = [k for k, v in ATTENTION_INPUTS.items() if v in names_in]
+        lengths = None
+        if {"seqlens_k", "total_len"} <= set(attention) <= {"seqlens_k", "total_len", "query_seqlens"}:
+            # only GroupQueryAttention's lengths, all of fixed shape at decode: bound once here (query_seqlens is 1
+            # for every row at every step), the step writes seqlens_k and the total in place
+            for key, value in decode_inputs(np.zeros(batch, np.int64), window=self.window, want=attention).items():
+                arrays[key] = np.ascontiguousarray(value)
+                binding.bind_ortvalue_input(ATTENTION_INPUTS[key], ort.OrtValue.ortvalue_from_numpy(arrays[key]))
+            lengths = (arrays["seqlens_k"], arrays["total_len"])
         return {"binding": binding, "cache": cache, "values": list(cache), "batch": batch, "arrays": arrays,
                 "ids": arrays["input_ids"], "past": arrays["past_lens"], "logits": None,
-                "attention": [k for k, v in ATTENTION_INPUTS.items() if v in names_in]}
+                "attention": attention, "lengths": lengths}
 
     @staticmethod
     def cache_arrays(cache: list) -> list[np.ndarray]:
