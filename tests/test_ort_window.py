@@ -128,3 +128,22 @@ def test_bad_sliding_options_are_refused(artifact_store, tmp_path):
         build_engine(art, "onnxruntime", ort_sliding="windowed", log=lambda *_: None)
     with pytest.raises(ValueError, match="drop --no-plugins"):
         build_engine(art, "onnxruntime", plugins=False, ort_sliding="window", log=lambda *_: None)
+
+
+def test_sliding_slots_record_is_checked():
+    """The runtime sizes the sliding caches from the engine record, and refuses a record it cannot trust."""
+    from runtime.manifest import ArtifactError
+    from runtime.ort_backend import cache_shape, sliding_slots
+
+    def manifest(record):
+        return {"engines": {"onnxruntime": {"attention_inputs": record}}}
+
+    assert sliding_slots(manifest({"window": 8})) is None  # the ring form: the exported shapes
+    assert sliding_slots(manifest({"window": 8, "sliding": "window", "sliding_slots": 10})) == 10
+    for bad in (7, None, True, "10"):
+        with pytest.raises(ArtifactError, match="sliding_slots"):
+            sliding_slots(manifest({"window": 8, "sliding": "window", "sliding_slots": bad}))
+    ring = {"name": "past_key_0", "shape": ["batch", 2, 8, 16]}
+    full = {"name": "past_key_5", "shape": ["batch", 2, "max_len", 16]}
+    assert cache_shape(ring, 3, 40, 10) == [3, 2, 10, 16] and cache_shape(ring, 3, 40) == [3, 2, 8, 16]
+    assert cache_shape(full, 3, 40, 10) == [3, 2, 40, 16]
