@@ -124,7 +124,9 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print, sliding
     report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft,
                          sliding=sliding, slack=slack)
     proto = ir.serde.serialize_model(model)
-    report["gated_embedders"] = gate_embedders(proto, src.parent, log=log)
+    # an engine without image attention (--ort-sliding window) drops the vision path: the runtime refuses images
+    report["gated_embedders"] = gate_embedders(proto, src.parent, log=log,
+                                               drop=("image_patches",) if sliding == "window" else ())
     dst = src.with_name(src.name.removesuffix(".onnx") + LOWERED_SUFFIX)
     try:
         onnx.save(proto, str(dst))  # weights stay in the source's external data

@@ -142,10 +142,12 @@ def _zero_row_values(proto, nodes: list, inputs: list, outputs: list[str], base:
     return sess.run(outputs, feeds)
 
 
-def gate_embedders(proto, base: Path, *, log=print) -> dict[str, int]:
+def gate_embedders(proto, base: Path, *, log=print, drop: tuple[str, ...] = ()) -> dict[str, int]:
     """Put each modality's cone (module docstring) under an ``If`` on its first input having rows, in place on the
     ModelProto ``proto`` (weights read from ``base`` only to compute the zero-row constants).  Returns
-    {first input name: nodes moved} for the groups gated."""
+    {first input name: nodes moved} for the groups gated.  A group whose first input is in ``drop`` (an engine that
+    refuses that modality) keeps only the else-branches: its zero-row constants and the embeddings passed through,
+    with no ``If`` and no embedder left to run."""
     import onnx
 
     g = proto.graph
@@ -196,9 +198,41 @@ def gate_embedders(proto, base: Path, *, log=print) -> dict[str, int]:
         g.node.extend(new)
         merged = _gate_merge(g, tag, boundary, f"{tag}_has")
         done[names[0]] = len(nodes) + merged
+        if names[0] in drop:
+            _keep_else_branches(g, {tag, f"{tag}_merge"})
+            log(f"[ort-lower] {names[0]}: refused by this engine: its embedder and soft-token placing removed")
+            continue
         log(f"[ort-lower] {names[0]}: {len(nodes)} embedder nodes run only when it has rows (If; zero-row values "
             f"{[tuple(v.shape) for v in empty]} as constants otherwise); {merged} nodes placing its soft tokens too")
     return done
+
+
+def _keep_else_branches(g, names: set[str]) -> None:
+    """Replace each ``If`` named in ``names`` by its else-branch's nodes (outputs renamed to the If's), then drop
+    the nodes nothing reads any more (the branch conditions, the row counts)."""
+    import onnx
+
+    new = []
+    for n in g.node:
+        if n.op_type != "If" or n.name not in names:
+            new.append(n)
+            continue
+        branch = next(a.g for a in n.attribute if a.name == "else_branch")
+        rename = {o.name: outer for o, outer in zip(branch.output, n.output)}
+        for inner in branch.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(inner)
+            copy.output[:] = [rename.get(o, o) for o in inner.output]
+            new.append(copy)
+    outputs = {o.name for o in g.output}
+    while True:  # dead nodes: no output read by another node or the graph
+        read = {i for n in new for i in _reads(n)} | outputs  # subgraphs read outer values too
+        live = [n for n in new if any(o in read for o in n.output if o)]
+        if len(live) == len(new):
+            break
+        new = live
+    del g.node[:]
+    g.node.extend(toposort(new))
 
 
 def _gate_merge(g, tag: str, gated: list[str], cond: str) -> int:

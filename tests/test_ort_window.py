@@ -50,6 +50,10 @@ def test_engine_record_and_graph(window_artifact):
     assert ops["GroupQueryAttention"] == cfg.text.num_layers
     assert not ops["Attention"] and not ops["TensorScatter"]
     assert not [i.name for i in g.input if i.name.startswith("attn_ring_")]  # no ring geometry
+    # no vision path left to gate (images are refused): audio's embedder and soft-token placing keep their Ifs
+    assert sorted(n.name for n in g.node if n.op_type == "If") == ["ort_lower_gate_audio_frames",
+                                                                   "ort_lower_gate_audio_frames_merge"]
+    assert not [n for n in g.node if any("vision" in i for i in n.input)]
     windowed = []
     for n in g.node:
         if n.op_type == "GroupQueryAttention":
