@@ -58,6 +58,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
                            "MatMul); build with BACKEND=tensorrt, or export --weight-dtype fp32 for the CPU")
 
     from graphs.lower_ort import lower_to_file, remove_lowered
+    from runtime.ort_backend import _ort_errors
 
     stage = root / temp_name("ort")
     stage.mkdir()
@@ -105,8 +106,14 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
             )
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             opts.log_severity_level = 3
-            ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                 providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+            try:
+                ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+            except _ort_errors() as e:  # e.g. a full disk while ORT writes the optimised weights: one line, no trace
+                free = shutil.disk_usage(stage).free / 2**30
+                raise RuntimeError(f"{root}: ONNX Runtime could not optimise and save the {graph} graph "
+                                   f"({free:.1f} GiB free on that disk; the build needs about twice the weights "
+                                   f"free for a quantized artifact); the artifact is unchanged: {e}") from None
             remove_lowered(root)
             for tmp in stage.glob("*.tmp"):
                 tmp.unlink()

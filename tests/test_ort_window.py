@@ -151,3 +151,36 @@ def test_sliding_slots_record_is_checked():
     full = {"name": "past_key_5", "shape": ["batch", 2, "max_len", 16]}
     assert cache_shape(ring, 3, 40, 10) == [3, 2, 10, 16] and cache_shape(ring, 3, 40) == [3, 2, 8, 16]
     assert cache_shape(full, 3, 40, 10) == [3, 2, 40, 16]
+
+
+def test_an_onnx_runtime_failure_leaves_the_engine_as_it_was(window_artifact, monkeypatch, capsys):
+    """ONNX Runtime failing to save the optimised graph (a full disk: ORT raises its own `Fail`, not an OSError)
+    becomes one error line from build-engine; the artifact's engine, manifest and files are unchanged and no
+    staging directory is left."""
+    import hashlib
+
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    from graphs.build import main
+
+    def digest():
+        return {p.relative_to(window_artifact): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(window_artifact.rglob("*")) if p.is_file()}
+
+    before = digest()
+    real = ort.InferenceSession
+
+    def failing(path_or_bytes, opts=None, *a, **k):
+        if opts is not None and opts.optimized_model_filepath:  # build-engine's optimise-and-save session
+            raise state.Fail("Failed to write external initializers to file: no space left")
+        return real(path_or_bytes, opts, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", failing)
+    capsys.readouterr()
+    assert main(["--artifact", str(window_artifact), "--backend", "onnxruntime", "--ort-sliding", "window"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("build-engine: error: ") and "could not optimise and save the prefill graph" in err[-1]
+    assert "GiB free" in err[-1] and "Traceback" not in "\n".join(err)
+    assert digest() == before
+    assert not [p for p in window_artifact.iterdir() if p.name.startswith(".")]
