@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                         "auto picks by this CPU")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
-    p.add_argument("--ort-sliding", default="ring", choices=("ring", "window"),
+    from graphs.lower_ort_attention import SLIDING_FORMS
+
+    p.add_argument("--ort-sliding", default="ring", choices=SLIDING_FORMS,
                    help="ONNX Runtime: sliding layers over a ring of window slots (default; text, images, audio) or "
                         "GroupQueryAttention's windowed cache (one kernel per layer, faster decode; text and audio "
                         "only: images are refused by the runtime)")
