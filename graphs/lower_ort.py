@@ -7,11 +7,14 @@ Fixed order, each pass in its own file, counts returned:
    attention geometry as engine inputs;
 2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
    ``SkipSimplifiedLayerNormalization``;
-3. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
-4. `graphs.lower_ort_shapes`: Reshape/Expand shape arguments computed from dims the node already has -> constants;
+3. `graphs.lower_ort_scale_fold`: a constant channel scale after a norm (the LM head's AWQ input scale) goes into the
+   norm's weight; `graphs.lower_ort_softcap`: the final logit softcap's division moves in front of the LM head (into a constant
+   of its input side): one pass over the vocabulary fewer per token;
+4. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
+5. `graphs.lower_ort_shapes`: Reshape/Expand shape arguments computed from dims the node already has -> constants;
    then nodes left without a user removed (those, and the exported graph's image-block ids: the runtime computes
    the attention geometry, `runtime.ort_attention`);
-5. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
+6. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
    serialized graph: its zero-row constants are computed by ONNX Runtime).
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
@@ -91,11 +94,15 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
     the sliding layers' form (`graphs.lower_ort_attention.lower_attention`)."""
     from graphs.lower_ort_attention import lower_attention
     from graphs.lower_ort_norms import fuse_skip_norms, lower_norms
+    from graphs.lower_ort_scale_fold import fold_scales_into_norms
+    from graphs.lower_ort_softcap import fold_softcap_divisor
 
     extra = {} if slack is None else {"slack": slack}
     report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log, sliding=sliding, **extra)}
     report["norms"] = lower_norms(model, log=log)
     report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
+    report["norms"]["scales_folded"] = fold_scales_into_norms(model)
+    report["softcap"] = fold_softcap_divisor(model)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
     from graphs.lower_ort_shapes import constant_shapes
 

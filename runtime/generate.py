@@ -266,11 +266,15 @@ def _stream(
     decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer and detokenize else None for _ in prepared]
     cache = model.backend.new_cache(len(prepared), max_len)
     logits = _prefill(model, prepared, batch, cache)
-    lens = batch.seq_lens.copy()
-    done = np.zeros(len(prepared), dtype=bool)
+    # The loop between two decode steps runs while the CPU caches hold the weights ONNX Runtime just streamed, not
+    # the interpreter's data: it works on Python ints and lists, and makes one numpy call (the sampler's argmax).
+    lens = batch.seq_lens.tolist()
+    done = [False] * len(prepared)
+    left, pad, last = len(prepared), tk["pad"], max_len - 1
+    decode = model.backend.decode
     for _ in range(max_new_tokens):
-        chosen = sampler.choose(logits, rng)
-        for i, tok in enumerate(chosen.tolist()):
+        chosen = sampler.choose(logits, rng).tolist()
+        for i, tok in enumerate(chosen):
             if done[i]:
                 continue
             res = results[i]
@@ -280,13 +284,15 @@ def _stream(
             yield Piece(i, tok, piece)
             if stopped:
                 res.finish_reason, done[i] = "stop", True
+                left -= 1
             elif lens[i] + 1 >= max_len:
                 done[i] = True
-        if done.all():
+                left -= 1
+        if not left:
             break
-        feed = np.where(done, tk["pad"], chosen).astype(np.int64)
-        logits = model.backend.decode(feed[:, None], lens, cache, copy=False)  # consumed before the next step
-        lens = np.minimum(lens + 1, max_len - 1)
+        feed = [pad if d else t for t, d in zip(chosen, done)]
+        logits = decode(feed, lens, cache, copy=False)  # lists of ints; the logits are consumed before the next step
+        lens = [min(n + 1, last) for n in lens]
     for i, res in enumerate(results):
         if decoders[i]:
             tail = decoders[i].finish()

@@ -17,6 +17,8 @@ Torch-free.  Does not tokenize, sample or loop: see `runtime.generate`.
 
 from __future__ import annotations
 
+import operator
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,25 @@ class _Cache(list):
     def __init__(self, values: list, arrays: list[np.ndarray]):
         super().__init__(values)
         self.arrays = arrays
+
+
+def _words(arr: np.ndarray, code: str) -> memoryview:
+    """A flat memoryview of the C-contiguous array ``arr`` as ``code`` ("q" int64, "i" int32) items: writes go
+    straight into its memory, with no numpy call."""
+    if not arr.flags.c_contiguous or np.dtype(code) != arr.dtype:
+        raise ValueError(f"a bound decode input of dtype {arr.dtype} (contiguous: {arr.flags.c_contiguous}); "
+                         f"expected a contiguous {np.dtype(code)} array")
+    return memoryview(arr.reshape(-1)).cast("B").cast(code)
+
+
+class _Writer:
+    """The decode step's bound integer inputs as flat memoryviews (`_words`): token ids and past lengths, and on
+    GroupQueryAttention-only engines seqlens_k and the total length."""
+
+    def __init__(self, ids: np.ndarray, past: np.ndarray, seqlens_k: np.ndarray | None, total: np.ndarray | None):
+        self.ids, self.past = _words(ids, "q"), _words(past, "q")
+        self.seqlens_k = None if seqlens_k is None else _words(seqlens_k, "i")
+        self.total = None if total is None else _words(total, "i")
 
 
 class OrtBackend:
@@ -295,38 +316,46 @@ class OrtBackend:
             raise ValueError("a prefill call with no new tokens in any sequence")
         return out
 
-    def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list, *, copy: bool = True) -> np.ndarray:
-        """One step: (B, 1) token ids at positions ``past_lens`` -> (B, V) logits.  ``copy=False`` (one-graph
-        engines) returns a view of a buffer the next step overwrites: for a caller that is done with the logits
-        before it decodes again (`runtime.generate`), it saves a copy of B x vocab floats per step."""
+    def decode(self, input_ids, past_lens, cache: list, *, copy: bool = True) -> np.ndarray:
+        """One step: (B, 1) token ids at positions ``past_lens`` -> (B, V) logits.  The ids and lengths may also be
+        lists of B ints (what `runtime.generate` passes).  ``copy=False`` (one-graph engines) returns a view of a
+        buffer the next step overwrites: for a caller that is done with the logits before it decodes again
+        (`runtime.generate`), it saves a copy of B x vocab floats per step."""
         if self.one_graph:
             return self._decode_bound(input_ids, past_lens, cache, copy)
-        feeds = {"input_ids": input_ids.astype(np.int64).reshape(-1, 1), "past_lens": past_lens.astype(np.int64)}
+        feeds = {"input_ids": np.asarray(input_ids, np.int64).reshape(-1, 1),
+                 "past_lens": np.asarray(past_lens, np.int64).reshape(-1)}
         return self._run("decode", feeds, cache, [True] * len(cache))
 
-    def _decode_bound(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list, copy: bool) -> np.ndarray:
+    def _decode_bound(self, input_ids, past_lens, cache: list, copy: bool) -> np.ndarray:
         """A one-graph decode step on an IOBinding kept from the previous step of the same cache: every cache is
-        written in place, so its bindings stay valid; the step's token ids and past lengths are copied into the
+        written in place, so its bindings stay valid; the step's token ids and past lengths are written into the
         arrays the binding already reads (OrtValues wrapping them, no copy), and the logits land in the buffer the
         first step allocated.  Rebinding ~50 tensors and wrapping ~25 outputs each step cost ~0.4 ms of Python
-        per step (4-5 % of an INT4 bench-model step)."""
-        ids = np.asarray(input_ids, np.int64).reshape(-1, 1)
-        lens = np.asarray(past_lens, np.int64).reshape(-1)
+        per step (4-5 % of an INT4 bench-model step).
+
+        The step runs right after ONNX Runtime has streamed every weight through the CPU caches, so the
+        interpreter's and numpy's code and data are cold there: each numpy call costs tens of microseconds.  The
+        ids and lengths are therefore handled as Python ints and written through memoryviews of the bound arrays
+        (`_Writer`); only a ring engine's attention geometry still takes numpy (`decode_inputs`)."""
+        ids = input_ids if type(input_ids) is list else np.asarray(input_ids).reshape(-1).tolist()
+        lens = past_lens if type(past_lens) is list else np.asarray(past_lens).reshape(-1).tolist()
         if len(lens) != len(ids):
             raise ValueError(f"decode: {len(ids)} token ids but {len(lens)} past lengths")
         bound = self._bound
-        if bound is None or bound["cache"] is not cache or bound["batch"] != len(ids) or any(
-                a is not b for a, b in zip(bound["values"], cache)):
+        if (bound is None or bound["cache"] is not cache or bound["batch"] != len(ids)
+                or len(cache) != len(bound["values"]) or not all(map(operator.is_, bound["values"], cache))):
             bound = self._bound = self._bind_decode(cache, len(ids))
-        bound["ids"][...] = ids
-        bound["past"][...] = lens
-        if bound["lengths"] is not None:  # GroupQueryAttention only (--ort-sliding window): two writes in place
-            seqlens_k, total = bound["lengths"]
-            np.copyto(seqlens_k, lens, casting="unsafe")  # past_lens: one new token per row
-            total[...] = lens.max() + 1
+        write = bound["write"]
+        write.ids[:] = array("q", ids)
+        write.past[:] = array("q", lens)
+        if write.seqlens_k is not None:  # GroupQueryAttention only (--ort-sliding window): two writes in place
+            write.seqlens_k[:] = array("i", lens)  # past_lens: one new token per row
+            write.total[0] = max(lens) + 1
         elif bound["attention"]:  # this step's geometry: written into the bound arrays, bound anew where the shape
             # changed (the ring mask grows while the rings fill)
-            for key, value in decode_inputs(lens, window=self.window, want=bound["attention"]).items():
+            for key, value in decode_inputs(np.array(lens, np.int64), window=self.window,
+                                            want=bound["attention"]).items():
                 arr = bound["arrays"].get(key)
                 if arr is not None and arr.shape == value.shape:
                     arr[...] = value
@@ -372,8 +401,8 @@ class OrtBackend:
                 binding.bind_ortvalue_input(ATTENTION_INPUTS[key], ort.OrtValue.ortvalue_from_numpy(arrays[key]))
             lengths = (arrays["seqlens_k"], arrays["total_len"])
         return {"binding": binding, "cache": cache, "values": list(cache), "batch": batch, "arrays": arrays,
-                "ids": arrays["input_ids"], "past": arrays["past_lens"], "logits": None,
-                "attention": attention, "lengths": lengths}
+                "write": _Writer(arrays["input_ids"], arrays["past_lens"], *(lengths or (None, None))),
+                "logits": None, "attention": attention}
 
     @staticmethod
     def cache_arrays(cache: list) -> list[np.ndarray]:

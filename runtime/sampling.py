@@ -45,11 +45,13 @@ class Greedy:
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(B, V) logits -> (B,) int64 token ids; `rng` is not used."""
         logits = _check_shape(logits)
-        ids = np.argmax(logits, axis=-1)
-        # argmax returns the first NaN where a row has one: one look per row instead of a scan of the logits
-        if np.isnan(logits[np.arange(len(ids)), ids]).any():
-            raise ValueError(_NAN)
-        return ids.astype(np.int64)
+        ids = logits.argmax(axis=-1)
+        # argmax returns the first NaN where a row has one: one look per row instead of a scan of the logits (as
+        # Python floats: numpy calls are slow in a decode loop's cold caches, see `runtime.generate`)
+        for row, tok in enumerate(ids.tolist()):
+            if math.isnan(logits.item(row, tok)):
+                raise ValueError(_NAN)
+        return ids if ids.dtype == np.int64 else ids.astype(np.int64)
 
 
 @dataclass(frozen=True)

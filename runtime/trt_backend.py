@@ -176,13 +176,15 @@ class TrtBackend:
         self._graph = None  # the prefill may have replaced cache buffers
         return out.numpy()
 
-    def decode(self, input_ids: np.ndarray, past_lens: np.ndarray, cache: list, *, copy: bool = True) -> np.ndarray:
-        """One step (``copy`` is accepted for the ORT backend's signature: the logits are always a new host array).  When every cache is updated in place, the first call for a batch size runs eagerly and
-        captures a CUDA graph; later calls with that batch size (and the same cache) replay it."""
+    def decode(self, input_ids, past_lens, cache: list, *, copy: bool = True) -> np.ndarray:
+        """One step: (B, 1) token ids (or a list of B ints) at positions ``past_lens`` (B,) -> (B, V) logits
+        (``copy`` is accepted for the ORT backend's signature: the logits are always a new host array).  When every
+        cache is updated in place, the first call for a batch size runs eagerly and captures a CUDA graph; later
+        calls with that batch size (and the same cache) replay it."""
         torch = self.torch
-        batch = int(input_ids.shape[0])
         ids = np.asarray(input_ids, np.int64).reshape(-1, 1)
-        lens = np.asarray(past_lens, np.int64)
+        batch = len(ids)
+        lens = np.asarray(past_lens, np.int64).reshape(-1)
         in_place = all(self.aliased["decode"].values())
         if self._graph is not None and self._graph[0] == batch and in_place:
             _, graph, ids_buf, lens_buf, logits = self._graph
