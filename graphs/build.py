@@ -47,6 +47,23 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
+def _pack_qkv(model, src: Path, config: dict, log):
+    """`graphs.lower_ort_packed_qkv` on what ONNX Runtime will load (``model``: the lowered file or its serialized
+    proto with weights beside ``src``): the model to load and the pass's counts."""
+    import onnx
+
+    from graphs.lower_ort_packed_qkv import pack_qkv
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    report = pack_qkv(proto, Path(src).parent)
+    if not report["packed"]:
+        return model, report
+    log(f"[build-engine] {Path(src).name}: {report['packed']} GroupQueryAttention take q/k/v packed, their per-head "
+        f"norms in one kernel ({len(report['refused'])} left as they were)")
+    config.setdefault("session.model_external_initializers_file_folder_path", str(Path(src).parent))
+    return proto.SerializeToString(), report
+
+
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto",
                        fp8_activations: str = "fp32", sliding: str = "ring", slack: int | None = None) -> dict:
     import onnxruntime as ort
@@ -96,6 +113,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
                                                                        int8_kernel=int8_kernel,
                                                                        fp8_activations=fp8_activations, log=log)
             quant_form.update({k: qcounts[k] for k in ("int8_kernel", "fp8_activations") if k in qcounts})
+            model, lowering[graph]["packed_qkv"] = _pack_qkv(model, src, config, log)
             opts = ort.SessionOptions()
             for key, value in config.items():
                 opts.add_session_config_entry(key, value)
