@@ -97,12 +97,14 @@ def _fold(graph, lm_head, factor: float) -> str | None:
             return "weight scale"
     if maker is not None and maker.op_type == "DequantizeLinear":
         return None
-    k = ir.Value(name=f"{lm_head.name}.softcap_inverse",
-                 const_value=ir.tensor(np.array(factor, np.float32), name=f"{lm_head.name}.softcap_inverse"))
+    tag = lm_head.name or lm_head.outputs[0].name
+    k = ir.Value(name=f"{tag}.softcap_inverse",
+                 const_value=ir.tensor(np.array(factor, np.float32), name=f"{tag}.softcap_inverse"))
     graph.register_initializer(k)
-    mul = ir.node("Mul", [a, k], name=f"{lm_head.name}.softcap_divide")
-    mul.outputs[0].name = f"{lm_head.name}.softcap_input"
-    mul.outputs[0].dtype, mul.outputs[0].shape = a.dtype, a.shape
+    mul = ir.node("Mul", [a, k], name=f"{tag}.softcap_divide")
+    mul.outputs[0].name = f"{tag}.softcap_input"
+    if a.type is not None:
+        mul.outputs[0].type, mul.outputs[0].shape = a.type, a.shape
     graph.insert_before(lm_head, [mul])
     lm_head.replace_input_with(0, mul.outputs[0])
     return "hidden-state Mul"

@@ -163,8 +163,8 @@ def test_old_two_graph_artifacts_still_load(artifact_store, tmp_path, two):
 
 def test_decode_binding_follows_the_cache(artifact_store):
     """The decode step keeps its IOBinding while the same cache is decoded (`OrtBackend._decode_bound`): two
-    generations decoded in alternation, and a batch-size change, each get their own cache's logits; ``copy=False``
-    hands out the reused buffer, the default a copy."""
+    generations decoded in alternation (one with arrays, one with lists of ints), and a batch-size change, each get
+    their own cache's logits; ``copy=False`` hands out the reused buffer, the default a copy."""
     art = artifact_store(PRESET)
     manifest = read_manifest(art)
     backend, ref = OrtBackend(art, manifest), OrtBackend(art, manifest)
@@ -187,7 +187,7 @@ def test_decode_binding_follows_the_cache(artifact_store):
         got_a = backend.decode(np.array([[t]]), np.array([4 + i]), a, copy=False)
         _close(got_a, want_a[i], f"generation a step {i}")
         views.append(got_a)
-        got_c = backend.decode(np.array([[t + 10], [t + 11]]), np.array([4 + i, 4 + i]), c)
+        got_c = backend.decode([t + 10, t + 11], [4 + i, 4 + i], c)  # lists of ints, as runtime.generate passes
         _close(got_c, want_c[i], f"generation c step {i}")
     _close(views[1], want_a[1], "a view from before a rebinding")  # each binding has its own logits buffer
     first = backend.decode(np.array([[5]]), np.array([7]), a, copy=False)
@@ -195,3 +195,5 @@ def test_decode_binding_follows_the_cache(artifact_store):
     again = backend.decode(np.array([[7]]), np.array([9]), a, copy=False)
     assert np.shares_memory(first, again)  # consecutive steps of one cache reuse the buffer ...
     assert not np.shares_memory(kept, again)  # ... and the default is a copy the next step leaves alone
+    with pytest.raises(ValueError, match="2 token ids but 1 past lengths"):
+        backend.decode([5, 6], [9], c)
