@@ -15,10 +15,10 @@ The artifact keeps the TensorRT-legal Q/DQ form; only the graph handed to ONNX R
   saturates int16 pair sums on x86 CPUs without VNNI).  Linears of another form are left to that fusion: each gets
   its own activation Q/DQ copy (`split_shared_activation_qdq`; ORT fuses a DQ with a single consumer only), ORT's
   CommonSubexpressionElimination is disabled so the copies survive, and ``session.x64quantprecision`` makes ORT
-  store their weights as u8 and run the exact u8 x u8 kernel.  On a CPU whose int8 dot products can saturate (x86
-  without VNNI: `runtime.ort_backend.int8_dot_products_exact`) MatMulNBits' int8 path could too, so there every
-  Linear takes that fusion instead (``int8_kernel="auto"``); the engine record says which (``int8_kernel``) and the
-  runtime refuses a MatMulNBits engine on a CPU without VNNI.
+  store their weights as u8 and run the exact u8 x u8 kernel.  On a CPU where MatMulNBits' int8 path saturates
+  (`runtime.ort_backend.int8_dot_products_exact` runs it on worst-case inputs; exact on AVX-512 VNNI and on AVX2
+  without VNNI with ONNX Runtime 1.32) every Linear takes that fusion instead (``int8_kernel="auto"``); the engine
+  record says which (``int8_kernel``) and the runtime refuses a MatMulNBits engine on such a CPU.
 * **FP8**: CPUs have no FP8 arithmetic; ORT would dequantize every FP8 weight on every step.
   `fold_weight_dequantize` replaces each constant weight ``DequantizeLinear(W_fp8, scale)`` by its fp32 result
   (``float(W_fp8) * scale``, the same IEEE product ORT computes).  The activations' FP8 fake quantization

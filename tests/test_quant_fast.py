@@ -145,8 +145,8 @@ NBITS = int8_dot_products_exact()  # what build-engine picks for INT8 Linears on
 
 
 def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
-    """Every INT8 Linear runs on integer dot products: as 8-bit MatMulNBits where this CPU's int8 dot products are
-    exact (VNNI; Linears sharing an input in one node), else as ORT's MatMulIntegerToFloat (one per Linear)."""
+    """Every INT8 Linear runs on integer dot products: as 8-bit MatMulNBits where that kernel is exact on
+    this CPU (`int8_dot_products_exact`; Linears sharing an input in one node), else as ORT's MatMulIntegerToFloat (one per Linear)."""
     q = built("int8")
     n = _want_linears("tiny") + 1  # + the tied LM head (quantized by default)
     groups = 4 * PRESETS["tiny"].text.num_layers + 1  # q/k/v (full: q/k), o, gate/up, down per layer + the LM head
@@ -205,7 +205,7 @@ def test_int8_both_kernels_build_and_agree(built, tmp_path):
     assert m["engines"]["onnxruntime"]["int8_kernel"] == kernel
     assert _ops(other / m["engines"]["onnxruntime"]["prefill"])[kernel] >= 1
     if kernel == "MatMulNBits" and not NBITS:
-        with pytest.raises(ArtifactError, match="VNNI"):
+        with pytest.raises(ArtifactError, match="saturate on this CPU"):
             OrtBackend(other, m)
         return
     if kernel == "MatMulNBits":  # within the artifact's rounding noise (see test_int8_build_equals_the_qdq_artifact)
@@ -259,8 +259,8 @@ def _qdq_linears(k: int, widths: list[int], rng):
     return h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
 
 
-@pytest.mark.skipif(not NBITS, reason="8-bit MatMulNBits is built only on CPUs whose int8 dot products are exact "
-                    "(AVX-VNNI/AVX512-VNNI or not x86); this one's can saturate")
+@pytest.mark.skipif(not NBITS, reason="8-bit MatMulNBits is built only on CPUs where it is exact "
+                    "(runtime.ort_backend.int8_dot_products_exact); on this one it saturates")
 @pytest.mark.parametrize("k", [640, 80])  # block 128; K = 80: block 16 (the largest power of two dividing it)
 def test_int8_matmul_nbits_form_and_numbers(tmp_path, k):
     """8-bit MatMulNBits from Q/DQ Linears: one node + Split for Linears sharing an input, block ``int8_block_size``,
