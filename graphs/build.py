@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8-activations", default="fp32", choices=("fp32", "qdq"),
                    help="ONNX Runtime, FP8 artifacts: fp32 activations (default: fp32 speed) or the artifact's FP8 "
                         "activation fake quantization (its numbers, slower)")
-    p.add_argument("--int8-kernel", default="auto", choices=("auto", "MatMulNBits", "MatMulIntegerToFloat"),
-                   help="ONNX Runtime, INT8 artifacts: 8-bit MatMulNBits (CPUs with VNNI) or MatMulIntegerToFloat; "
-                        "auto picks by this CPU")
+    p.add_argument("--int8-kernel", default="auto", choices=("auto", "MatMulNBits", "MatMulIntegerToFloat", "mixed"),
+                   help="ONNX Runtime, INT8 artifacts: every Linear as 8-bit MatMulNBits, as MatMulIntegerToFloat, or "
+                        "mixed (the LM head MatMulNBits, the rest MatMulIntegerToFloat); auto picks by this CPU "
+                        "(graphs.lower_qdq_ort.auto_int8_kernel)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
     from graphs.lower_ort_attention import SLIDING_FORMS

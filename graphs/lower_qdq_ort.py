@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "INT8_ACCURACY_LEVEL", "INT8_BLOCK_SIZE", "ORT_INT4_ACCURACY_LEVEL", "ORT_INT8_EXACT", "drop_activation_qdq",
+    "INT8_ACCURACY_LEVEL", "INT8_BLOCK_SIZE", "INT8_KERNELS", "ORT_INT4_ACCURACY_LEVEL", "ORT_INT8_EXACT",
+    "auto_int8_kernel", "drop_activation_qdq",
     "fold_weight_dequantize",
     "fuse_shared_input_matmuls", "lower_quantized_for_ort", "matmul_nbits", "split_shared_activation_qdq",
 ]
@@ -305,14 +306,14 @@ def _nbits_form(dq, w, inits: dict, base: Path) -> tuple[int, int] | None:
 
 def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = ORT_INT4_ACCURACY_LEVEL,
                  int8_accuracy_level: int = INT8_ACCURACY_LEVEL, bits: tuple[int, ...] = (4, 8),
-                 fuse: bool = True) -> dict[str, int]:
+                 fuse: bool = True, widest_only: bool = False) -> dict[str, int]:
     """Replace every ``MatMul(x, DequantizeLinear(W))`` whose DequantizeLinear has that MatMul as its only user and
     whose W is int4 (K, N) with ``block_size`` along K (scale (K/bs, N), axis 0) or int8 (K, N) per output channel
     (scale (N,), axis 1), zero point 0, by a ``com.microsoft.MatMulNBits`` without zero points, its weights written
     to ``data_file`` (location relative to ``base``); ``bits`` says which of the two.  ``fuse``: MatMuls reading the
     same input (q/k/v, gate/up) become one MatMulNBits over their concatenated weights and a ``Split`` of its output
-    (one kernel call and one activation quantization instead of two or three).  Returns {"linears": replaced,
-    "nodes": made}."""
+    (one kernel call and one activation quantization instead of two or three).  ``widest_only``: only the Linear(s)
+    with the most outputs (the LM head).  Returns {"linears": replaced, "nodes": made}."""
     import onnx
 
     graph = proto.graph
@@ -331,6 +332,10 @@ def matmul_nbits(proto, base: Path, data_file: Path, *, accuracy_level: int = OR
             continue
         key = (node.input[0] if fuse else node.output[0], *form)
         found.setdefault(key, []).append((node, dq, w))
+    if widest_only and found:
+        widest = max(int(w.dims[1]) for group in found.values() for _, _, w in group)
+        found = {key: kept for key, group in found.items()
+                 if (kept := [m for m in group if int(m[2].dims[1]) == widest])}
     if not found:
         return {"linears": 0, "nodes": 0}
     # pass 2: one group at a time (the 12B's weights are never all in memory)
@@ -424,11 +429,28 @@ def fuse_shared_input_matmuls(proto, base: Path, data_file: Path) -> dict[str, i
     return {"linears": sum(len(g) for g in groups), "nodes": len(groups)}
 
 
+# INT8 forms on ONNX Runtime: every Linear as 8-bit MatMulNBits; every Linear as ORT's MatMulIntegerToFloat; "mixed":
+# the LM head as MatMulNBits (the widest GEMV, M = 1 per sequence at every call), the rest MatMulIntegerToFloat
+INT8_KERNELS = ("MatMulNBits", "MatMulIntegerToFloat", "mixed")
+
+
+def auto_int8_kernel() -> str:
+    """The INT8 form build-engine takes on this CPU: ``MatMulNBits`` with VNNI (fastest at decode and prefill there,
+    README INT8); ``mixed`` where 8-bit MatMulNBits is exact without VNNI (AVX2: MatMulNBits decoded 1.19x genai
+    int8 against 1.10x, but prefilled 1.05-1.35x slower than our fp32 at M > 1, so only the LM head takes it);
+    ``MatMulIntegerToFloat`` where MatMulNBits saturates (`runtime.ort_backend.int8_dot_products_exact`)."""
+    from runtime.ort_backend import cpu_has_vnni, int8_dot_products_exact
+
+    if not int8_dot_products_exact():
+        return "MatMulIntegerToFloat"
+    return "MatMulNBits" if cpu_has_vnni() else "mixed"
+
+
 def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, int8_kernel: str = "auto",
                             fp8_activations: str = "fp32", log=print):
     """What ONNX Runtime should load to optimise ``src`` (a graph of the artifact): (model path or serialized bytes,
     session config entries, optimisers to disable, counts).  fp32 graphs: Linears sharing an input fused.  ``int8_kernel``:
-    ``MatMulNBits``, ``MatMulIntegerToFloat`` or ``auto`` (the first where this CPU's int8 dot products are exact).
+    ``MatMulNBits``, ``MatMulIntegerToFloat``, ``mixed`` or ``auto`` (`auto_int8_kernel`).
     ``fp8_activations``: ``fp32`` (FP8 weights only) or ``qdq`` (the artifact's activation fake quantization kept)."""
     src = Path(src)
     import onnx
@@ -450,16 +472,16 @@ def lower_quantized_for_ort(src: Path, precision: str, stage: Path, *, int8_kern
         return proto.SerializeToString(), config, [], {"matmul_nbits": n}
     if precision == "int8":
         if int8_kernel == "auto":
-            from runtime.ort_backend import int8_dot_products_exact
-
-            int8_kernel = "MatMulNBits" if int8_dot_products_exact() else "MatMulIntegerToFloat"
-        if int8_kernel not in ("MatMulNBits", "MatMulIntegerToFloat"):
-            raise ValueError(f"int8_kernel={int8_kernel!r}; expected auto, MatMulNBits or MatMulIntegerToFloat")
+            int8_kernel = auto_int8_kernel()
+        if int8_kernel not in INT8_KERNELS:
+            raise ValueError(f"int8_kernel={int8_kernel!r}; expected auto or one of {', '.join(INT8_KERNELS)}")
         n = {"linears": 0, "nodes": 0}
-        if int8_kernel == "MatMulNBits":
-            n = matmul_nbits(proto, src.parent, Path(stage) / f"{src.stem}.nbits.tmp", bits=(8,))
+        if int8_kernel in ("MatMulNBits", "mixed"):
+            n = matmul_nbits(proto, src.parent, Path(stage) / f"{src.stem}.nbits.tmp", bits=(8,),
+                             widest_only=int8_kernel == "mixed")
             log(f"[build-engine] {src.name}: {n['linears']} INT8 Linears as {n['nodes']} 8-bit MatMulNBits "
-                "(activation Q/DQ kept; Linears sharing an input in one)")
+                + ("(the LM head; activation Q/DQ kept)" if int8_kernel == "mixed" else
+                   "(activation Q/DQ kept; Linears sharing an input in one)"))
         split = split_shared_activation_qdq(proto)  # the rest go to ORT's QDQ fusion: one Q/DQ pair per Linear
         if split or not n["linears"]:
             log(f"[build-engine] {src.name}: {split} shared activation Q/DQ pairs split (one per Linear: "

@@ -115,6 +115,15 @@ def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int, *
     return out
 
 
+def cpu_has_vnni() -> bool:
+    """x86 with AVX-VNNI or AVX512-VNNI (int8 dot products accumulated in 32 bits), from /proc/cpuinfo."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
+
+
 @functools.lru_cache(maxsize=1)
 def int8_dot_products_exact() -> bool:
     """Whether ONNX Runtime's 8-bit ``MatMulNBits`` (int8 compute, what build-engine runs INT8 Linears on) is exact on
@@ -220,7 +229,7 @@ class OrtBackend:
         # one graph for both steps only when build-engine says so (all caches in place); a manifest merely naming
         # one file twice without it is refused rather than run with a wrong in-place assumption
         self.one_graph = bool(engine.get("one_graph"))
-        if engine.get("int8_kernel") == "MatMulNBits" and not int8_dot_products_exact():
+        if engine.get("int8_kernel") in ("MatMulNBits", "mixed") and not int8_dot_products_exact():
             raise ArtifactError(
                 f"{self.root}: this ONNX Runtime engine runs INT8 Linears as 8-bit MatMulNBits, whose int8 dot products "
                 "saturate on this CPU (checked on worst-case inputs: `int8_dot_products_exact`); rebuild the engine "

@@ -19,7 +19,7 @@ from calib.calibrate import calibrate
 from calib.data import default_set, prefill_inputs
 from exporter.config import PRESETS
 from graphs.build import build_engine
-from graphs.lower_qdq_ort import int8_block_size, matmul_nbits, split_shared_activation_qdq
+from graphs.lower_qdq_ort import auto_int8_kernel, int8_block_size, matmul_nbits, split_shared_activation_qdq
 from runtime.manifest import read_manifest
 from runtime.ort_backend import engine_feeds, int8_dot_products_exact, prefill_feeds, zero_cache
 
@@ -141,24 +141,28 @@ def _nbits_linears(nodes) -> int:
     return sum(splits.get(nd.output[0], 1) for nd in nodes if nd.op_type == "MatMulNBits")
 
 
-NBITS = int8_dot_products_exact()  # what build-engine picks for INT8 Linears on this CPU (`lower_quantized_for_ort`)
+NBITS = int8_dot_products_exact()  # 8-bit MatMulNBits is exact (and built) on this CPU
+AUTO = auto_int8_kernel()  # the INT8 form build-engine picks on this CPU (`lower_quantized_for_ort`)
 
 
 def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
-    """Every INT8 Linear runs on integer dot products: as 8-bit MatMulNBits where that kernel is exact on
-    this CPU (`int8_dot_products_exact`; Linears sharing an input in one node), else as ORT's MatMulIntegerToFloat (one per Linear)."""
+    """Every INT8 Linear runs on integer dot products, in the form `auto_int8_kernel` picks for this CPU: all as 8-bit
+    MatMulNBits (VNNI; Linears sharing an input in one node), the LM head as MatMulNBits and the rest as ORT's
+    MatMulIntegerToFloat ("mixed": MatMulNBits exact without VNNI), or all MatMulIntegerToFloat (one per Linear)."""
     q = built("int8")
     n = _want_linears("tiny") + 1  # + the tied LM head (quantized by default)
     groups = 4 * PRESETS["tiny"].text.num_layers + 1  # q/k/v (full: q/k), o, gate/up, down per layer + the LM head
-    kernel, count = ("MatMulNBits", groups) if NBITS else ("MatMulIntegerToFloat", n)
-    assert read_manifest(q)["engines"]["onnxruntime"]["int8_kernel"] == kernel
+    want = {"MatMulNBits": {"MatMulNBits": groups}, "mixed": {"MatMulNBits": 1, "MatMulIntegerToFloat": n - 1},
+            "MatMulIntegerToFloat": {"MatMulIntegerToFloat": n}}[AUTO]
+    assert read_manifest(q)["engines"]["onnxruntime"]["int8_kernel"] == AUTO
+    kernel = "MatMulIntegerToFloat" if AUTO == "MatMulIntegerToFloat" else "MatMulNBits"  # the LM head's
     for graph in ("prefill", "decode"):
         path = q / read_manifest(q)["engines"]["onnxruntime"][graph]
         g = onnx.load(str(path), load_external_data=False).graph
         ops = _ops(path)
-        assert ops[kernel] == count and ops["MatMul"] == 0, ops
+        assert {k: ops[k] for k in ("MatMulNBits", "MatMulIntegerToFloat") if ops[k]} == want and not ops["MatMul"], ops
         assert _lm_head_op(path) == kernel
-        if NBITS:
+        if AUTO == "MatMulNBits":
             nbits = [nd for nd in g.node if nd.op_type == "MatMulNBits"]
             assert _nbits_linears(g.node) == n and ops["MatMulIntegerToFloat"] == 0, ops
             assert all({a.name: a.i for a in nd.attribute}["bits"] == 8 and len(nd.input) == 3 for nd in nbits)
@@ -183,42 +187,45 @@ def test_int8_every_linear_is_an_integer_matmul(built, tmp_path):
     events = json.loads(open(sess.end_profiling()).read())
     kernels = collections.Counter(e["args"]["op_name"] for e in events
                                   if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
-    assert kernels[kernel] == count and kernels["MatMul"] == 0, kernels
-    assert kernels["DequantizeLinear"] <= (groups if NBITS else 0), kernels  # activations' fake quantization only
+    assert {k: kernels[k] for k in ("MatMulNBits", "MatMulIntegerToFloat") if kernels[k]} == want, kernels
+    assert not kernels["MatMul"], kernels
+    assert kernels["DequantizeLinear"] <= want.get("MatMulNBits", 0), kernels  # activations' fake quantization only
     assert pairs
 
 
 def test_int8_both_kernels_build_and_agree(built, tmp_path):
-    """The other INT8 kernel than this CPU's default builds too (forced), and both give the artifact's numbers
-    within the test's tolerance (MatMulNBits only where it is exact: it is refused elsewhere)."""
+    """The INT8 forms other than this CPU's default build too (forced), and give the artifact's numbers within the
+    test's tolerance (a form with MatMulNBits only where it is exact: it is refused elsewhere)."""
     import shutil
 
+    from graphs.lower_qdq_ort import INT8_KERNELS
     from runtime.manifest import ArtifactError
     from runtime.ort_backend import OrtBackend
 
     q = built("int8")
-    other = tmp_path / "int8-other"
-    shutil.copytree(q, other)
-    kernel = "MatMulIntegerToFloat" if NBITS else "MatMulNBits"
-    build_engine(other, "onnxruntime", int8_kernel=kernel, **QUIET)
-    m = read_manifest(other)
-    assert m["engines"]["onnxruntime"]["int8_kernel"] == kernel
-    assert _ops(other / m["engines"]["onnxruntime"]["prefill"])[kernel] >= 1
-    if kernel == "MatMulNBits" and not NBITS:
-        with pytest.raises(ArtifactError, match="saturate on this CPU"):
-            OrtBackend(other, m)
-        return
-    if kernel == "MatMulNBits":  # within the artifact's rounding noise (see test_int8_build_equals_the_qdq_artifact)
-        _assert_close(_run_both(other, "decode"), 0.1, "int8 MatMulNBits decode", mean_rel=0.03, top1=False)
-    else:
-        _assert_close(_run_both(other, "decode"), 1e-4, "int8 MatMulIntegerToFloat decode")
+    for kernel in [k for k in INT8_KERNELS if k != AUTO]:
+        other = tmp_path / f"int8-{kernel}"
+        shutil.copytree(q, other)
+        build_engine(other, "onnxruntime", int8_kernel=kernel, **QUIET)
+        m = read_manifest(other)
+        assert m["engines"]["onnxruntime"]["int8_kernel"] == kernel
+        ops = _ops(other / m["engines"]["onnxruntime"]["prefill"])
+        assert ops["MatMulIntegerToFloat" if kernel == "MatMulIntegerToFloat" else "MatMulNBits"] >= 1, ops
+        if kernel != "MatMulIntegerToFloat" and not NBITS:
+            with pytest.raises(ArtifactError, match="saturate on this CPU"):
+                OrtBackend(other, m)
+            continue
+        if kernel != "MatMulIntegerToFloat":  # within the artifact's rounding noise (test_int8_build_equals_the_qdq_artifact)
+            _assert_close(_run_both(other, "decode"), 0.1, f"int8 {kernel} decode", mean_rel=0.03, top1=False)
+        else:
+            _assert_close(_run_both(other, "decode"), 1e-4, "int8 MatMulIntegerToFloat decode")
     with pytest.raises(ValueError, match="int8_kernel"):
         build_engine(other, "onnxruntime", int8_kernel="fast", **QUIET)
 
 
 def test_int8_build_equals_the_qdq_artifact(built, artifact_store):
     q = built("int8")
-    if NBITS:
+    if AUTO != "MatMulIntegerToFloat":
         # MatMulNBits re-quantizes its (already int8-grid) input per block of K with a scale of its own: up to half
         # a step of the artifact's grid per value, as large as the artifact's own rounding, so the check is against
         # fp32: the engine is as close to fp32 as the Q/DQ artifact (tiny, 3 held-out prompts, measured: mean error
