@@ -19,7 +19,7 @@ from calib.int4 import (
 from exporter.config import PRESETS
 from graphs.build import build_engine
 from runtime.manifest import read_manifest
-from tests.test_quant_fast import _assert_close, _lm_head_op, _run_both, _want_linears
+from tests.test_quant_fast import _assert_close, _lm_head_op, _nbits_linears, _run_both, _want_linears
 
 QUIET = dict(log=lambda *_: None)
 
@@ -179,13 +179,6 @@ def test_int4_matmulnbits_equals_the_dequantize_graph(int4_tiny, graph, tmp_path
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "l0.onnx"), load_external_data=False).graph.node)
     assert ops["MatMulNBits"] == _want_linears("tiny") + 1 and ops["DequantizeLinear"] == 0, ops
     _assert_close(_run_both(int4_tiny, graph, built=sess), 1e-4, f"int4 level 0 {graph}")
-
-
-def _nbits_linears(nodes) -> int:
-    """Linears run by the MatMulNBits of a graph: one each, or one per output of the Split of a fused one."""
-    nodes = list(nodes)
-    splits = {nd.input[0]: len(nd.output) for nd in nodes if nd.op_type == "Split"}
-    return sum(splits.get(nd.output[0], 1) for nd in nodes if nd.op_type == "MatMulNBits")
 
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])

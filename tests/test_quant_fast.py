@@ -135,10 +135,24 @@ def _lm_head_op(path) -> str:
 
 
 def _nbits_linears(nodes) -> int:
-    """Linears run by the MatMulNBits of a graph: one each, or one per output of the Split of a fused one."""
+    """Linears run by the MatMulNBits of a graph: one each, one per output of the Split of a fused one, or the
+    projections of one packed for GroupQueryAttention (`graphs.lower_ort_packed_qkv`): q/k/v, or q/k when the value
+    is the key's (its packed input then starts with a Slice of the key columns)."""
     nodes = list(nodes)
-    splits = {nd.input[0]: len(nd.output) for nd in nodes if nd.op_type == "Split"}
-    return sum(splits.get(nd.output[0], 1) for nd in nodes if nd.op_type == "MatMulNBits")
+    users: dict[str, list] = {}
+    for nd in nodes:
+        for name in nd.input:
+            users.setdefault(name, []).append(nd)
+
+    def linears(nd) -> int:
+        out = users.get(nd.output[0], [])
+        if len(out) == 1 and out[0].op_type == "Split":
+            return len(out[0].output)
+        if any(u.name.endswith(".packed_qkv.key") for u in out):
+            return 2
+        return 3 if any(u.name.endswith(".packed_qkv.reshape") for u in out) else 1
+
+    return sum(linears(nd) for nd in nodes if nd.op_type == "MatMulNBits")
 
 
 NBITS = int8_dot_products_exact()  # 8-bit MatMulNBits is exact (and built) on this CPU
