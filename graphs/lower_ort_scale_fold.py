@@ -21,16 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphs.lower_ort_softcap import _SAME_TYPE, _own_constant
+
 __all__ = ["fold_scales_into_norms"]
-
-
-_SAME_TYPE = ("Cast", "CastLike", "Identity")
-
-
-def _own_constant(v):
-    if v is None or not v.is_initializer() or v.const_value is None or v.is_graph_output():
-        return None
-    return v if len(list(v.uses())) == 1 else None
 
 
 def fold_scales_into_norms(model) -> int:
