@@ -39,8 +39,8 @@ def _attention_cases(label: str, text, layer: int) -> list[dict]:
         dec = ta.decode_launch(h, hkv, d)
         cases.append({
             "name": f"{label}_{kind}_decode_{precision}", "fn": ta._decode_kernel, "decode": True,
-            "signature": {"q": f32, "k": f32, "v": f32, "kc": f32, "vc": f32, "past_lens": i64, "inv_freq": f32,
-                          "out": f32, "T": "i32", "WINDOW": "i32", "scale": "fp32"},
+            "signature": {"q": f32, "k": f32, "v": f32, "kc": f32, "vc": f32, "past_lens": i64, "seq_lens": i64,
+                          "inv_freq": f32, "out": f32, "T": "i32", "WINDOW": "i32", "scale": "fp32"},
             "constexprs": {"H": h, "HKV": hkv, "G": g, "HEAD_DIM": d, "HALF": half, "SLIDING": sliding,
                            "BLOCK_T": dec["BLOCK_T"], "USE_DOT": dec["USE_DOT"], "IEEE": precision == "ieee"},
             "num_warps": dec["num_warps"],
@@ -63,9 +63,9 @@ def _attention_cases(label: str, text, layer: int) -> list[dict]:
     })
     if sliding:
         cases.append({
-            "name": f"{label}_{kind}_ring_rebuild", "fn": ta._ring_rebuild, "decode": False,
-            "signature": {"k_new": f32, "v_new": f32, "kc": f32, "vc": f32, "k_out": f32, "v_out": f32,
-                          "past_lens": i64, "seq_lens": i64, "S": "i32", "T": "i32"},
+            "name": f"{label}_{kind}_ring_write", "fn": ta._ring_write, "decode": False,
+            "signature": {"k_new": f32, "v_new": f32, "kc": f32, "vc": f32, "past_lens": i64, "seq_lens": i64,
+                          "S": "i32", "T": "i32"},
             "constexprs": {"HKV": hkv, "HEAD_DIM": d}, "num_warps": 4,
         })
     else:

@@ -11,8 +11,9 @@ inputs   q            (B, S, H, D)    float  normed (q_norm), before RoPE
          seq_lens     (B,)  int64  valid new tokens per sequence (right padding beyond)
          image_block  (B, S) int64 index of the contiguous image run a token belongs to, -1 elsewhere
 outputs  out          (B, S, H * D)   attention output (o_proj is outside)
-         present_key, present_value    the caches with the new tokens written; in place (aliases past_*) except
-                                       sliding layers in prefill mode, whose ring is rebuilt
+         present_key, present_value    the caches with the new tokens written, in place: they alias past_* in
+                                       every mode (a sliding prefill writes its ring after the attention has read
+                                       it), so one engine can run prefill and decode on the same buffers
 attributes (all INT unless noted; TensorRT passes INT as int32)
          mode 0 prefill / 1 decode; sliding 1/0; window; num_heads; num_kv_heads; head_dim; rotary_dim (rotated
          dims, = head_dim on sliding layers, 2 * int(fraction * head_dim / 2) on full layers); rope_theta (FLOAT);

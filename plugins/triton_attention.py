@@ -3,12 +3,15 @@
 * decode (one new token per sequence; memory-bound): one program per (sequence, KV head) serves all the query
   heads of that KV head, so every cache byte is read once.  The new token's K/V are RoPE'd and written into their
   slot (ring slot ``pos % window`` or ``pos``) in place; its score is taken from registers, the cache loop skips that
-  slot (no read-after-write on the same program's store).  Online softmax over blocks of slots.
+  slot (no read-after-write on the same program's store).  Online softmax over blocks of slots.  A prefill call
+  of one token per sequence runs this kernel too (a sliding row with seq_lens 0 writes nothing, as in prefill).
 * prefill: ``_rope_kv`` RoPE's the new keys (and lays out K/V as (B, Hkv, S, D)); ``_write_full`` scatters them
-  into a full layer's buffer in place, or ``_ring_rebuild`` writes a sliding layer's new ring (out of place: a
-  prefill may bring more tokens than the ring holds); ``_prefill_attn`` (one program per block of queries, query
-  head and sequence) attends over the full buffer up to the block's last position, or over [old ring, new tokens]
-  with the window, validity and image-block masks of the contract.
+  into a full layer's buffer in place before the attention; ``_prefill_attn`` (one program per block of queries,
+  query head and sequence) attends over the full buffer up to the block's last position, or over [ring as it was,
+  new tokens] with the window, validity and image-block masks of the contract; then ``_ring_write`` writes a
+  sliding layer's newest tokens into its ring in place (each slot once, even when a prefill brings more tokens
+  than the ring holds).  Every cache is updated in place, so one TensorRT engine serves prefill and decode (every
+  present_* aliases its past_*).
 
 Robustness (TensorRT times tactics on garbage inputs): every index read from a tensor (past_lens, seq_lens,
 positions) is clamped or masked, so no value makes a kernel read or write outside its buffers or loop longer than
@@ -71,7 +74,7 @@ def _rope_halves(x1, x2, pos, inv):
 
 @triton.jit
 def _decode_kernel(
-    q, k, v, kc, vc, past_lens, inv_freq, out,
+    q, k, v, kc, vc, past_lens, seq_lens, inv_freq, out,
     T, WINDOW, scale,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     SLIDING: tl.constexpr, BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
@@ -90,12 +93,12 @@ def _decode_kernel(
                           tl.load(k + kv_base + HALF + offs_h).to(tl.float32), pos, inv)
     v1 = tl.load(v + kv_base + offs_h).to(tl.float32)
     v2 = tl.load(v + kv_base + HALF + offs_h).to(tl.float32)
-    if SLIDING:
+    if SLIDING:  # a row without a valid new token (seq_lens 0, in a one-token prefill) keeps its ring, as in prefill
         slot = _mod(pos, T)
         hi = T
-        w_ok = offs_h < HALF
+        w_ok = (tl.zeros([HALF], tl.int64) + tl.load(seq_lens + b)) > 0  # a tensor: the interpreter's & needs it
     else:  # a position outside the buffer writes nothing; slots [0, pos) hold positions [0, pos)
-        slot = tl.minimum(tl.maximum(pos, 0), T - 1)
+        slot = tl.minimum(tl.maximum(pos, 0), T - 1)  # (prefill writes padding rows' keys too: slots past the end)
         hi = tl.minimum(tl.maximum(pos, 0), T)
         pos_h = tl.zeros([HALF], tl.int64) + pos  # a tensor, not a scalar: the interpreter's & needs it
         w_ok = (pos_h >= 0) & (pos_h < T)
@@ -159,10 +162,11 @@ def _write_full(k_new, v_new, kc, vc, past_lens, S, T, HKV: tl.constexpr, HEAD_D
 
 
 @triton.jit
-def _ring_rebuild(k_new, v_new, kc, vc, k_out, v_out, past_lens, seq_lens, S, T, HKV: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """New ring (B, Hkv, T, D): each slot takes the newest valid new token that maps to it, else its old value.
-    One program per (slot, b, kv head); a token index outside [0, S) (garbage lengths) keeps the old value."""
+def _ring_write(k_new, v_new, kc, vc, past_lens, seq_lens, S, T, HKV: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Write a sliding layer's new tokens into its (B, Hkv, T, D) ring in place, after the attention has read the
+    ring as it was: each slot whose newest position after this call is a new token takes it, the others are left.
+    One program per (slot, b, kv head), so a prefill longer than the ring writes each slot once (its newest token).
+    A token index outside [0, S) (garbage lengths) writes nothing."""
     j, b, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs = tl.arange(0, HEAD_DIM)
     past = tl.load(past_lens + b)
@@ -173,11 +177,8 @@ def _ring_rebuild(k_new, v_new, kc, vc, k_out, v_out, past_lens, seq_lens, S, T,
     src = ((b * HKV + h) * S + tl.minimum(tl.maximum(idx, 0), S - 1)) * HEAD_DIM
     idx_d = tl.zeros([HEAD_DIM], tl.int64) + idx  # a tensor, not a scalar: the interpreter's & needs it
     new = (idx_d >= 0) & (idx_d < S)
-    old = (idx_d < 0) | (idx_d >= S)
-    tl.store(k_out + dst + offs, tl.where(new, tl.load(k_new + src + offs, mask=new, other=0.0),
-                                          tl.load(kc + dst + offs, mask=old, other=0.0)))
-    tl.store(v_out + dst + offs, tl.where(new, tl.load(v_new + src + offs, mask=new, other=0.0),
-                                          tl.load(vc + dst + offs, mask=old, other=0.0)))
+    tl.store(kc + dst + offs, tl.load(k_new + src + offs, mask=new, other=0.0), mask=new)
+    tl.store(vc + dst + offs, tl.load(v_new + src + offs, mask=new, other=0.0), mask=new)
 
 
 @triton.jit
@@ -286,9 +287,14 @@ def fused_attention(q, k, v, past_key, past_value, past_lens, seq_lens, image_bl
 
     ``inv_freq`` (head_dim / 2,) float32 on the device: the RoPE frequencies (`plugins.fused_attention.inv_freq`,
     computed here when not given).  ``out``/``present_*``: buffers to write (TensorRT's outputs); by default ``out`` is
-    new and the presents are ``past_*`` updated in place (full layers, decode) or new rings (sliding prefill).  A
-    ``present_*`` that is not ``past_*`` (TensorRT did not alias them) receives a copy of the past and is updated
-    instead: the past buffers are then only read."""
+    new and the presents are ``past_*`` updated in place, in every mode (a sliding prefill writes its ring after
+    the attention has read it).  A ``present_*`` that is not ``past_*`` (TensorRT did not alias them) receives a
+    copy of the past and is updated instead: the past buffers are then only read.
+
+    One new token per sequence (decode, or a prefill call of one token: how one engine serves both) runs the decode
+    kernel; its result is the prefill's at S = 1 (the sliding ring after the write holds the same window of keys;
+    a sliding row with ``seq_lens`` 0 keeps its ring, a full layer writes the padding token past the end, as in
+    prefill)."""
     import torch
 
     from plugins.fused_attention import inv_freq as host_inv_freq
@@ -304,40 +310,34 @@ def fused_attention(q, k, v, past_key, past_value, past_lens, seq_lens, image_bl
         inv_freq = torch.from_numpy(host_inv_freq(head_dim, rotary_dim, rope_theta)).to(q.device)
     if out is None:
         out = torch.empty((b, s, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    in_place = mode == 1 or not sliding
-    if in_place:
-        caches = []
-        for past, present in ((past_key, present_key), (past_value, present_value)):
-            if present is not None and present.data_ptr() != past.data_ptr():
-                present.copy_(past)
-                past = present
-            caches.append(past)
-        past_key, past_value = caches
-    if mode == 1:
+    caches = []
+    for past, present in ((past_key, present_key), (past_value, present_value)):
+        if present is not None and present.data_ptr() != past.data_ptr():
+            present.copy_(past)
+            past = present
+        caches.append(past)
+    past_key, past_value = caches
+    if mode == 1 or s == 1:
         launch = decode_launch(num_heads, num_kv_heads, head_dim, block_n)
         _decode_kernel[(b, num_kv_heads)](
-            q, k, v, past_key, past_value, past_lens, inv_freq, out, t, window, scale, H=num_heads, HKV=num_kv_heads,
-            G=g, HEAD_DIM=head_dim, HALF=half, SLIDING=bool(sliding), IEEE=ieee, **launch,
+            q, k, v, past_key, past_value, past_lens, seq_lens, inv_freq, out, t, window, scale, H=num_heads,
+            HKV=num_kv_heads, G=g, HEAD_DIM=head_dim, HALF=half, SLIDING=bool(sliding), IEEE=ieee, **launch,
         )
         return out.reshape(b, s, num_heads * head_dim), past_key, past_value
     k_rot = torch.empty((b, num_kv_heads, s, head_dim), dtype=past_key.dtype, device=q.device)
     v_t = torch.empty_like(k_rot)
     _rope_kv[(s, b, num_kv_heads)](k, v, past_lens, inv_freq, k_rot, v_t, s, HKV=num_kv_heads, HEAD_DIM=head_dim,
                                   HALF=half)
-    if sliding:
-        present_k = torch.empty_like(past_key) if present_key is None else present_key
-        present_v = torch.empty_like(past_value) if present_value is None else present_value
-        _ring_rebuild[(t, b, num_kv_heads)](k_rot, v_t, past_key, past_value, present_k, present_v, past_lens,
-                                           seq_lens, s, t, HKV=num_kv_heads, HEAD_DIM=head_dim)
-        keys, values = past_key, past_value  # attention reads the ring before the write
-    else:
+    if not sliding:  # the attention reads the buffer after the write
         _write_full[(s, b, num_kv_heads)](k_rot, v_t, past_key, past_value, past_lens, s, t, HKV=num_kv_heads,
                                          HEAD_DIM=head_dim)
-        present_k, present_v = keys, values = past_key, past_value
     launch = prefill_launch(head_dim, block_m, block_n)
     grid = (triton.cdiv(s, launch["BLOCK_M"]), num_heads, b)
     _prefill_attn[grid](
-        q, k_rot, v_t, keys, values, past_lens, seq_lens, image_block, inv_freq, out, s, t, window, scale,
+        q, k_rot, v_t, past_key, past_value, past_lens, seq_lens, image_block, inv_freq, out, s, t, window, scale,
         H=num_heads, HKV=num_kv_heads, G=g, HEAD_DIM=head_dim, HALF=half, SLIDING=bool(sliding), IEEE=ieee, **launch,
     )
-    return out.reshape(b, s, num_heads * head_dim), present_k, present_v
+    if sliding:  # the attention read the ring before the write; the same stream orders this after it
+        _ring_write[(t, b, num_kv_heads)](k_rot, v_t, past_key, past_value, past_lens, seq_lens, s, t,
+                                         HKV=num_kv_heads, HEAD_DIM=head_dim)
+    return out.reshape(b, s, num_heads * head_dim), past_key, past_value

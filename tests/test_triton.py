@@ -30,6 +30,14 @@ def _run(layer: int, decode: bool, seed: int, **blocks):
     return inputs, attrs, want, [g.numpy() for g in got], (past_k, past_v, got)
 
 
+def _empty_rings(seed: int, *, decode: bool):
+    """rng, layer 0's attributes, (heads, kv heads, head dim), empty numpy rings and torch rings (batch 2, 8 slots)."""
+    h, hkv, d = TEXT.num_heads, TEXT.num_kv_heads, TEXT.head_dim
+    ref = np.zeros((2, hkv, 8, d), np.float32)
+    return (np.random.default_rng(seed), fa.attributes(TEXT, 0, decode=decode), (h, hkv, d), (ref, ref.copy()),
+            (torch.zeros(2, hkv, 8, d), torch.zeros(2, hkv, 8, d)))
+
+
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding-w8", "full-hd512-1kv"])
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
 @pytest.mark.parametrize("blocks", [dict(block_m=16, block_n=16), dict(block_m=4, block_n=4)], ids=["b16", "b4"])
@@ -43,20 +51,70 @@ def test_triton_matches_the_reference(layer, decode, blocks):
     for name, g, w in zip(fa.OUTPUTS[1:], got[1:], want[1:]):
         e = np.abs(g - w)
         assert e.max() <= 2e-5 * max(1.0, float(np.abs(w).max())), f"{name}: max err {e.max():.3g}"
-    in_place = decode or not attrs["sliding"]
-    assert (raw[1] is past_k and raw[2] is past_v) == in_place  # caches updated in place where the contract says
+    assert raw[1] is past_k and raw[2] is past_v  # every cache updated in place (sliding prefill: after reading it)
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding-w8", "full-hd512-1kv"])
+def test_triton_one_token_prefill_is_the_decode_step(layer):
+    """A prefill call of one token per sequence (how the one TensorRT engine decodes) runs the decode kernel and
+    equals the reference's prefill at S = 1, including a row with seq_lens 0 (a sliding ring untouched) and ring
+    slots that wrap."""
+    from plugins.triton_attention import fused_attention
+
+    rng = np.random.default_rng(21 + layer)
+    attrs = fa.attributes(TEXT, layer, decode=False)
+    h, hkv, d = TEXT.num_heads, TEXT.layer_kv_heads(layer), TEXT.layer_head_dim(layer)
+    t = TEXT.sliding_window if TEXT.is_sliding(layer) else 40
+    b = 3
+    q, k, v = (rng.standard_normal((b, 1, n, d)).astype(np.float32) for n in (h, hkv, hkv))
+    past_k, past_v = (rng.standard_normal((b, hkv, t, d)).astype(np.float32) for _ in range(2))
+    past, seqs, block = np.array([3, 21, 9], np.int64), np.array([1, 1, 0], np.int64), np.full((b, 1), -1, np.int64)
+    inputs = [q, k, v, past_k, past_v, past, seqs, block]
+    want = fa.reference(*inputs, **attrs)
+    tensors = [torch.from_numpy(x.copy()) for x in inputs]
+    out, got_k, got_v = fused_attention(*tensors, **attrs)
+    assert got_k is tensors[3] and got_v is tensors[4]
+    np.testing.assert_allclose(got_k.numpy(), want[1], atol=1e-5)
+    np.testing.assert_allclose(got_v.numpy(), want[2], atol=1e-5)
+    if attrs["sliding"]:
+        np.testing.assert_array_equal(got_k.numpy()[2], past_k[2])  # seq_lens 0: the row's ring is untouched
+    scale = max(1.0, float(np.abs(want[0]).max()))
+    np.testing.assert_allclose(out.numpy()[:2], want[0][:2], atol=2e-5 * scale)
+    # and it is the decode step: the same numbers as mode 1 on the rows with a token
+    dec = fa.reference(*inputs[:6], np.ones(b, np.int64), block, **{**attrs, "mode": 1})
+    np.testing.assert_allclose(out.numpy()[:2], dec[0][:2], atol=2e-5 * scale)
+
+
+def test_triton_prefill_chunks_then_one_token_prefills_track_the_reference():
+    """The one-engine sequence on a sliding layer: a 5-token prefill, then 14 one-token prefills wrapping a ring of
+    8, all in place on the same buffers: caches and outputs equal the reference's at every call."""
+    from plugins.triton_attention import fused_attention
+
+    rng, attrs, (h, hkv, d), (ref_k, ref_v), (tk, tv) = _empty_rings(3, decode=False)
+    keep = (tk.data_ptr(), tv.data_ptr())
+    lens = np.array([0, 2], np.int64)
+    for call, s in enumerate([5] + [1] * 14):
+        q = rng.standard_normal((2, s, h, d)).astype(np.float32)
+        k, v = (rng.standard_normal((2, s, hkv, d)).astype(np.float32) for _ in range(2))
+        seqs = np.array([s, max(1, s - 2)], np.int64)
+        common = (lens.copy(), seqs, np.full((2, s), -1, np.int64))
+        out, ref_k, ref_v = fa.reference(q, k, v, ref_k, ref_v, *common, **attrs)
+        got, tk, tv = fused_attention(*[torch.from_numpy(x) for x in (q, k, v)], tk, tv,
+                                      *[torch.from_numpy(x) for x in common], **attrs, block_m=4, block_n=4)
+        assert (tk.data_ptr(), tv.data_ptr()) == keep, f"call {call}: cache not updated in place"
+        valid = np.arange(s)[None, :] < seqs[:, None]
+        np.testing.assert_allclose(got.numpy().reshape(out.shape)[valid], out[valid], atol=2e-5,
+                                   err_msg=f"call {call}")
+        np.testing.assert_allclose(tk.numpy(), ref_k, atol=1e-5, err_msg=f"call {call}")
+        np.testing.assert_allclose(tv.numpy(), ref_v, atol=1e-5, err_msg=f"call {call}")
+        lens += seqs
 
 
 def test_triton_ring_wraps_over_many_decode_steps():
     """Decode 20 steps past a window of 8 from an empty ring: same caches and outputs as the reference."""
     from plugins.triton_attention import fused_attention
 
-    rng = np.random.default_rng(7)
-    attrs = fa.attributes(TEXT, 0, decode=True)
-    h, hkv, d = TEXT.num_heads, TEXT.num_kv_heads, TEXT.head_dim
-    ref_k = np.zeros((2, hkv, 8, d), np.float32)
-    ref_v = np.zeros_like(ref_k)
-    tk, tv = torch.zeros(2, hkv, 8, d), torch.zeros(2, hkv, 8, d)
+    rng, attrs, (h, hkv, d), (ref_k, ref_v), (tk, tv) = _empty_rings(7, decode=True)
     for step in range(20):
         q = rng.standard_normal((2, 1, h, d)).astype(np.float32)
         k = rng.standard_normal((2, 1, hkv, d)).astype(np.float32)
@@ -121,16 +179,16 @@ def test_triton_garbage_indices_stay_in_bounds(layer, decode):
     out_buf, out = _guarded(shape_out, torch.zeros(shape_out))
     pk_buf, pk = _guarded(inputs[3].shape, torch.zeros(inputs[3].shape))
     pv_buf, pv = _guarded(inputs[4].shape, torch.zeros(inputs[4].shape))
-    sliding_prefill = attrs["sliding"] and not decode
+    # unaliased presents (a copy of the past is updated) so their guards are checked too
     fused_attention(*views, torch.from_numpy(past), torch.from_numpy(seqs), torch.from_numpy(inputs[7]), **attrs,
-                    out=out, present_key=pk if sliding_prefill else None,
-                    present_value=pv if sliding_prefill else None, block_m=4, block_n=4)
+                    out=out, present_key=pk, present_value=pv, block_m=4, block_n=4)
     for name, buf in [("q", bufs[0]), ("k", bufs[1]), ("v", bufs[2]), ("past_key", bufs[3]),
                       ("past_value", bufs[4]), ("out", out_buf), ("present_key", pk_buf), ("present_value", pv_buf)]:
         assert (buf[:64] == 12345.0).all() and (buf[-64:] == 12345.0).all(), f"{name}: written out of bounds"
+    np.testing.assert_array_equal(views[3].numpy(), inputs[3])  # the past is only read
     if not attrs["sliding"]:
         # a full layer's cache slots outside [0, T) are not written at all (rows 1 and 2: +-10^12 tokens cached)
-        np.testing.assert_array_equal(views[3].numpy()[1:], inputs[3][1:])
+        np.testing.assert_array_equal(pk.numpy()[1:], inputs[3][1:])
 
 
 def test_triton_patch_embed_garbage_positions_stay_in_the_table():
@@ -189,8 +247,8 @@ def test_triton_rope_angles_match_float64_at_long_positions():
         assert (err <= bound + 4e-6).all(), f"layer {layer}: max angle error {err.max():.3g} rad"
 
 
-@pytest.mark.parametrize("layer,decode", [(0, True), (1, True), (1, False)], ids=["sliding-decode", "full-decode",
-                                                                                 "full-prefill"])
+@pytest.mark.parametrize("layer,decode", [(0, True), (1, True), (0, False), (1, False)],
+                         ids=["sliding-decode", "full-decode", "sliding-prefill", "full-prefill"])
 def test_triton_unaliased_presents_get_the_update_and_the_past_is_only_read(layer, decode):
     """Where TensorRT hands the plugin present buffers other than the past ones (aliasing not in effect), the
     presents receive the updated caches and the past inputs stay as they were."""

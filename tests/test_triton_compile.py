@@ -41,7 +41,7 @@ def test_every_kernel_compiles_for_sm90_within_limits(table):
 
     kernels = table["kernels"]
     assert set(kernels) == {c["name"] for c in tr.cases()}
-    names = {"_decode_kernel", "_prefill_attn", "_rope_kv", "_write_full", "_ring_rebuild", "_row_layernorm",
+    names = {"_decode_kernel", "_prefill_attn", "_rope_kv", "_write_full", "_ring_write", "_row_layernorm",
              "_linear", "_position_norms"}
     assert {c["fn"].fn.__name__ for c in tr.cases()} == names  # every kernel of both plugins
     for name, k in kernels.items():
