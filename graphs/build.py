@@ -6,7 +6,8 @@
   LayerNorm/GELU/MatMul fusions) applied once and saved as ``ort/prefill.onnx`` (and ``ort/decode.onnx`` only when
   the lowering left an attention node, e.g. ``--no-plugins``: else the prefill graph serves decode, one session)
   with their weights in external data, so loading does not redo them.  The saved graphs are checked to run.
-* ``tensorrt``: engines from the plugin graphs (`graphs.build_tensorrt`); needs an NVIDIA GPU, ``tensorrt`` >= 10.6,
+* ``tensorrt``: one engine from the prefill plugin graph with a prefill and a decode profile, so the GPU holds the
+  weights once (`graphs.build_tensorrt`, ``engines/model.engine``); needs an NVIDIA GPU, ``tensorrt`` >= 10.6,
   torch with CUDA and triton, else it stops with the reason.
 * ``auto``: TensorRT where it can build, and the ONNX Runtime form in every case (it runs everywhere).
 

@@ -7,8 +7,10 @@ instead of inlining their function bodies.  `check_registered` says which creato
 collapsing every layer's overload into layer 0's body).
 
 * ``@register`` describes the outputs: FusedAttention's ``out`` is (B, S, H * D); ``present_*`` are *aliased* to
-  ``past_*`` (updated in place) on full layers and in decode, and new ring buffers for sliding layers in prefill,
-  exactly as the contract (`plugins.fused_attention`) says.  Aliasing takes effect only in engines built with
+  ``past_*`` (updated in place) for every layer kind and mode, as the contract (`plugins.fused_attention`) says: a
+  sliding prefill writes its ring after its attention has read it.  That is what lets one engine (the prefill
+  graph with a prefill and a one-token decode profile, `graphs.build_tensorrt`) hold the weights once and run
+  both steps on the same cache buffers.  Aliasing takes effect only in engines built with
   ``PreviewFeature.ALIASED_PLUGIN_IO_10_03``; where TensorRT hands the impl a ``present_*`` buffer other than
   ``past_*``, the kernels copy the past into it and update that instead (the past input is then only read).
 * ``@impl`` (JIT) runs the Triton kernels (`plugins.triton_attention`, `plugins.triton_patch_embed`) on TensorRT's
@@ -31,7 +33,7 @@ import tensorrt.plugin as trtp
 from plugins import fused_attention as fa
 from plugins import patch_embed as pe
 
-__all__ = ["FUSED_ATTENTION_ID", "PATCH_EMBED_ID", "PLUGINS", "check_registered", "output_aliases"]
+__all__ = ["FUSED_ATTENTION_ID", "PATCH_EMBED_ID", "PLUGINS", "OUTPUT_ALIASES", "check_registered"]
 
 FUSED_ATTENTION_ID = f"{fa.DOMAIN}::{fa.OP}"
 PATCH_EMBED_ID = f"{pe.DOMAIN}::{pe.OP}"
@@ -48,9 +50,9 @@ def check_registered(needed=PLUGINS, registry=None) -> list[str]:
             if registry.get_creator(name, version, ns) is None]
 
 
-def output_aliases(mode: int, sliding: int) -> tuple[int, int, int]:
-    """Which input each FusedAttention output aliases (-1: none), as ``@register`` declares it."""
-    return (-1, 3, 4) if (mode == 1 or not sliding) else (-1, -1, -1)
+# which input each FusedAttention output aliases (-1: none), as ``@register`` declares it, for every mode and layer
+# kind: present_key -> past_key (input 3), present_value -> past_value (input 4)
+OUTPUT_ALIASES = (-1, 3, 4)
 
 
 class _CudaView:
@@ -97,9 +99,7 @@ def _fused_attention_desc(
     rope_theta: float, scale: float,
 ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
     out = trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], num_heads * head_dim), dtype=q.dtype)
-    if output_aliases(mode, sliding)[1] == 3:
-        return out, past_key.aliased(), past_value.aliased()
-    return out, past_key.like(), past_value.like()
+    return out, past_key.aliased(), past_value.aliased()  # OUTPUT_ALIASES
 
 
 @trtp.impl(FUSED_ATTENTION_ID)

@@ -1,22 +1,28 @@
-"""TensorRT backend: runs an artifact's prefill and decode engines on a GPU with the KV cache updated in place.
+"""TensorRT backend: runs an artifact's TensorRT engine on a GPU with the KV cache updated in place.
 
 Same interface as `runtime.ort_backend.OrtBackend` (``new_cache``, ``prefill``, ``decode``), so `runtime.generate`
-drives either.  Engines are deserialized once (the plugins are registered first: `plugins.tensorrt_plugins`).
+drives either.  The plugins are registered first (`plugins.tensorrt_plugins`).
 
-* One CUDA stream (``self.stream``) carries everything: cache allocation, host-to-device copies, the engines'
-  ``execute_async_v3`` and the device-to-host copies of the logits, so nothing runs unordered with TensorRT.
+* One engine, two optimization profiles (``engines.tensorrt.one_engine``, `graphs.build_tensorrt`): the engine file
+  is deserialized once, so the device holds the weights once; two execution contexts on it, one per profile
+  (prefill: profile 0; decode: profile 1, a prefill of one token per sequence), share one scratch allocation
+  (``ExecutionContextAllocationStrategy.USER_MANAGED``, sized for the larger profile: they run one after the other
+  on one stream) and the same cache buffers.  Artifacts with a prefill and a decode engine (an older layout) load
+  too, each engine with its profile 0.
+* One CUDA stream (``self.stream``) carries everything: cache allocation, host-to-device copies, the profile
+  switch, ``execute_async_v3`` and the device-to-host copies of the logits, so nothing runs unordered with TensorRT.
 * Tensors are bound by name: each cache tensor is the one the manifest's decode graph names (``past_key_3`` is
   ``cache[i]`` where the manifest lists it at i), whatever order the engine lists its I/O in.
 * In place where the engine says so: ``present_X`` is bound to ``past_X``'s buffer when
   ``engine.get_aliased_input_tensor(present_X) == past_X`` (the plugin aliases them, the engine was built with
   ``ALIASED_PLUGIN_IO_10_03``); otherwise a new buffer receives it and replaces the cache entry.
 * An image/audio input with zero rows is bound to a 1-element buffer (TensorRT refuses a null address).
-* Every ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` result is checked; a failure raises
-  with the tensor's name.
-* Decode replays a CUDA graph captured on first use for the current batch size (when the decode engine updates
-  every cache in place); binding the context for another batch size, a new cache or a prefill drops it.
+* Every ``set_input_shape``, ``set_tensor_address``, ``set_optimization_profile_async`` and ``execute_async_v3``
+  result is checked; a failure raises with the tensor's name.
+* Decode replays a CUDA graph captured on first use for the current batch size (when the decode step updates
+  every cache in place); binding the decode context for another batch size or a new cache drops it.
 
-The engines' prefill profile takes at most ``prefill_chunk`` tokens per sequence (manifest), which
+The engine's prefill profile takes at most ``prefill_chunk`` tokens per sequence (manifest), which
 `runtime.generate` respects by prefilling longer prompts in chunks.  Needs torch with CUDA and tensorrt.
 """
 
@@ -27,10 +33,27 @@ from typing import Any
 
 import numpy as np
 
+from runtime.manifest import ArtifactError
 from runtime.ort_backend import cache_shape, is_cache, prefill_feeds
 from runtime.prompt import PrefillInputs
 
-__all__ = ["TrtBackend"]
+__all__ = ["STEPS", "TrtBackend", "engine_layout"]
+
+STEPS = ("prefill", "decode")
+
+
+def engine_layout(root: Path, record: dict[str, Any]) -> tuple[bool, dict[str, int]]:
+    """(one engine for both steps?, step -> optimization profile index) from the manifest's ``engines.tensorrt``."""
+    one = bool(record.get("one_engine"))
+    if one != (record["prefill"] == record["decode"]):
+        raise ArtifactError(f"{root}: engines.tensorrt has one_engine={record.get('one_engine')!r} but its prefill "
+                            f"and decode engines are {record['prefill']!r} and {record['decode']!r}")
+    index = record.get("profile_index", {}) if one else {}
+    if one and (not isinstance(index, dict) or sorted(index) != sorted(STEPS)
+                or not all(type(v) is int for v in index.values()) or index["prefill"] == index["decode"]):
+        raise ArtifactError(f"{root}: engines.tensorrt.profile_index: expected distinct integer profiles for "
+                            f"{' and '.join(STEPS)}, got {index!r}")
+    return one, {step: int(index.get(step, 0)) for step in STEPS}
 
 
 class TrtBackend:
@@ -44,30 +67,61 @@ class TrtBackend:
 
         self.torch, self.trt = torch, trt
         self.root, self.manifest = Path(root), manifest
-        engines = manifest["engines"]["tensorrt"]
+        record = manifest["engines"]["tensorrt"]
+        _, profile_index = engine_layout(self.root, record)
         if missing := tp.check_registered():
             raise RuntimeError(f"TensorRT has no plugin creator for {', '.join(missing)} (tensorrt.plugin)")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, self.contexts = {}, {}
-        for graph in ("prefill", "decode"):
-            data = (self.root / engines[graph]).read_bytes()
-            engine = runtime.deserialize_cuda_engine(data)
-            if engine is None:
-                raise RuntimeError(f"{self.root / engines[graph]}: TensorRT could not deserialize this engine "
-                                   f"(built with TensorRT {engines.get('tensorrt')}, this is {trt.__version__})")
-            self.engines[graph] = engine
-            self.contexts[graph] = engine.create_execution_context()
         self.stream, self.device = torch.cuda.Stream(), "cuda"
+        loaded: dict[str, Any] = {}
+        self.engines, self.contexts = {}, {}
+        for graph in STEPS:
+            rel = record[graph]
+            if rel not in loaded:  # one file for both steps: deserialized once, the weights once on the device
+                engine = runtime.deserialize_cuda_engine((self.root / rel).read_bytes())
+                if engine is None:
+                    raise RuntimeError(f"{self.root / rel}: TensorRT could not deserialize this engine (built with "
+                                       f"TensorRT {record.get('tensorrt')}, this is {trt.__version__})")
+                loaded[rel] = engine
+            self.engines[graph] = loaded[rel]
+        self.scratch = None
+        self._make_contexts(profile_index)
         self._setup(manifest)
+
+    def _make_contexts(self, profile_index: dict[str, int]) -> None:
+        """One context per step on its profile, all on one scratch allocation (they never run at the same time)."""
+        trt, torch = self.trt, self.torch
+        sizes = {}
+        for graph in STEPS:
+            engine, index = self.engines[graph], profile_index[graph]
+            if not 0 <= index < engine.num_optimization_profiles:
+                raise RuntimeError(f"{self.root / self.manifest['engines']['tensorrt'][graph]}: the manifest puts "
+                                   f"{graph} on optimization profile {index}, the engine has "
+                                   f"{engine.num_optimization_profiles}; rebuild it (make build-engine)")
+            ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise RuntimeError(f"{self.root}: TensorRT could not create the {graph} execution context")
+            self._check(ctx.set_optimization_profile_async(index, self.stream.cuda_stream),
+                        f"optimization profile {index} for the {graph} context")
+            self.contexts[graph] = ctx
+            sizes[graph] = int(engine.get_device_memory_size_for_profile_v2(index))
+        size = max(sizes.values())
+        with self._on_stream():
+            self.scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+        for graph in STEPS:
+            self.contexts[graph].set_device_memory(self.scratch.data_ptr(), size)
+        self.stream.synchronize()
 
     def _setup(self, manifest: dict[str, Any]) -> None:
         """Everything that does not need TensorRT or a GPU (tests construct a backend around fakes with it)."""
+        record = manifest["engines"]["tensorrt"]
+        self.one_engine, self.profile_index = engine_layout(self.root, record)
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         self.cache_index = {spec["name"]: i for i, spec in enumerate(self.cache_specs)}
-        self.prefill_chunk = manifest["engines"]["tensorrt"].get("prefill_chunk")
+        self.prefill_chunk = record.get("prefill_chunk")
         self.vocab = int(manifest["model_config"]["text"]["vocab_size"])
         self.aliased = {g: self._aliases(g) for g in self.engines}
-        self._graph: tuple | None = None  # (batch, CUDAGraph, ids buffer, lens buffer, logits)
+        self._graph: tuple | None = None  # (batch, CUDAGraph, device inputs by name, logits)
 
     # ------------------------------------------------------------------ engine facts
     def _io(self, graph: str) -> tuple[list[str], list[str]]:
@@ -172,9 +226,17 @@ class TrtBackend:
             self._execute("prefill")
             out = logits.to("cpu", non_blocking=False)
         self.stream.synchronize()
+        if any(n is not c for n, c in zip(new_cache, cache)):
+            self._graph = None  # the prefill replaced cache buffers the captured decode graph points at
         cache[:] = new_cache
-        self._graph = None  # the prefill may have replaced cache buffers
         return out.numpy()
+
+    def _decode_feeds(self, ids: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:
+        """The decode context's inputs: the decode graph's, or (one engine) a prefill of one token per sequence."""
+        if not self.one_engine:
+            return {"input_ids": ids, "past_lens": lens}
+        return prefill_feeds(PrefillInputs(input_ids=ids, past_lens=lens, seq_lens=np.ones(len(ids), np.int64)),
+                             self.manifest)
 
     def decode(self, input_ids, past_lens, cache: list, *, copy: bool = True) -> np.ndarray:
         """One step: (B, 1) token ids (or a list of B ints) at positions ``past_lens`` (B,) -> (B, V) logits
@@ -185,25 +247,27 @@ class TrtBackend:
         ids = np.asarray(input_ids, np.int64).reshape(-1, 1)
         batch = len(ids)
         lens = np.asarray(past_lens, np.int64).reshape(-1)
+        if len(lens) != batch:
+            raise ValueError(f"decode: {batch} token ids but {len(lens)} past lengths")
         in_place = all(self.aliased["decode"].values())
         if self._graph is not None and self._graph[0] == batch and in_place:
-            _, graph, ids_buf, lens_buf, logits = self._graph
+            _, graph, bufs, logits = self._graph
             with self._on_stream():
-                ids_buf.copy_(torch.from_numpy(ids), non_blocking=False)
-                lens_buf.copy_(torch.from_numpy(lens), non_blocking=False)
+                bufs["input_ids"].copy_(torch.from_numpy(ids), non_blocking=False)
+                bufs["past_lens"].copy_(torch.from_numpy(lens), non_blocking=False)
                 graph.replay()
                 out = logits.to("cpu")
             self.stream.synchronize()
             return out.numpy()
         self._graph = None  # re-binding the context invalidates a graph captured for another batch size
         with self._on_stream():
-            logits, new_cache, keep = self._bind("decode", {"input_ids": ids, "past_lens": lens}, cache)
+            logits, new_cache, keep = self._bind("decode", self._decode_feeds(ids, lens), cache)
             self._execute("decode")  # eager step (also warms up)
             out = logits.to("cpu")
         self.stream.synchronize()
         cache[:] = new_cache
-        if in_place:
-            self._graph = (batch, self._capture(), keep["input_ids"], keep["past_lens"], logits)
+        if in_place:  # the graph reads every bound input buffer: keep them all alive with it
+            self._graph = (batch, self._capture(), keep, logits)
         return out.numpy()
 
     def _capture(self):

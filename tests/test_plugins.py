@@ -230,3 +230,27 @@ def test_build_without_plugins_still_runs(artifact_store, tmp_path):
     manifest = build_engine(art, "onnxruntime", plugins=False, **QUIET)
     assert manifest["engines"]["onnxruntime"]["from"] == {"prefill": "prefill.onnx", "decode": "decode.onnx"}
     assert runtime.generate(runtime.load(art), [2, 30, 31, 32], max_new_tokens=12).tokens == with_plugins
+
+
+@pytest.mark.parametrize("preset", ["tiny"])
+def test_prefill_plugin_graph_at_one_token_is_the_decode_graph(preset, artifact_store):
+    """What the one TensorRT engine relies on: its decode profile runs the prefill plugin graph with one token per
+    sequence (seq_lens 1, no image or audio rows); with the plugin nodes computed by their references that gives
+    the decode plugin graph's logits and caches (rings wrapped, batch of different positions)."""
+    from runtime.ort_backend import prefill_feeds
+    from runtime.prompt import PrefillInputs
+
+    art = artifact_store(preset)
+    manifest = read_manifest(art)
+    cfg = PRESETS[preset]
+    feeds = feeds_for(cfg, "decode", manifest["graphs"]["decode"]["inputs"], batch=3, seq=1, max_len=41, seed=8)
+    feeds["past_lens"] = np.array([2, 19, 37], np.int64)  # empty-ish, wrapped and nearly full caches
+    want = run_with_references(art / manifest["plugin_graphs"]["decode"]["file"], dict(feeds))
+    one = prefill_feeds(PrefillInputs(input_ids=feeds["input_ids"], past_lens=feeds["past_lens"],
+                                      seq_lens=np.ones(3, np.int64)), manifest)
+    assert one["image_patches"].shape[0] == 0 and one["audio_frames"].shape[0] == 0
+    caches = {k: v for k, v in feeds.items() if k.startswith("past_") and k != "past_lens"}
+    got = run_with_references(art / manifest["plugin_graphs"]["prefill"]["file"], {**one, **caches})
+    assert set(got) == set(want)
+    for name in want:
+        assert_close(got[name], want[name], f"{preset} {name}: one-token prefill vs decode", 1e-5)
