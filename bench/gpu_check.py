@@ -8,8 +8,12 @@
    attention (memory-bound: bytes of cache read per step, as GB/s), prefill attention (TFLOP/s of the QK^T and PV
    products actually computed), PatchEmbed (TFLOP/s), next to a device-to-device copy (GB/s) and an fp32/bf16
    matmul (TFLOP/s) measured on the same GPU as the ceilings.
-3. Where TensorRT and the export toolchain import: a tiny artifact's plugin graphs built into fp32 engines, greedy
-   tokens compared with ONNX Runtime (token-exact: fp32 + IEEE kernels).
+3. Where TensorRT and the export toolchain import: a tiny artifact's prefill plugin graph built into the fp32
+   engine with its prefill and decode profiles, greedy tokens compared with ONNX Runtime (token-exact: fp32 + IEEE
+   kernels); recorded beside them: one engine for both steps, every cache aliased, the engine's weight bytes
+   (``EngineStat.TOTAL_WEIGHTS_SIZE``), the shared scratch and the device memory the load took; then the decode
+   step of the one engine (its decode profile) timed against an engine of the decode plugin graph alone on the same
+   cache (``tensorrt_decode_cost``: the price of one copy of the weights).
 Needs only numpy, torch with CUDA and triton (no network, no ``make install``): ``python bench/gpu_check.py
 --quick`` (about 2 minutes on an H100 class GPU; well within 8).  Without CUDA it says so and exits 2.
 """
@@ -180,10 +184,96 @@ def tensorrt_check(results, work: Path):
     art = work / "tiny"
     export_artifact(random_model(PRESETS["tiny"], seed=0), art, max_len=64, log=lambda *_: None)
     build_engine(art, "auto", dtype="fp32")  # fp32 engine + IEEE kernels: token-exact against ONNX Runtime
-    trt_model, ort_model = runtime.load(art, backend="tensorrt"), runtime.load(art, backend="onnxruntime")
+    import torch
+
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    trt_model = runtime.load(art, backend="tensorrt")
+    torch.cuda.synchronize()
+    loaded = free_before - torch.cuda.mem_get_info()[0]  # engine (weights once) + scratch + contexts
+    ort_model = runtime.load(art, backend="onnxruntime")
     a = runtime.generate(trt_model, [2, 17, 33, 45, 80], max_new_tokens=16).tokens
     b = runtime.generate(ort_model, [2, 17, 33, 45, 80], max_new_tokens=16).tokens
-    results["tensorrt"] = {"greedy_tokens_equal": a == b, "trt": a, "ort": b, "ok": a == b}
+    backend = trt_model.backend
+    engine = backend.engines["prefill"]
+    weights = int(engine.get_engine_stat(tensorrt.EngineStat.TOTAL_WEIGHTS_SIZE))
+    one = backend.engines["decode"] is engine and engine.num_optimization_profiles == 2
+    results["tensorrt"] = {
+        "greedy_tokens_equal": a == b, "trt": a, "ort": b, "one_engine": one, "weights_bytes": weights,
+        "device_bytes_after_load": int(loaded), "scratch_bytes": int(backend.scratch.numel()),
+        "every_cache_aliased": all(all(v.values()) for v in backend.aliased.values()), "ok": a == b and one,
+    }
+    print(f"[gpu-check] tensorrt: {json.dumps(results['tensorrt'])}", flush=True)
+    try:
+        decode_cost(results, art, trt_model)
+    except Exception as e:  # a measurement: report why it did not run, keep the checks above
+        results["tensorrt_decode_cost"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[gpu-check] tensorrt_decode_cost: {e}", flush=True)
+
+
+def decode_cost(results, art: Path, trt_model, blocks: int = 7, steps: int = 20):
+    """What the one engine costs per decode step: its decode profile (the prefill plugin graph at one token) against
+    an engine built from the decode plugin graph alone, executed on the same bound cache, blocks of ``steps``
+    interleaved (median per step, CUDA events); and each engine's weight bytes (the two-engine layout held both)."""
+    import tensorrt as trt
+    import torch
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile
+
+    from graphs.build_tensorrt import aliasing_config, profiles_for
+    from runtime.manifest import read_manifest
+    from runtime.prompt import PrefillInputs
+
+    manifest = read_manifest(art)
+    backend = trt_model.backend
+    profile = Profile()
+    for name, (lo, opt, hi) in profiles_for(manifest, "decode", max_batch=1, opt_seq=1, max_soft_tokens=0).items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    path = art / manifest["plugin_graphs"]["decode"]["file"]
+    engine = EngineFromNetwork(NetworkFromOnnxPath(str(path), strongly_typed=True), config=aliasing_config([profile]))()
+    cache = backend.new_cache(1, int(manifest["max_len"]))
+    backend.prefill(PrefillInputs(input_ids=np.array([[2, 17, 33, 45, 80]]), past_lens=np.zeros(1, np.int64),
+                                  seq_lens=np.array([5])), cache)
+    backend.decode([7], [5], cache)  # binds the one engine's decode context on this cache
+    ctx = engine.create_execution_context()
+    stream = backend.stream
+    with torch.cuda.stream(stream):
+        ids = torch.tensor([[7]], dtype=torch.int64, device="cuda")
+        lens = torch.tensor([5], dtype=torch.int64, device="cuda")
+        logits = torch.empty((1, backend.vocab), dtype=torch.float32, device="cuda")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    for name in names:
+        if name in ("input_ids", "past_lens"):
+            buf = ids if name == "input_ids" else lens
+            assert ctx.set_input_shape(name, tuple(buf.shape)), name
+        elif name == "logits":
+            buf = logits
+        else:  # past_* / present_*: the backend's cache buffers (presents aliased)
+            buf = cache[backend.cache_index[name.replace("present_", "past_", 1)]]
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                assert ctx.set_input_shape(name, tuple(buf.shape)), name
+        assert ctx.set_tensor_address(name, buf.data_ptr()), name
+    runs = {"one_engine": lambda: backend._execute("decode"),
+            "decode_engine": lambda: ctx.execute_async_v3(stream.cuda_stream)}
+    times = {k: [] for k in runs}
+    for _ in range(blocks):
+        for key, run in runs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(steps):
+                run()
+            end.record(stream)
+            end.synchronize()
+            times[key].append(start.elapsed_time(end) / steps)
+    one, dec = statistics.median(times["one_engine"]), statistics.median(times["decode_engine"])
+    stat = trt.EngineStat.TOTAL_WEIGHTS_SIZE
+    results["tensorrt_decode_cost"] = {
+        "one_engine_decode_ms": one, "decode_engine_ms": dec, "ratio": one / dec,
+        "one_engine_weights_bytes": int(backend.engines["prefill"].get_engine_stat(stat)),
+        "decode_engine_weights_bytes": int(engine.get_engine_stat(stat)),
+        "note": "eager execute (Python plugin enqueue included), tiny model: launch-bound, an upper bound on the "
+                "relative cost of the prefill graph's extra nodes at one token",
+    }
+    print(f"[gpu-check] tensorrt_decode_cost: {json.dumps(results['tensorrt_decode_cost'])}", flush=True)
 
 
 def main() -> int:
@@ -214,6 +304,9 @@ def main() -> int:
                         f"tiny_{kind}_prefill")
         check_attention(tiny, layer, True, 3, 1, 13, tiny.sliding_window if layer == 0 else 64, results,
                         f"tiny_{kind}_decode")
+        # a prefill call of one token (the one engine's decode profile): runs the decode kernel
+        check_attention(tiny, layer, False, 3, 1, 13, tiny.sliding_window if layer == 0 else 64, results,
+                        f"tiny_{kind}_one_token_prefill")
     big = PRESETS["gemma4-12b"]
     text = dataclasses.replace(big.text, num_layers=2, layer_types=("sliding_attention", "full_attention"))
     ctx = (4096,) if a.quick else (1024, 8192, 32768)
