@@ -41,7 +41,7 @@ EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifact
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime bench-12b clean
+.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime bench-ring bench-12b clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -60,6 +60,7 @@ help:
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
 	@echo "make bench-12b [LAYERS=48] [BENCH_ARGS=--steps ...]   the 12B (or a slice): checkpoint, exports, INT4/INT8/FP8 from the checkpoint, engine, generate -> bench/results/12b.json"
 	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
+	@echo "make bench-ring                   one sliding layer's decode step (12B and bench shapes), ring path vs one-token branch -> bench/results/ring_step.json"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -86,7 +87,7 @@ export: $(STAMP)
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \
 		$(if $(INT8_KERNEL),--int8-kernel $(INT8_KERNEL)) $(if $(FP8_ACTIVATIONS),--fp8-activations $(FP8_ACTIVATIONS)) \
-		$(if $(ORT_SLIDING),--ort-sliding $(ORT_SLIDING))
+		$(if $(ORT_SLIDING),--ort-sliding $(ORT_SLIDING)) $(if $(ORT_RING_DECODE),--ort-ring-decode $(ORT_RING_DECODE))
 
 # PROMPT reaches the CLI verbatim through the environment: neither make nor the shell expands it.
 generate: override export PROMPT := $(value PROMPT)
@@ -126,6 +127,9 @@ bench-12b: $(STAMP)
 	nice -n 10 $(PY) bench/bench_12b.py --layers $(LAYERS) $(BENCH_ARGS)
 
 # Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --reuse, --only 1,3
+bench-ring: $(STAMP)
+	$(PY) bench/ring_step.py
+
 bench-runtime: $(STAMP)
 	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/runtime.py $(BENCH_ARGS)

@@ -66,7 +66,8 @@ def _pack_qkv(model, src: Path, config: dict, log):
 
 
 def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str], int8_kernel: str = "auto",
-                       fp8_activations: str = "fp32", sliding: str = "ring", slack: int | None = None) -> dict:
+                       fp8_activations: str = "fp32", sliding: str = "ring", slack: int | None = None,
+                       ring_decode: str = "auto") -> dict:
     import onnxruntime as ort
 
     from graphs.lower_qdq_ort import lower_quantized_for_ort
@@ -102,7 +103,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
             t0 = time.perf_counter()
             # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
             src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log,
-                                                 sliding=sliding, slack=slack)
+                                                 sliding=sliding, slack=slack, ring_decode=ring_decode)
             if sliding == "window" and graph == "prefill":
                 a = lowering[graph]["attention"]
                 if a["kept"] or a["refused"] or a["GroupQueryAttention"] != layers:
@@ -184,16 +185,20 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
 
 def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool = True, dtype: str = "bf16",
                  int8_kernel: str = "auto", fp8_activations: str = "fp32", ort_sliding: str = "ring",
-                 ort_sliding_slack: int | None = None, log=print) -> dict:
+                 ort_sliding_slack: int | None = None, ort_ring_decode: str = "auto", log=print) -> dict:
     """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first.
     ``int8_kernel``, ``fp8_activations``: ONNX Runtime's form of INT8 / FP8 Linears
     (`graphs.lower_qdq_ort.lower_quantized_for_ort`).  ``ort_sliding``: ONNX Runtime's sliding layers, ``ring``
     (every input) or ``window`` (faster, text and audio only: `graphs.lower_ort_attention.lower_attention`), with
-    ``ort_sliding_slack`` slots beyond the window."""
-    from graphs.lower_ort_attention import SLIDING_FORMS
+    ``ort_sliding_slack`` slots beyond the window.  ``ort_ring_decode``: a ring engine's decode step, ``in_place``
+    (the ring written, then read where it lies), ``copy`` (the slots read copied) or ``auto`` (in place for rings
+    of >= 4 MiB per layer: the 12B)."""
+    from graphs.lower_ort_attention import RING_DECODE_FORMS, SLIDING_FORMS
 
     if ort_sliding not in SLIDING_FORMS:
         raise ValueError(f"--ort-sliding {ort_sliding!r}; expected one of {', '.join(SLIDING_FORMS)}")
+    if ort_ring_decode not in RING_DECODE_FORMS:
+        raise ValueError(f"--ort-ring-decode {ort_ring_decode!r}; expected one of {', '.join(RING_DECODE_FORMS)}")
     if ort_sliding == "window" and not plugins:
         raise ValueError("--ort-sliding window lowers the plugin graphs' attention nodes; drop --no-plugins")
     if backend not in BACKENDS:
@@ -231,7 +236,7 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
         log("[build-engine] bf16 artifact: no ONNX Runtime form (its CPU has no bf16 MatMul)")
     elif backend in ("onnxruntime", "auto"):
         engines["onnxruntime"] = _build_onnxruntime(root, manifest, log, sources, int8_kernel, fp8_activations,
-                                                    ort_sliding, ort_sliding_slack)
+                                                    ort_sliding, ort_sliding_slack, ort_ring_decode)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
     return manifest
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(graphs.lower_qdq_ort.auto_int8_kernel)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
-    from graphs.lower_ort_attention import SLIDING_FORMS
+    from graphs.lower_ort_attention import RING_DECODE_FORMS, SLIDING_FORMS
 
     p.add_argument("--ort-sliding", default="ring", choices=SLIDING_FORMS,
                    help="ONNX Runtime: sliding layers over a ring of window slots (default; text, images, audio) or "
@@ -261,11 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-sliding-slack", type=int, default=None,
                    help="--ort-sliding window: cache slots beyond the window (default 256; the cache compacts once "
                         "every slack + 1 tokens)")
+    p.add_argument("--ort-ring-decode", default="auto", choices=RING_DECODE_FORMS,
+                   help="ring engines' decode step: in_place (the new token written first, the ring attended where "
+                        "it lies: no copy of it), copy (the slots read copied twice per layer: fewer nodes), auto "
+                        "(in_place when a sliding layer's ring holds >= 4 MiB: the 12B; default)")
     a = p.parse_args(argv)
     try:
         build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype, int8_kernel=a.int8_kernel,
                      fp8_activations=a.fp8_activations, ort_sliding=a.ort_sliding,
-                     ort_sliding_slack=a.ort_sliding_slack)
+                     ort_sliding_slack=a.ort_sliding_slack, ort_ring_decode=a.ort_ring_decode)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"build-engine: error: {error_message(e)}", file=sys.stderr)
         return 2

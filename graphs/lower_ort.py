@@ -89,16 +89,17 @@ def gate_soft_token_slots(model, soft_inputs: dict[int, str]) -> int:
 
 
 def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None,
-                sliding: str = "ring", slack: int | None = None) -> dict:
-    """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts.  ``sliding``/``slack``:
-    the sliding layers' form (`graphs.lower_ort_attention.lower_attention`)."""
+                sliding: str = "ring", slack: int | None = None, ring_decode: str = "auto") -> dict:
+    """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts.  ``sliding``/``slack``/
+    ``ring_decode``: the sliding layers' form (`graphs.lower_ort_attention.lower_attention`)."""
     from graphs.lower_ort_attention import lower_attention
     from graphs.lower_ort_norms import fuse_skip_norms, lower_norms
     from graphs.lower_ort_scale_fold import fold_scales_into_norms
     from graphs.lower_ort_softcap import fold_softcap_divisor
 
     extra = {} if slack is None else {"slack": slack}
-    report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log, sliding=sliding, **extra)}
+    report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log, sliding=sliding,
+                                           ring_decode=ring_decode, **extra)}
     report["norms"] = lower_norms(model, log=log)
     report["norms"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(model, log=log)
     report["norms"]["scales_folded"] = fold_scales_into_norms(model)
@@ -115,7 +116,7 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
 
 
 def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print, sliding: str = "ring",
-                  slack: int | None = None) -> tuple[Path, dict]:
+                  slack: int | None = None, ring_decode: str = "auto") -> tuple[Path, dict]:
     """Lower the graph ``src`` into a temporary file beside it (sharing its external weights); returns the file and
     the counts.  `remove_lowered` deletes it.  Graphs without FusedAttention nodes (``--no-plugins``) get the norm
     pass only."""
@@ -129,7 +130,7 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print, sliding
     from graphs.lower_ort_embedders import gate_embedders
 
     report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft,
-                         sliding=sliding, slack=slack)
+                         sliding=sliding, slack=slack, ring_decode=ring_decode)
     proto = ir.serde.serialize_model(model)
     # an engine without image attention (--ort-sliding window) drops the vision path: the runtime refuses images
     report["gated_embedders"] = gate_embedders(proto, src.parent, log=log,

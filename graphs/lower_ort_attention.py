@@ -20,7 +20,11 @@ Rewrite:
   slot holds a position within the window whenever it is filled, and attention does not depend on key order).
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
-  written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).
+  written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).  A call of
+  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``): the new token
+  is written first (the slot it replaces holds a position outside its window), then one ``Attention`` reads the
+  ring where it lies (all W slots once wrapped; before that its first R slots, a copy of R): the ring path copies
+  the slots it reads twice (a ``Slice``, then the concat) per layer, for K and V (2.5 GiB per step for the 12B).
 * sliding layers, ``sliding="window"`` (build-engine ``--ort-sliding window``): GroupQueryAttention over ONNX
   Runtime's windowed cache instead of the ring, for text and audio (no bidirectional image blocks): `lower_attention`.
 * the geometry every layer of a kind shares (sliding: positions, slots read, the mask, ring-write indices; full:
@@ -39,9 +43,17 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["SLIDING_FORMS", "WINDOW_SLACK", "lower_attention", "rope_tables", "window_slots"]
+__all__ = ["RING_DECODE_FORMS", "RING_IN_PLACE_MIN_BYTES", "SLIDING_FORMS", "WINDOW_SLACK", "lower_attention",
+           "ring_decode_in_place", "rope_tables", "window_slots"]
 
 SLIDING_FORMS = ("ring", "window")
+# a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies),
+# "copy" (the prefill path at one token: the slots read are copied twice per layer), "auto" (in place when a sliding
+# layer's ring, K and V in fp32, holds at least RING_IN_PLACE_MIN_BYTES: the branch's two or three If nodes cost a
+# fixed ~10-30 us per layer per step, the copies it saves grow with the ring; 12B 16 MiB, the 234 M bench model
+# 1 MiB; bench/results/ring_step.json and the README's Design notes have the measurements)
+RING_DECODE_FORMS = ("auto", "in_place", "copy")
+RING_IN_PLACE_MIN_BYTES = 4 << 20
 # slots a windowed sliding cache holds beyond the window (`window_slots`): GroupQueryAttention compacts the cache
 # (moves ~window rows) once every WINDOW_SLACK + 1 tokens; 12B: 256 x 8 KV heads x 256 x 4 B x 2 = 16 MiB per layer
 WINDOW_SLACK = 256
@@ -102,6 +114,7 @@ class _Builder:
 
         self.ir, self.model, self.graph, self.max_len, self.host = ir, model, model.graph, max_len, host
         self.query_seqlens = False  # GroupQueryAttention nodes take the host's query_seqlens (windowed form)
+        self.one_token_branch = False  # ring sliding layers: a one-token call attends over the ring in place
         self.cache: dict = {}
         self.n = 0
 
@@ -124,6 +137,31 @@ class _Builder:
                           name=name or f"ort_lower_{op}_{self.n}")
         self.graph.insert_before(before, nd)
         return nd.outputs if outputs > 1 else nd.outputs[0]
+
+    def if_node(self, cond, *, then, orelse, outputs: int, before=None, emit=None):
+        """An ``If`` on ``cond`` before ``before`` in the graph (or, ``emit``, inside the branch being built): each
+        branch is a function given its own ``emit(op, inputs, attrs=, outputs=)`` that returns the branch's
+        outputs (values of nodes it emitted).  Returns the If's outputs."""
+        branches = {}
+        for key, build in (("then_branch", then), ("else_branch", orelse)):
+            nodes = []
+
+            def emit_in(op, inputs, *, attrs=None, outputs=1, _nodes=nodes):
+                self.n += 1
+                nd = self.ir.node(op, inputs, attributes=attrs or {}, num_outputs=outputs,
+                                  name=f"ort_lower_{op}_{self.n}")
+                for i, value in enumerate(nd.outputs):  # named here: no branch value may shadow an outer one
+                    value.name = f"{nd.name}_out{i}"
+                _nodes.append(nd)
+                return nd.outputs if outputs > 1 else nd.outputs[0]
+
+            outs = list(build(emit_in))
+            if len(outs) != outputs:
+                raise ValueError(f"If branch {key}: {len(outs)} outputs, expected {outputs}")
+            branches[key] = self.ir.Graph((), outs, nodes=nodes, name=f"ort_lower_{key}_{self.n}")
+        if emit is not None:
+            return emit("If", [cond], attrs=branches, outputs=outputs)
+        return self.node("If", [cond], before=before, attrs=branches, outputs=outputs)
 
     def rope(self, a: dict):
         key = ("rope", a["head_dim"], a["rotary_dim"], float(a["rope_theta"]))
@@ -148,6 +186,8 @@ class _Builder:
                 "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
                 "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
                 "total_len": (ty.INT32, []), "query_seqlens": (ty.INT32, [bdim]),
+                "one_token": (ty.BOOL, []), "ring_full": (ty.BOOL, []), "ring_read": (i64, [1]),
+                "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
             }[key]
             v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
             self.graph.inputs.append(v)
@@ -255,18 +295,55 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     qr = b.node("RotaryEmbedding", [q3, cos, sin, pos], before=before, attrs={"num_heads": h})
     kr = b.node("RotaryEmbedding", [k3, cos, sin, pos], before=before, attrs={"num_heads": hkv})
     # 3-D q/k/v with the ring as past: Attention concatenates (B, Hkv, n + S, D) itself and returns it as present
-    zero1 = b.ints([0])
-    ring_k = b.node("Slice", [pk, zero1, n, b.ints([2])], before=before)  # (B, Hkv, n, D): a view's copy
-    ring_v = b.node("Slice", [pv, zero1, n, b.ints([2])], before=before)
-    out, k_all, v_all = b.node("Attention", [qr, kr, v3, bias, ring_k, ring_v], before=before, outputs=3,
-                               attrs={"scale": 1.0, "q_num_heads": h, "kv_num_heads": hkv})  # out (B, S, H * D)
+    zero1, axis2 = b.ints([0]), b.ints([2])
+
+    def ring_attention(emit):
+        ring_k = emit("Slice", [pk, zero1, n, axis2])  # (B, Hkv, n, D): a view's copy
+        ring_v = emit("Slice", [pv, zero1, n, axis2])
+        out, k_all, v_all = emit("Attention", [qr, kr, v3, bias, ring_k, ring_v], outputs=3,
+                                 attrs={"scale": 1.0, "q_num_heads": h, "kv_num_heads": hkv})  # out (B, S, H * D)
+        # the updates are gathered from the concat copies, so the in-place writes run after every read of the ring
+        return (emit("GatherElements", [k_all, gidx], attrs={"axis": 2}),
+                emit("GatherElements", [v_all, gidx], attrs={"axis": 2}), out)
+
     scatter = {"mode": "circular", "axis": -2}
-    # the updates are gathered from the concat copies, so the in-place writes run after every read of the ring
-    present_k = b.node("TensorScatter", [pk, b.node("GatherElements", [k_all, gidx], before=before,
-                                                    attrs={"axis": 2}), first], before=before, attrs=scatter)
-    present_v = b.node("TensorScatter", [pv, b.node("GatherElements", [v_all, gidx], before=before,
-                                                    attrs={"axis": 2}), first], before=before, attrs=scatter)
+    if not b.one_token_branch:
+        upd_k, upd_v, out = ring_attention(lambda op, ins, **kw: b.node(op, ins, before=before, **kw))
+        present_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
+        present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
+        return out, present_k, present_v
+    # one new token per row (a decode step): the ring is written first (the slot it replaces holds a position outside
+    # the new query's window) and attended where it lies, the first R slots, all W once wrapped: no copy of the ring
+    one = b.host_input("one_token")
+    kv4 = b.ints([0, hkv, 1, d])
+    upd_k, upd_v, out_many = b.if_node(
+        one, before=before, outputs=3,
+        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [qr])),
+        orelse=ring_attention)
+    present_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
+    present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
+    read, full, bias_read = (b.host_input(key) for key in ("ring_read", "ring_full", "ring_bias_read"))
+
+    def one_token(emit):
+        q4 = emit("Reshape", [qr, b.ints([0, h, 1, d])])  # (B, H, 1, D)
+        o4 = b.if_node(full, emit=emit, outputs=1,  # the whole ring in place, or its first R slots (a copy of R)
+                       then=lambda e: (e("Attention", [q4, present_k, present_v, bias_read], attrs={"scale": 1.0}),),
+                       orelse=lambda e: (e("Attention", [q4, e("Slice", [present_k, zero1, read, axis2]),
+                                                        e("Slice", [present_v, zero1, read, axis2]), bias_read],
+                                           attrs={"scale": 1.0}),))
+        return (emit("Reshape", [o4, b.ints([0, 1, h * d])]),)
+
+    out = b.if_node(one, before=before, outputs=1, then=one_token, orelse=lambda emit: (emit("Identity", [out_many]),))
     return out, present_k, present_v
+
+
+def ring_decode_in_place(form: str, *, kv_heads: int, window: int, head_dim: int) -> bool:
+    """Whether a ring sliding layer of these dimensions gets the one-token branch (``form``: `RING_DECODE_FORMS`)."""
+    if form not in RING_DECODE_FORMS:
+        raise ValueError(f"ring decode form {form!r}; expected one of {', '.join(RING_DECODE_FORMS)}")
+    if form != "auto":
+        return form == "in_place"
+    return 2 * kv_heads * window * head_dim * 4 >= RING_IN_PLACE_MIN_BYTES
 
 
 def window_slots(window: int, max_len: int, slack: int = WINDOW_SLACK) -> int:
@@ -279,7 +356,7 @@ def window_slots(window: int, max_len: int, slack: int = WINDOW_SLACK) -> int:
 
 
 def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: str = "ring",
-                    slack: int = WINDOW_SLACK) -> dict:
+                    slack: int = WINDOW_SLACK, ring_decode: str = "auto") -> dict:
     """Lower every FusedAttention node of one graph in place; returns counts per form, refusals by node and the
     sliding window (``window``, None without sliding layers).  A prefill graph takes the shared attention geometry
     as inputs (`runtime.ort_attention.INPUTS`), the two-graph decode form computes its own from ``past_lens``.
@@ -298,6 +375,8 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
         raise Refused(f"opset {model.opset_imports.get('')}: the lowering needs opset >= 24 (TensorScatter)")
     b = _Builder(model, max_len, host=not decode)
     b.query_seqlens = sliding == "window"
+    if ring_decode not in RING_DECODE_FORMS:
+        raise ValueError(f"ring decode form {ring_decode!r}; expected one of {', '.join(RING_DECODE_FORMS)}")
     slots = None
     counts = {"GroupQueryAttention": 0, "Attention": 0, "kept": 0}
     refused = {}
@@ -321,6 +400,8 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
             new = _gqa(b, node, a, node, window=True)
             counts["GroupQueryAttention"] += 1
         elif a["sliding"] and not decode:
+            b.one_token_branch = ring_decode_in_place(ring_decode, kv_heads=a["num_kv_heads"], window=a["window"],
+                                                      head_dim=a["head_dim"])
             new = _sliding_prefill(b, node, a, node)
             counts["Attention"] += 1
         elif a["sliding"]:
@@ -345,4 +426,6 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
         common.InlinePass()(model)
         common.NameFixPass()(model)
     return {**counts, "refused": refused, "window": b.cache.get("window"), "sliding": sliding,
+            **({"ring_decode": "in_place" if b.one_token_branch else "copy"} if counts["Attention"] and not decode
+               else {}),
             **({"sliding_slots": slots} if slots else {})}

@@ -18,6 +18,9 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
 * ring write: U = min(S, W) slots from slot ``first`` = (past_lens + seq_lens - U) mod W, and for each the index into
   concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
   own value (padded tokens never reach the ring);
+* the one-token branch (ring engines; a call of one new token in every row): one_token, R = min(W, max(past_lens) +
+  1) slots read after the write, whether R = W (the whole ring, read in place), and the bias (B, 1, 1, R): slot j
+  valid iff j <= past_lens (every slot once wrapped).  The ring path's inputs are then made for n = 1 (not used);
 * full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
   for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
@@ -45,8 +48,14 @@ INPUTS = {
     "seqlens_k": "attn_seqlens_k",  # (B,) int32
     "total_len": "attn_total_len",  # () int32
     "query_seqlens": "attn_query_seqlens",  # (B,) int32, engines whose attention skips right padding
+    "one_token": "attn_one_token",  # () bool, ring engines: one new token in every row (the one-token branch)
+    "ring_read": "attn_ring_read",  # (1,) int64 R, slots the one-token branch reads after the write
+    "ring_full": "attn_ring_full",  # () bool R == W: the whole ring, read in place
+    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, R) float32
 }
-_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather")
+_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_read", "ring_full",
+            "ring_bias_read")
+_ONE_TOKEN = ("one_token", "ring_read", "ring_full", "ring_bias_read")
 NEG = np.finfo(np.float32).min
 
 
@@ -82,9 +91,14 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
     w = int(window)
     ar = np.arange(s, dtype=np.int64)
     pos = past[:, None] + ar[None]  # (B, S)
-    n = max(1, min(w, int(past.max(initial=0))))
+    one = bool(want & set(_ONE_TOKEN)) and s == 1 and bool((lens == 1).all())
+    # the one-token branch writes, then reads the ring in place: the prefill path's inputs are fed but not used, so
+    # they are made for n = 1 (small and of fixed shape)
+    n = 1 if one else max(1, min(w, int(past.max(initial=0))))
     out["positions"] = pos
     out["ring_used"] = np.array([n], np.int64)
+    if want & set(_ONE_TOKEN):
+        out.update(_one_token(past, w, one))
     if "ring_bias" in want:
         last = past[:, None] - 1
         ring_pos = last - np.mod(last - np.arange(n)[None], w)  # (B, n)
@@ -107,6 +121,16 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
                        np.minimum(np.mod(p, w), n - 1))  # old slots: < n unless p < 0 (never valid: any slot)
         out["ring_gather"] = idx[:, None, :, None].astype(np.int64)
     return {k: v for k, v in out.items() if k in want}
+
+
+def _one_token(past: np.ndarray, w: int, one: bool) -> dict[str, np.ndarray]:
+    """The one-token branch's inputs: after the write, slot j of row b holds a position within the window iff
+    j <= past_b (all W slots once the ring has wrapped); R = min(W, max(past) + 1) slots are read.  Not a one-token
+    call: one R = 1 slot (the branch does not run)."""
+    r = min(w, int(past.max(initial=0)) + 1) if one else 1
+    bias = np.where(np.arange(r)[None] <= past[:, None], np.float32(0), NEG).astype(np.float32)
+    return {"one_token": np.array(one), "ring_read": np.array([r], np.int64), "ring_full": np.array(one and r == w),
+            "ring_bias_read": bias.reshape(len(past), 1, 1, r)}
 
 
 def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys()) -> dict[str, np.ndarray]:
@@ -132,9 +156,12 @@ def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys
     if not window or window < 1:
         raise ValueError(f"attention inputs: the sliding layers need the window, got {window!r}")
     w, b = int(window), len(past)
-    n = max(1, min(w, int(past.max(initial=0))))
+    one = bool(want & set(_ONE_TOKEN))
+    n = 1 if one else max(1, min(w, int(past.max(initial=0))))
     out["positions"] = past.reshape(b, 1).copy()
     out["ring_used"] = np.array([n], np.int64)
+    if one:
+        out.update(_one_token(past, w, True))
     slot = past % w
     if "ring_bias" in want:
         bias = np.zeros((b, 1, 1, n + 1), np.float32)

@@ -66,6 +66,8 @@ def _feeds(sess, manifest, graph, rng, *, batch, seq, past_lens, seq_lens, max_l
 
 CASES = [  # graph, batch, new tokens, past_lens, seq_lens, image tokens
     ("decode", 3, 1, [3, 9, 30], [1, 1, 1], 0),  # 9 and 30 > window 8: the rings have wrapped
+    ("decode", 3, 1, [0, 2, 6], [1, 1, 1], 0),  # no ring wrapped: the one-token branch reads the first 7 slots
+    ("prefill", 2, 1, [4, 8], [1, 1], 0),  # a one-token prefill, all rows: the one-token branch, the whole ring
     # one-token prefill (the If's one-token mask branch): an empty row, a first token, a wrapped ring
     ("prefill", 3, 1, [0, 5, 12], [1, 0, 1], 0),
     ("prefill", 2, 2, [0, 12], [1, 2], 0),  # two tokens: the general branch, a padded row
@@ -99,7 +101,49 @@ def _continued_via_backend(art, manifest, feeds, *, batch, past_lens, seq_lens, 
 
 @pytest.mark.parametrize("graph,batch,seq,past_lens,seq_lens,images", CASES)
 def test_lowered_engine_matches_plugin_graph(artifact_store, graph, batch, seq, past_lens, seq_lens, images):
-    art = artifact_store(PRESET)
+    _check_case(artifact_store(PRESET), graph, batch, seq, past_lens, seq_lens, images)
+
+
+@pytest.fixture(scope="module")
+def copy_decode_artifact(artifact_store, tmp_path_factory):
+    """The tiny artifact's engine rebuilt with ``ort_ring_decode="copy"`` (the form ``auto`` gives small rings)."""
+    import shutil
+
+    from graphs.build import build_engine
+
+    out = tmp_path_factory.mktemp("copy") / "artifact"
+    shutil.copytree(artifact_store(PRESET), out)
+    build_engine(out, "onnxruntime", ort_ring_decode="copy", log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("graph,batch,seq,past_lens,seq_lens,images", CASES[:5])
+def test_copying_ring_decode_matches_plugin_graph(copy_decode_artifact, graph, batch, seq, past_lens, seq_lens,
+                                                  images):
+    """The ring path at one token (no one-token branch): decode with wrapped and filling rings, one-token prefills,
+    a batch of different lengths."""
+    engine = read_manifest(copy_decode_artifact)["engines"]["onnxruntime"]
+    assert engine["lowering"]["prefill"]["attention"]["ring_decode"] == "copy"
+    proto = onnx.load(str(copy_decode_artifact / engine["prefill"]), load_external_data=False)
+    assert "attn_one_token" not in {i.name for i in proto.graph.input}
+    assert [n.op_type for n in proto.graph.node].count("Attention") == 5  # at top level, no branch
+    _check_case(copy_decode_artifact, graph, batch, seq, past_lens, seq_lens, images)
+
+
+def test_ring_decode_form_by_ring_size():
+    from graphs.lower_ort_attention import ring_decode_in_place
+
+    t12 = PRESETS["gemma4-12b"].text  # 8 KV heads x 1024 slots x 256 x 4 B x 2 = 16 MiB per sliding layer
+    assert ring_decode_in_place("auto", kv_heads=t12.num_kv_heads, window=t12.sliding_window, head_dim=t12.head_dim)
+    assert not ring_decode_in_place("auto", kv_heads=2, window=512, head_dim=128)  # the bench model: 1 MiB
+    assert ring_decode_in_place("auto", kv_heads=4, window=1024, head_dim=128)  # exactly 4 MiB
+    assert ring_decode_in_place("in_place", kv_heads=1, window=8, head_dim=4)
+    assert not ring_decode_in_place("copy", kv_heads=8, window=1024, head_dim=256)
+    with pytest.raises(ValueError, match="ring decode form 'inplace'"):
+        ring_decode_in_place("inplace", kv_heads=1, window=8, head_dim=4)
+
+
+def _check_case(art, graph, batch, seq, past_lens, seq_lens, images):
     manifest = read_manifest(art)
     cfg = PRESETS[PRESET]
     plugin = _session(art / manifest["plugin_graphs"][graph]["file"])
@@ -138,15 +182,25 @@ def test_exact_counts(artifact_store):
     lowering = engine["lowering"]
     assert set(lowering) == {"prefill"} and engine["decode"] == engine["prefill"]  # one graph serves both
     assert lowering["prefill"]["attention"] == {"GroupQueryAttention": full, "Attention": t.num_layers - full,
-                                                "kept": 0}
+                                                "kept": 0, "ring_decode": "in_place"}
     # 4 block norms + q/k/v norms per layer, the final norm; prefill also the vision and audio embedders' norms
     cfg = PRESETS[PRESET]
     assert lowering["prefill"]["norms"] == 7 * t.num_layers + 1 + (cfg.vision is not None) + (cfg.audio is not None)
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
-    # the only branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders)
+    # branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders), and
+    # two per sliding layer on the one-token flag: the ring path's updates (or the new token), then the attention
+    # (over the ring in place, after the in-place write at top level, or the ring path's output)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    one = [n for n in ifs if list(n.input) == ["attn_one_token"]]
+    assert len(one) == 2 * (t.num_layers - full)
+    assert ops.count("TensorScatter") == 2 * (t.num_layers - full) and "Attention" not in ops  # writes outside
+    made = {o: n for n in proto.graph.node for o in n.output}
+    for n in proto.graph.node:
+        if n.op_type == "TensorScatter":
+            assert made[n.input[1]] in one, n.name  # the update comes out of the first If
+    ifs = [n for n in ifs if n not in one]
     gates = ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (
         cfg.audio is not None)
     # each modality: its embedder, and the nodes placing its soft tokens into the embeddings
@@ -159,8 +213,12 @@ def test_exact_counts(artifact_store):
     assert engine["attention_inputs"] == {"window": t.sliding_window}
     assert ops.count("CumSum") == 0 and ops.count("Range") == 0 and ops.count("Mod") == 0, sorted(set(ops))
     assert engine["prefill_with_past"] == "per_sequence"
-    assert ops.count("Attention") == t.num_layers - full  # sliding layers
-    assert ops.count("TensorScatter") == 2 * (t.num_layers - full)  # their rings written in place
+    # sliding layers: in branches, the ring path's Attention, and the one-token branch's over the whole ring or its
+    # first R slots; their rings written in place at top level
+    def branch_ops(node):
+        return [op for a in node.attribute if a.HasField("g") for n in a.g.node for op in [n.op_type, *branch_ops(n)]]
+
+    assert [branch_ops(n).count("Attention") for n in one] == [1, 2] * (t.num_layers - full)
     assert "FusedAttention" not in ops, f"a plugin node is left: {sorted(set(ops))}"
     assert "ReduceMean" not in ops and "Pow" not in ops, f"unfused RMSNorm pieces left: {ops}"
     # both residual adds of every layer end in a Skip norm: the attention's, and (but for the last layer, whose sum

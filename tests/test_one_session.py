@@ -39,7 +39,7 @@ def test_one_session_holds_the_weights(artifact_store, monkeypatch):
     assert not (art / "ort" / "decode.onnx").exists()
     t = PRESETS[PRESET].text
     assert engine["lowering"]["prefill"]["attention"] == {"GroupQueryAttention": 1, "Attention": t.num_layers - 1,
-                                                         "kept": 0}
+                                                         "kept": 0, "ring_decode": "in_place"}
     opened = []
     real = ort.InferenceSession
 
