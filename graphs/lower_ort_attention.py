@@ -279,7 +279,12 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     than U) hold no valid key before or after and may be written with any ring value.  n, the mask, ``first`` and
     the gather indices come from `runtime.ort_attention` (the formulas are there): until a ring has wrapped its later
     slots hold nothing, so n = max(1, min(W, max(past_lens))) and a short context costs its length, not the
-    window."""
+    window.
+
+    With ``b.one_token_branch`` a call of one token in every row (the host's ``one_token``) skips the copies: a
+    first ``If`` gives the scatter the new token itself (else the ring path's gathered updates and output), the
+    ring is written in place at top level, and a second ``If`` attends over the written ring where it lies (a third,
+    nested, slices its first R slots until it has wrapped) or passes the ring path's output through."""
     q, k, v, pk, pv = node.inputs[:5]
     h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     cos, sin = b.rope(a)
@@ -366,7 +371,10 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
     the resident positions in order from row 0), and every GroupQueryAttention takes ``query_seqlens`` (right
     padding never enters a cache, so batched prompts with past context need no per-sequence calls).  One kernel per
     sliding layer instead of the ring's seven, but causal only: the bidirectional image blocks of the sliding
-    layers cannot be expressed, so such an engine takes text and audio, not images (the runtime refuses them)."""
+    layers cannot be expressed, so such an engine takes text and audio, not images (the runtime refuses them).
+
+    ``ring_decode`` (`RING_DECODE_FORMS`, ring prefill graphs): whether the sliding layers get the one-token branch
+    (`_sliding_prefill`; ``auto``: `ring_decode_in_place`); the report's ``ring_decode`` says what was built."""
     if sliding not in SLIDING_FORMS:
         raise ValueError(f"sliding={sliding!r}; expected one of {SLIDING_FORMS}")
     if sliding == "window" and decode:
