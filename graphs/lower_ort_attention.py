@@ -49,9 +49,10 @@ __all__ = ["RING_DECODE_FORMS", "RING_IN_PLACE_MIN_BYTES", "SLIDING_FORMS", "WIN
 SLIDING_FORMS = ("ring", "window")
 # a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies),
 # "copy" (the prefill path at one token: the slots read are copied twice per layer), "auto" (in place when a sliding
-# layer's ring, K and V in fp32, holds at least RING_IN_PLACE_MIN_BYTES: the branch's two or three If nodes cost a
-# fixed ~10-30 us per layer per step, the copies it saves grow with the ring; 12B 16 MiB, the 234 M bench model
-# 1 MiB; bench/results/ring_step.json and the README's Design notes have the measurements)
+# layer's ring, K and V in fp32, holds at least RING_IN_PLACE_MIN_BYTES: the branch's three If nodes cost a fixed
+# ~70 us per layer per step with the CPU caches cold after the weights (the INT4 bench model: ~0.7 ms of ~11 ms), the
+# copies it saves grow with the ring; 12B 16 MiB, the 234 M bench model 1 MiB; bench/results/ring_step.json and the
+# README's Design notes have the measurements)
 RING_DECODE_FORMS = ("auto", "in_place", "copy")
 RING_IN_PLACE_MIN_BYTES = 4 << 20
 # slots a windowed sliding cache holds beyond the window (`window_slots`): GroupQueryAttention compacts the cache
