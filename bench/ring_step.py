@@ -36,7 +36,7 @@ SHAPES = {  # name: heads, KV heads, head size, window (sliding layers)
 }
 
 
-def one_layer_model(h: int, hkv: int, d: int, w: int, *, max_len: int):
+def one_layer_model(h: int, hkv: int, d: int, w: int):
     """An ONNX model holding one sliding prefill ``FusedAttention`` node of the plugin contract."""
     import onnx_ir as ir
 
@@ -58,7 +58,7 @@ def one_layer_model(h: int, hkv: int, d: int, w: int, *, max_len: int):
         out.type, out.shape = ir.TensorType(f32), ir.Shape(dims)
     graph = ir.Graph([*ins, ids], list(node.outputs), nodes=[node], opset_imports={"": 24, fa.DOMAIN: 1},
                      name="one_layer")
-    return ir.Model(graph, ir_version=10), max_len
+    return ir.Model(graph, ir_version=10)
 
 
 def lowered(shape, *, ring_decode: str, max_len: int) -> bytes:
@@ -66,7 +66,7 @@ def lowered(shape, *, ring_decode: str, max_len: int) -> bytes:
 
     from graphs.lower_ort_attention import lower_attention
 
-    model, _ = one_layer_model(*shape, max_len=max_len)
+    model = one_layer_model(*shape)
     report = lower_attention(model, decode=False, max_len=max_len, log=lambda *_: None, ring_decode=ring_decode)
     if report["Attention"] != 1:
         raise RuntimeError(f"the sliding node was not lowered: {report}")
@@ -146,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pasts", default="100,500,1100,4000", help="context lengths (tokens already cached)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ring_step.json")
     args = ap.parse_args(argv)
+    if args.out.is_dir():  # refused before the run: the record is one file
+        print(f"ring-step: error: --out {args.out} is a directory; give a file path", file=sys.stderr)
+        return 2
     import onnxruntime as ort
 
     results = run(args.rounds, [int(x) for x in args.pasts.split(",")])
@@ -155,8 +158,11 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "shapes": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(args.out)
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"[ring-step] -> {args.out}")
     return 0
 
