@@ -21,7 +21,7 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
 from runtime.manifest import MANIFEST_NAME, ArtifactError, read_manifest
-from runtime.prompt import Prepared, PrefillInputs, expand_prompt, is_batch, pack_batch
+from runtime.prompt import Prepared, PrefillInputs, RowMedia, chunk_end, expand_prompt, is_batch, pack_batch
 from runtime.sampling import make_sampler
 from runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -191,43 +191,24 @@ def _prefill(model: LoadedModel, prepared: list[Prepared], batch: PrefillInputs,
         return model.backend.prefill(batch, cache)
     tk, max_len = model.config["tokens"], model.max_len
     ids = [np.asarray(p.ids, np.int64) for p in prepared]
-    media = []  # per row: (image patches, image positions, audio frames, images before j, audio before j)
-    for p, row in zip(prepared, ids):
-        media.append((np.concatenate(p.image_patches) if p.image_patches else None,
-                      np.concatenate(p.image_positions) if p.image_positions else None,
-                      np.concatenate(p.audio_frames) if p.audio_frames else None,
-                      np.concatenate([[0], np.cumsum(row == tk["image"])]),
-                      np.concatenate([[0], np.cumsum(row == tk["audio"])])))
+    media = [RowMedia(p, tk) for p in prepared]
     done = np.zeros_like(lens)
     logits: np.ndarray | None = None
     while (done < lens).any():
         room = int(min(chunk, (max_len - done).min()))
         ends = done.copy()
         for i, row in enumerate(ids):
-            if done[i] == lens[i]:
-                continue
-            e = int(min(done[i] + room, lens[i]))
-            if e < lens[i] and row[e - 1] == tk["image"] and row[e] == tk["image"]:  # do not cut an image
-                start = e - 1
-                while start > done[i] and row[start - 1] == tk["image"]:
-                    start -= 1
-                if start == done[i]:
-                    raise InputError(f"prompt {i}: an image's soft tokens do not fit one prefill call of {room} tokens "
-                                     f"(prefill_chunk {chunk}); use a smaller max_soft_tokens")
-                e = start
-            ends[i] = e
+            if done[i] < lens[i]:
+                ends[i] = chunk_end(row, int(done[i]), room, tk["image"], index=i, chunk=chunk)
         width = int((ends - done).max())
         call_ids = np.full((len(ids), width), tk["pad"], np.int64)
         parts: list[list[np.ndarray]] = [[], [], []]
         for i, row in enumerate(ids):
             a, b = int(done[i]), int(ends[i])
             call_ids[i, : b - a] = row[a:b]
-            patches, positions, frames, img_before, aud_before = media[i]
-            if patches is not None:
-                parts[0].append(patches[img_before[a]:img_before[b]])
-                parts[1].append(positions[img_before[a]:img_before[b]])
-            if frames is not None:
-                parts[2].append(frames[aud_before[a]:aud_before[b]])
+            for part, x in zip(parts, media[i].between(a, b)):
+                if x is not None:
+                    part.append(x)
         patches, positions, frames = (np.concatenate(x) if x and sum(map(len, x)) else None for x in parts)
         out = model.backend.prefill(PrefillInputs(call_ids, done.copy(), ends - done, patches, positions, frames),
                                     cache)

@@ -176,11 +176,13 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 class _Cache(list):
-    """The cache OrtValues, with the numpy arrays they wrap (same memory)."""
+    """The cache OrtValues, with the numpy arrays they wrap (same memory), and the row views made of it
+    (`OrtBackend.rows`), kept so each view keeps its decode binding."""
 
     def __init__(self, values: list, arrays: list[np.ndarray]):
         super().__init__(values)
         self.arrays = arrays
+        self.views: dict[tuple[int, int], _Cache] = {}
 
 
 def _words(arr: np.ndarray, code: str) -> memoryview:
@@ -200,6 +202,9 @@ class _Writer:
         self.ids, self.past = _words(ids, "q"), _words(past, "q")
         self.seqlens_k = None if seqlens_k is None else _words(seqlens_k, "i")
         self.total = None if total is None else _words(total, "i")
+
+
+_KEPT_BINDINGS = 16  # decode bindings kept: one per cache or row view in use (the engine's batch prefixes)
 
 
 class OrtBackend:
@@ -223,7 +228,9 @@ class OrtBackend:
         # Graphs saved by build-engine are already optimised; re-running the basic passes is cheap and safe.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self.sessions = {}
-        self._bound = None  # the decode step's IOBinding, kept while the same cache is decoded (`_decode_bound`)
+        # the decode steps' IOBindings, one per cache (or row view) decoded lately, newest last (`_decode_bound`)
+        self._bindings: dict[int, dict] = {}
+        self.prefill_chunk = None  # no limit of ONNX Runtime's own (see runtime.backend.Backend.prefill_chunk)
         self.io: dict[str, tuple[list[str], list[str]]] = {}
         rels = {graph: engine.get(graph, manifest["graphs"][graph]["file"]) for graph in ("prefill", "decode")}
         # one graph for both steps only when build-engine says so (all caches in place); a manifest merely naming
@@ -269,6 +276,30 @@ class OrtBackend:
         zeros = [np.zeros(cache_shape(spec, batch, max_len, self.sliding_slots), dtype=np.float32)
                  for spec in self.cache_specs]
         return _Cache([self._ort.OrtValue.ortvalue_from_numpy(z) for z in zeros], zeros)
+
+    def rows(self, cache: list, start: int, stop: int) -> list:
+        """Rows ``start:stop`` of ``cache`` as a cache of OrtValues viewing the same arrays (zero copy; the same
+        view object for the same rows).  Needs a one-graph engine: every cache written in place, so a step on the
+        view lands in ``cache``."""
+        if not self.one_graph:
+            raise ValueError(f"{self.root}: this ONNX Runtime engine does not write every cache in place (sliding "
+                             "rings are rebuilt in prefill), so a step cannot run on some rows of a cache; rebuild "
+                             "it with `make build-engine BACKEND=onnxruntime`")
+        arrays = getattr(cache, "arrays", None)
+        if arrays is None or len(arrays) != len(cache) or any(
+                c.data_ptr() != a.ctypes.data for c, a in zip(cache, arrays)):
+            raise ValueError("rows(): the cache must be one made by new_cache() and still hold its own buffers")
+        batch = len(arrays[0]) if arrays else 0
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= batch):
+            raise ValueError(f"rows({start!r}, {stop!r}): expected 0 <= start < stop <= {batch} (the cache's rows)")
+        if start == 0 and stop == batch:
+            return cache
+        view = cache.views.get((start, stop))
+        if view is None:
+            parts = [a[start:stop] for a in arrays]
+            view = cache.views[(start, stop)] = _Cache([self._ort.OrtValue.ortvalue_from_numpy(a) for a in parts],
+                                                       parts)
+        return view
 
     def _is_sliding(self, cache_index: int) -> bool:
         return self.layer_types[cache_index // 2] == "sliding_attention"
@@ -320,11 +351,11 @@ class OrtBackend:
         """The prefill of ``inputs`` one sequence per call (batch 1: GroupQueryAttention takes past context), each
         on OrtValues viewing its rows of the cache arrays in place; rows with no new tokens are not run (their
         logits are zeros: nothing was computed for them)."""
-        arrays = getattr(cache, "arrays", None)
         if not self.one_graph:  # rings rebuilt out of place: row views cannot take them
             raise ArtifactError(f"{self.root}: this ONNX Runtime engine takes no prefill with past context at batch > 1 "
                                 "(GroupQueryAttention) and does not write every cache in place; rebuild it with "
                                 "`make build-engine BACKEND=onnxruntime`, or prefill one sequence at a time")
+        arrays = getattr(cache, "arrays", None)
         if arrays is None or len(arrays) != len(cache) or any(
                 c.data_ptr() != a.ctypes.data for c, a in zip(cache, arrays)):
             raise ValueError("a prefill with past context at batch > 1 needs the cache made by new_cache()")
@@ -344,7 +375,7 @@ class OrtBackend:
             row = PrefillInputs(ids[b:b + 1], past[b:b + 1], lens[b:b + 1],
                                 take(inputs.image_patches, n_img), take(inputs.image_positions, n_img),
                                 take(inputs.audio_frames, n_aud))
-            views = [self._ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in arrays]
+            views = self.rows(cache, b, b + 1)
             logits = self._run("prefill", prefill_feeds(row, self.manifest), views, [True] * len(views))
             if out is None:
                 out = np.zeros((len(ids), *logits.shape[1:]), logits.dtype)
@@ -379,10 +410,12 @@ class OrtBackend:
         lens = past_lens if type(past_lens) is list else np.asarray(past_lens).reshape(-1).tolist()
         if len(lens) != len(ids):
             raise ValueError(f"decode: {len(ids)} token ids but {len(lens)} past lengths")
-        bound = self._bound
+        bound = self._bindings.get(id(cache))
         if (bound is None or bound["cache"] is not cache or bound["batch"] != len(ids)
                 or len(cache) != len(bound["values"]) or not all(map(operator.is_, bound["values"], cache))):
-            bound = self._bound = self._bind_decode(cache, len(ids))
+            bound = self._bindings[id(cache)] = self._bind_decode(cache, len(ids))
+            while len(self._bindings) > _KEPT_BINDINGS:  # the oldest binding (and the cache it holds) goes
+                del self._bindings[next(iter(self._bindings))]
         write = bound["write"]
         write.ids[:] = array("q", ids)
         write.past[:] = array("q", lens)

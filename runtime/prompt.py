@@ -19,7 +19,7 @@ from runtime.audio import audio_frames, load_audio
 from runtime.errors import InputError
 from runtime.images import preprocess_image
 
-__all__ = ["PrefillInputs", "Prepared", "expand_prompt", "is_batch", "pack_batch"]
+__all__ = ["PrefillInputs", "Prepared", "RowMedia", "chunk_end", "expand_prompt", "is_batch", "pack_batch"]
 
 
 @dataclass
@@ -127,3 +127,46 @@ def pack_batch(prepared: list[Prepared], pad_id: int):
         image_positions=np.concatenate(positions) if positions else None,
         audio_frames=np.concatenate(frames) if frames else None,
     )
+
+
+def chunk_end(row, done: int, room: int, image_id: int, *, index: int = 0, chunk: int | None = None,
+              stretch: int | None = None) -> int:
+    """Where the next prefill call of the prompt ``row`` (token ids) that starts at ``done`` ends: at most ``room``
+    tokens on, never inside an image's soft tokens (sliding layers attend both ways inside an image and the graphs
+    number image blocks per call), so a cut inside an image moves back to the image's start.  An image that starts
+    the call and is longer than ``room`` makes the call end with it when it fits ``stretch`` tokens (the most one
+    call may take); otherwise `InputError`."""
+    end = min(done + room, len(row))
+    if end < len(row) and row[end - 1] == image_id and row[end] == image_id:
+        start = end - 1
+        while start > done and row[start - 1] == image_id:
+            start -= 1
+        if start == done:
+            while end < len(row) and row[end] == image_id:
+                end += 1
+            if stretch is None or end - done > stretch:
+                raise InputError(f"prompt {index}: an image's soft tokens do not fit one prefill call of "
+                                 f"{stretch or room} tokens (prefill_chunk {chunk or room}); use a smaller "
+                                 "max_soft_tokens")
+            return end
+        end = start
+    return end
+
+
+class RowMedia:
+    """One prompt's soft tokens, sliceable by token range: `between(a, b)` gives the image patches, positions and
+    audio frames of the prompt's tokens ``a:b`` (for a prefill call over that range)."""
+
+    def __init__(self, prepared: Prepared, tokens: dict):
+        row = np.asarray(prepared.ids, np.int64)
+        self.patches = np.concatenate(prepared.image_patches) if prepared.image_patches else None
+        self.positions = np.concatenate(prepared.image_positions) if prepared.image_positions else None
+        self.frames = np.concatenate(prepared.audio_frames) if prepared.audio_frames else None
+        self._img = np.concatenate([[0], np.cumsum(row == tokens["image"])]) if "image" in tokens else None
+        self._aud = np.concatenate([[0], np.cumsum(row == tokens["audio"])]) if "audio" in tokens else None
+
+    def between(self, a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        img = None if self.patches is None else slice(self._img[a], self._img[b])
+        aud = None if self.frames is None else slice(self._aud[a], self._aud[b])
+        return (None if img is None else self.patches[img], None if img is None else self.positions[img],
+                None if aud is None else self.frames[aud])

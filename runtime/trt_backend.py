@@ -19,8 +19,9 @@ drives either.  The plugins are registered first (`plugins.tensorrt_plugins`).
 * An image/audio input with zero rows is bound to a 1-element buffer (TensorRT refuses a null address).
 * Every ``set_input_shape``, ``set_tensor_address``, ``set_optimization_profile_async`` and ``execute_async_v3``
   result is checked; a failure raises with the tensor's name.
-* Decode replays a CUDA graph captured on first use for the current batch size (when the decode step updates
-  every cache in place); binding the decode context for another batch size or a new cache drops it.
+* Decode replays a CUDA graph captured on first use for the current batch size and cache (when the decode step
+  updates every cache in place); binding the decode context for another batch size or another cache (or row
+  view of one: `rows`) drops it.
 
 The engine's prefill profile takes at most ``prefill_chunk`` tokens per sequence (manifest), which
 `runtime.generate` respects by prefilling longer prompts in chunks.  Needs torch with CUDA and tensorrt.
@@ -54,6 +55,14 @@ def engine_layout(root: Path, record: dict[str, Any]) -> tuple[bool, dict[str, i
         raise ArtifactError(f"{root}: engines.tensorrt.profile_index: expected distinct integer profiles for "
                             f"{' and '.join(STEPS)}, got {index!r}")
     return one, {step: int(index.get(step, 0)) for step in STEPS}
+
+
+class _Cache(list):
+    """The cache's device tensors, with the row views made of it (`TrtBackend.rows`)."""
+
+    def __init__(self, tensors: list):
+        super().__init__(tensors)
+        self.views: dict[tuple[int, int], _Cache] = {}
 
 
 class TrtBackend:
@@ -121,7 +130,7 @@ class TrtBackend:
         self.prefill_chunk = record.get("prefill_chunk")
         self.vocab = int(manifest["model_config"]["text"]["vocab_size"])
         self.aliased = {g: self._aliases(g) for g in self.engines}
-        self._graph: tuple | None = None  # (batch, CUDAGraph, device inputs by name, logits)
+        self._graph: tuple | None = None  # (batch, CUDAGraph, device inputs by name, logits, cache)
 
     # ------------------------------------------------------------------ engine facts
     def _io(self, graph: str) -> tuple[list[str], list[str]]:
@@ -178,7 +187,26 @@ class TrtBackend:
                      for spec in self.cache_specs]
         self.stream.synchronize()
         self._graph = None  # a captured decode graph points at the previous cache
-        return cache
+        return _Cache(cache)
+
+    def rows(self, cache: list, start: int, stop: int) -> list:
+        """Rows ``start:stop`` of ``cache`` as a cache of device views of the same buffers (rows are the leading
+        dimension, so each view is contiguous; the same view object for the same rows).  Needs every present
+        aliased to its past in both steps (the one-engine build): a step on the view must land in ``cache``."""
+        if not all(all(a.values()) for a in self.aliased.values()):
+            raise ValueError(f"{self.root}: this TensorRT engine does not update every cache in place, so a step "
+                             "cannot run on some rows of a cache; rebuild it (make build-engine BACKEND=tensorrt)")
+        views = getattr(cache, "views", None)
+        batch = int(cache[0].shape[0]) if len(cache) else 0
+        if views is None:
+            raise ValueError("rows(): the cache must be one made by new_cache()")
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= batch):
+            raise ValueError(f"rows({start!r}, {stop!r}): expected 0 <= start < stop <= {batch} (the cache's rows)")
+        if start == 0 and stop == batch:
+            return cache
+        if (start, stop) not in views:
+            views[(start, stop)] = _Cache([c[start:stop] for c in cache])
+        return views[(start, stop)]
 
     # ------------------------------------------------------------------ steps
     def _bind(self, graph: str, feeds: dict, cache: list):
@@ -250,8 +278,8 @@ class TrtBackend:
         if len(lens) != batch:
             raise ValueError(f"decode: {batch} token ids but {len(lens)} past lengths")
         in_place = all(self.aliased["decode"].values())
-        if self._graph is not None and self._graph[0] == batch and in_place:
-            _, graph, bufs, logits = self._graph
+        if self._graph is not None and self._graph[0] == batch and self._graph[4] is cache and in_place:
+            _, graph, bufs, logits, _ = self._graph
             with self._on_stream():
                 bufs["input_ids"].copy_(torch.from_numpy(ids), non_blocking=False)
                 bufs["past_lens"].copy_(torch.from_numpy(lens), non_blocking=False)
@@ -267,7 +295,7 @@ class TrtBackend:
         self.stream.synchronize()
         cache[:] = new_cache
         if in_place:  # the graph reads every bound input buffer: keep them all alive with it
-            self._graph = (batch, self._capture(), keep, logits)
+            self._graph = (batch, self._capture(), keep, logits, cache)
         return out.numpy()
 
     def _capture(self):

@@ -1,0 +1,51 @@
+"""The model runner of in-flight batching: turns a scheduler step into backend calls on one cache of
+``max_batch`` sequence slots, allocated once.
+
+A prefill chunk runs at batch 1 on its slot's rows (`Backend.rows`: a view, nothing copied), with the image
+patches and audio frames of exactly that token range.  A decode step runs once for the cache's leading rows up to
+the highest slot that decodes (slots are handed out lowest first, so that prefix is short); rows in it that do
+not decode (free, or between two prefill chunks) are fed the pad token at their own length: the write lands on a
+position the sequence overwrites before it reads it (full layers), or on the ring slot of the token that just
+left every later query's window (sliding layers), and a free slot's next request starts from ``past_lens`` 0,
+before which nothing is attended.  ``tests/test_engine.py`` checks that no state leaks between requests.
+
+No requests, threads, sampling or HTTP here (`runtime.engine`, `runtime.scheduler`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.prompt import PrefillInputs, RowMedia
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    def __init__(self, model, max_batch: int):
+        self.model, self.backend = model, model.backend
+        self.max_batch, self.max_len = max_batch, model.max_len
+        self.pad = int(model.config["tokens"]["pad"])
+        self.cache = self.backend.new_cache(max_batch, self.max_len)
+        if max_batch > 1:
+            self.backend.rows(self.cache, 0, 1)  # refuses an engine that cannot step on some rows, before serving
+
+    def prefill(self, slot: int, ids: np.ndarray, media: RowMedia, start: int, end: int) -> np.ndarray:
+        """The prompt tokens ``ids[start:end]`` of the sequence in ``slot`` -> (vocab,) logits after ``end - 1``."""
+        patches, positions, frames = media.between(start, end)
+        inputs = PrefillInputs(ids[None, start:end], np.array([start], np.int64), np.array([end - start], np.int64),
+                               patches, positions, frames)
+        return self.backend.prefill(inputs, self.backend.rows(self.cache, slot, slot + 1))[0]
+
+    def decode(self, feed: dict[int, tuple[int, int]], idle: dict[int, int]) -> np.ndarray:
+        """One token for each slot in ``feed`` (slot -> (token, position)); ``idle``: the length of every other
+        occupied slot (fed the pad token there).  Returns (rows, vocab) logits for slots 0..max(feed) (a view the
+        next step overwrites: consume it first)."""
+        n = max(feed) + 1
+        ids, lens = [self.pad] * n, [0] * n
+        for slot, length in idle.items():
+            if slot < n:
+                lens[slot] = length
+        for slot, (token, position) in feed.items():
+            ids[slot], lens[slot] = token, position
+        return self.backend.decode(ids, lens, self.backend.rows(self.cache, 0, n), copy=False)
