@@ -177,7 +177,7 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 class _Cache(list):
     """The cache OrtValues, with the numpy arrays they wrap (same memory), and the row views made of it
-    (`OrtBackend.rows`), kept so each view keeps its decode binding."""
+    (`OrtBackend.rows`: the same view object for the same rows, so the decode binding stays while it is decoded)."""
 
     def __init__(self, values: list, arrays: list[np.ndarray]):
         super().__init__(values)
@@ -204,9 +204,6 @@ class _Writer:
         self.total = None if total is None else _words(total, "i")
 
 
-_KEPT_BINDINGS = 16  # decode bindings kept: one per cache or row view in use (the engine's batch prefixes)
-
-
 class OrtBackend:
     name = "onnxruntime"
 
@@ -228,8 +225,7 @@ class OrtBackend:
         # Graphs saved by build-engine are already optimised; re-running the basic passes is cheap and safe.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self.sessions = {}
-        # the decode steps' IOBindings, one per cache (or row view) decoded lately, newest last (`_decode_bound`)
-        self._bindings: dict[int, dict] = {}
+        self._bound = None  # the decode step's IOBinding, kept while the same cache is decoded (`_decode_bound`)
         self.prefill_chunk = None  # no limit of ONNX Runtime's own (see runtime.backend.Backend.prefill_chunk)
         self.io: dict[str, tuple[list[str], list[str]]] = {}
         rels = {graph: engine.get(graph, manifest["graphs"][graph]["file"]) for graph in ("prefill", "decode")}
@@ -410,12 +406,10 @@ class OrtBackend:
         lens = past_lens if type(past_lens) is list else np.asarray(past_lens).reshape(-1).tolist()
         if len(lens) != len(ids):
             raise ValueError(f"decode: {len(ids)} token ids but {len(lens)} past lengths")
-        bound = self._bindings.get(id(cache))
+        bound = self._bound
         if (bound is None or bound["cache"] is not cache or bound["batch"] != len(ids)
                 or len(cache) != len(bound["values"]) or not all(map(operator.is_, bound["values"], cache))):
-            bound = self._bindings[id(cache)] = self._bind_decode(cache, len(ids))
-            while len(self._bindings) > _KEPT_BINDINGS:  # the oldest binding (and the cache it holds) goes
-                del self._bindings[next(iter(self._bindings))]
+            bound = self._bound = self._bind_decode(cache, len(ids))
         write = bound["write"]
         write.ids[:] = array("q", ids)
         write.past[:] = array("q", lens)
