@@ -23,6 +23,7 @@ from graphs.build import build_engine, tensorrt_unavailable_reason
 from graphs.build_tensorrt import PREFILL_CHUNK, plugin_creators, profiles_for
 from runtime.manifest import read_manifest
 from tests import trt_lean
+from tests.trt_emulated import _FAKE_TRT, _FakeContext, _FakeEngine, emulated_trt_backend
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -324,59 +325,6 @@ def test_engine_config_enables_plugin_output_aliasing(trt_registry, monkeypatch)
 
 
 # ---------------------------------------------------------------------- runtime backend against fakes
-class _FakeEngine:
-    def __init__(self, inputs, outputs, aliases, memory=(1000, 24)):
-        self.io = list(inputs) + list(outputs)
-        self.inputs, self.aliases = set(inputs), aliases
-        self.num_io_tensors = len(self.io)
-        self.memory, self.num_optimization_profiles = memory, len(memory)
-
-    def get_tensor_name(self, i):
-        return self.io[i]
-
-    def get_tensor_mode(self, name):
-        return "in" if name in self.inputs else "out"
-
-    def get_aliased_input_tensor(self, name):
-        return self.aliases.get(name)
-
-    def get_device_memory_size_for_profile_v2(self, index):
-        return self.memory[index]
-
-    def create_execution_context(self, strategy):
-        assert strategy == "user-managed"
-        return _FakeContext()
-
-
-class _FakeContext:
-    def __init__(self):
-        self.shapes, self.addresses, self.refuse, self.runs = {}, {}, set(), 0
-        self.profile = self.memory = None
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = shape
-        return name not in self.refuse
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return ptr != 0 and name not in self.refuse
-
-    def set_optimization_profile_async(self, index, stream):
-        self.profile = index
-        return "profile" not in self.refuse
-
-    def set_device_memory(self, ptr, size):
-        self.memory = (ptr, size)
-
-    def execute_async_v3(self, stream):
-        self.runs += 1
-        return "execute" not in self.refuse
-
-
-_FAKE_TRT = type("trt", (), {"TensorIOMode": type("M", (), {"INPUT": "in"}),
-                             "ExecutionContextAllocationStrategy": type("S", (), {"USER_MANAGED": "user-managed"})})
-
-
 def _fake_backend(artifact_store, *, one_engine=False, alias_sliding_prefill=False):
     """A TrtBackend over fake engines: the two-engine layout (sliding prefill rings out of place unless
     ``alias_sliding_prefill``), or ``one_engine``: one engine of the prefill graph, every cache aliased, two
@@ -532,86 +480,18 @@ def test_trt_backend_refuses_an_inconsistent_engine_record(artifact_store):
 
 
 # ------------------------------------------------------------------ the backend end to end over an emulated engine
-def _host_array(ptr: int, shape, dtype) -> np.ndarray:
-    """The array at a bound (host) address, as an engine reads and writes it."""
-    import ctypes
-
-    shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    if n == 0:
-        return np.zeros(shape, dtype)
-    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
-
-
-class _EmulatedContext(_FakeContext):
-    """Runs the prefill plugin graph with ONNX Runtime on the buffers bound by address, writing the outputs where
-    the backend bound them (presents onto the pasts when aliased): what the engine does, minus the GPU."""
-
-    def __init__(self, engine):
-        super().__init__()
-        self.engine = engine
-
-    def execute_async_v3(self, stream):
-        self.runs += 1
-        sess = self.engine.session
-        feeds = {i.name: _host_array(self.addresses[i.name], self.shapes[i.name],
-                                     np.int64 if i.type == "tensor(int64)" else np.float32).copy()
-                 for i in sess.get_inputs()}
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        for name, value in outs.items():
-            np.copyto(_host_array(self.addresses[name], value.shape, value.dtype), value)
-        return True
-
-
-class _EmulatedEngine(_FakeEngine):
-    def __init__(self, session, aliases):
-        inputs = [i.name for i in session.get_inputs()]
-        super().__init__(inputs, [o.name for o in session.get_outputs()], aliases)
-        self.session = session
-
-    def create_execution_context(self, strategy):
-        assert strategy == "user-managed"
-        return _EmulatedContext(self)
-
-
 def test_trt_backend_generates_like_onnxruntime_over_an_emulated_engine(artifact_store):
     """`runtime.generate` through `TrtBackend` (one engine, two contexts, decode as a one-token prefill, chunked
     prefill at 16 tokens per call for text and audio, the decode graph replayed from its bound buffers) over an engine emulated by
     ONNX Runtime running the prefill plugin graph on the bound host addresses: the same greedy tokens as the ONNX
     Runtime backend, for long prompts (rings wrapped, chunks), a batch of different lengths, images and audio.  The
     caches stay the buffers the backend allocated (every present aliased)."""
-    import onnxruntime as ort
-    import torch
-
     from exporter.config import PRESETS
-    from runtime.trt_backend import TrtBackend
     from tests.cases import MAX_SOFT_TOKENS, cases
 
     art = artifact_store("tiny")
-    manifest = read_manifest(art)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(art / manifest["plugin_graphs"]["prefill"]["file"]), opts,
-                                   providers=["CPUExecutionProvider"])
-    caches = [i.name for i in session.get_inputs() if i.name.startswith("past_") and i.name != "past_lens"]
-    engine = _EmulatedEngine(session, {n.replace("past_", "present_"): n for n in caches})
-    manifest["engines"]["tensorrt"] = {"prefill": "m", "decode": "m", "one_engine": True,
-                                       "profile_index": {"prefill": 0, "decode": 1}, "prefill_chunk": 16}
-    b = TrtBackend.__new__(TrtBackend)
-    b.torch, b.root, b.manifest, b.device = torch, art, manifest, "cpu"
-    b.stream = type("Stream", (), {"cuda_stream": 7, "synchronize": lambda self: None})()
-    b.trt, b.engines, b.contexts = _FAKE_TRT, {"prefill": engine, "decode": engine}, {}
-    b._on_stream = contextlib.nullcontext
-    b._make_contexts({"prefill": 0, "decode": 1})
-    b._setup(manifest)
-    captures, replays = [], []
-
-    class Replay:  # a CUDA graph re-runs the captured launches on the buffers bound at capture
-        def replay(self):
-            replays.append(1)
-            b._execute("decode")
-
-    b._capture = lambda: captures.append(1) or Replay()
+    b = emulated_trt_backend(art)
+    captures, replays = b.captures, b.replays
     ort_model = runtime.load(art, backend="onnxruntime")
     trt_model = dataclasses.replace(ort_model, backend=b)
     allocated = []  # (cache list, its buffers' addresses when allocated)

@@ -1,0 +1,115 @@
+"""The in-flight batching scheduler alone (`runtime.scheduler`), with a fake clock and no model: admission order
+and slots, one prefill chunk per step beside every decoding sequence, the queue bound, removal freeing the slot;
+and the stop-string filter (`runtime.stops`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.scheduler import Overloaded, Scheduler, Seq
+from runtime.stops import StopStrings
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0
+        return self.t
+
+
+def _seq(name, *chunks):
+    return Seq(name, list(chunks) or [(0, 5)])
+
+
+def _run(s: Scheduler, steps: int) -> list[tuple[str | None, list[str]]]:
+    """Plan and 'run' ``steps`` steps; returns (prefilled sequence, decoded sequences) per step."""
+    trace = []
+    for _ in range(steps):
+        step = s.plan()
+        if step.prefill is not None:
+            s.prefilled(step.prefill)
+        s.decoded(step.decode)
+        trace.append((step.prefill.id if step.prefill else None, [q.id for q in step.decode]))
+    return trace
+
+
+def test_admits_in_arrival_order_into_the_lowest_free_slots():
+    s = Scheduler(max_batch=2, max_queue=8, clock=Clock())
+    a, b, c = _seq("a"), _seq("b"), _seq("c")
+    for q in (a, b, c):
+        s.add(q)
+    s.plan()
+    assert (a.slot, b.slot, c.slot) == (0, 1, None) and list(s.waiting) == [c]
+    s.remove(a)  # finished: its slot goes to the next waiting request at the next step
+    assert s.slots[0] is None and s.busy == 1
+    s.plan()
+    assert c.slot == 0 and not s.waiting and a.state == "done"
+
+
+def test_one_prefill_chunk_per_step_beside_every_decoding_sequence():
+    """A long prompt's chunks alternate with the running sequence's decode steps: no stream waits longer than one
+    chunk between two tokens; prefills go oldest first."""
+    s = Scheduler(max_batch=3, max_queue=8, clock=Clock())
+    short = _seq("short", (0, 4))
+    s.add(short)
+    assert _run(s, 2) == [("short", []), (None, ["short"])]
+    long_, other = _seq("long", (0, 4), (4, 8), (8, 10)), _seq("other", (0, 3))
+    s.add(long_)
+    s.add(other)
+    trace = _run(s, 5)
+    assert trace == [("long", ["short"]), ("long", ["short"]), ("long", ["short"]), ("other", ["short", "long"]),
+                     (None, ["short", "long", "other"])]
+    assert (short.length, long_.length, other.length) == (4 + 6, 10 + 2, 3 + 1)
+
+
+def test_queue_bound_raises_overloaded_with_a_retry_hint():
+    s = Scheduler(max_batch=1, max_queue=2, clock=Clock())
+    s.add(_seq("a"))
+    s.add(_seq("b"))
+    with pytest.raises(Overloaded, match="max_queue 2") as e:
+        s.add(_seq("c"))
+    assert e.value.retry_after >= 1.0
+    s.plan()  # a takes the slot: the queue has room again
+    s.add(_seq("c"))
+    assert [q.id for q in s.waiting] == ["b", "c"]
+
+
+def test_removing_a_waiting_or_running_sequence():
+    s = Scheduler(max_batch=1, max_queue=4, clock=Clock())
+    a, b = _seq("a"), _seq("b")
+    s.add(a)
+    s.add(b)
+    s.plan()
+    s.remove(b)  # cancelled while waiting
+    assert not s.waiting and b.state == "done"
+    s.remove(a)  # cancelled while running
+    assert s.idle and s.plan().empty
+
+
+@pytest.mark.parametrize("pieces,stops,want_text,want_stop", [
+    (["Hel", "lo wor", "ld"], ["wor"], "Hello ", True),
+    (["ab", "c"], ["bd"], "abc", False),  # "b" held back, then released
+    (["x<", "/s", ">y"], ["</s>"], "x", True),
+    (["aaa"], [], "aaa", False),
+    (["one", " two"], ["two", "ne t"], "o", True),  # the earliest match wins
+])
+def test_stop_strings(pieces, stops, want_text, want_stop):
+    f = StopStrings(stops)
+    out, stopped = [], False
+    for p in pieces:
+        text, stopped = f.feed(p)
+        out.append(text)
+        if stopped:
+            break
+    out.append(f.flush())
+    assert "".join(out) == want_text and stopped == want_stop
+
+
+def test_stop_strings_hold_back_only_a_possible_start():
+    f = StopStrings(["STOP"])
+    assert f.feed("abcST") == ("abc", False)  # "ST" may start STOP
+    assert f.feed("x") == ("STx", False)
+    assert f.feed("S") == ("", False)
+    assert f.flush() == "S"
