@@ -76,7 +76,7 @@ class SamplingParams:
             raise InputError(f"stop_strings={self.stop_strings!r}; expected a sequence of strings")
         object.__setattr__(self, "stop_ids", tuple(_stop_ids(self.stop_ids)))
         try:
-            make_sampler(t, self.top_k, self.top_p)
+            make_sampler(t or 1.0, self.top_k, self.top_p)  # top_k/top_p are checked even where greedy ignores them
         except ValueError as e:
             raise InputError(str(e)) from None
 
