@@ -140,6 +140,8 @@ class FakeHandle:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
         self._engine.cancelled.append(self.id)
 
 

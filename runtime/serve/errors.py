@@ -60,20 +60,21 @@ def error_response(err: APIError) -> JSONResponse:
 def field_path(loc: tuple | list) -> str:
     """pydantic's error location as a field path: ``("body", "messages", 0, "content")`` -> ``messages[0].content``.
 
-    Locations of union members (``str``, ``list[...]``, a tagged model's tag) are left out: they name a type, not a
-    field the client wrote."""
+    Locations of union members (``str``, ``list[...]``) are left out: they name a type, not a field the client
+    wrote."""
     out = ""
     for part in loc:
         if part == "body" and not out:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and (part in _TYPE_NAMES or part.startswith(("list[", "function-", "literal["))
-                                        or part.endswith("Part")):
+        elif isinstance(part, str) and (part in _TYPE_NAMES or part.startswith(_TYPE_PREFIXES)):
             continue
         else:
             out += f".{part}" if out else str(part)
     return out
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url", "input_audio"}
+# The names pydantic gives the members of a union (``str | list[int]``); our models have no fields of these names.
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TYPE_PREFIXES = ("list[", "dict[", "function-", "literal[")

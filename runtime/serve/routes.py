@@ -184,17 +184,24 @@ async def _run(request: Request, sub: Submission, respond, chunk) -> Response:
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     from runtime.engine import RequestFailed
 
+    outcome: Any = None
     try:
         async with _cancel_on_disconnect(request, handle):
-            async for _ in _pieces(state, handle, t_submit):
-                pass
-            result = await _result(state, handle)
-    except RequestFailed as e:
-        raise APIError(500, f"the engine failed this request: {getattr(e, 'reason', e)}", code="request_failed") from None
+            try:
+                async for _ in _pieces(state, handle, t_submit):
+                    pass
+                outcome = await _result(state, handle)
+            except Exception as e:  # noqa: BLE001 - raised below, outside the task group (no ExceptionGroup)
+                outcome = e
     finally:
         if handle.finish_reason is None:
             handle.cancel()
-    return JSONResponse(respond(result).model_dump())
+    if isinstance(outcome, RequestFailed):
+        raise APIError(500, f"the engine failed this request: {getattr(outcome, 'reason', outcome)}",
+                       code="request_failed")
+    if isinstance(outcome, Exception):
+        raise outcome
+    return JSONResponse(respond(outcome).model_dump())
 
 
 def _ids(kind: str) -> tuple[str, int]:
