@@ -71,6 +71,7 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, max_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.draining = False
         if not engine.ready:
             await anyio.to_thread.run_sync(engine.start)
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 __all__ = [
     "ChatCompletion",
@@ -119,7 +119,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] = Field(
+    prompt: str | list[Annotated[StrictInt, Field(ge=0)]] | list[str] = Field(
         description="a string, or a list of token ids; a list of strings only with one string in it")
     echo: bool | None = Field(None, description="only false is supported")
     suffix: str | None = Field(None, description="not supported")
