@@ -170,7 +170,7 @@ class FakeEngine:
         busy = sum(h.finish_reason is None for h in self.handles)
         return {"queue_depth": 0, "busy_slots": busy, "max_batch": self.max_batch, "running": self.ready}
 
-    def submit(self, prompt, *, images=None, audio=None, params=E.SamplingParams(), max_soft_tokens=280) -> FakeHandle:
+    def submit(self, prompt, *, images=None, audio=None, params=None, max_soft_tokens=280) -> FakeHandle:
         if not self.ready:
             raise RuntimeError("the engine is not running")
         if self.crash_next:
@@ -179,6 +179,7 @@ class FakeEngine:
         if self.overloaded:
             raise _error(E.Overloaded, "64 requests queued", retry_after=2.5)
         images, audio = list(images or []), list(audio or [])
+        params = params if params is not None else E.SamplingParams()
         n = self._prompt_tokens(prompt, images, audio, max_soft_tokens)
         self.submissions.append({"prompt": prompt, "images": images, "audio": audio, "params": params,
                                  "max_soft_tokens": max_soft_tokens})

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("jinja2")
 
-from runtime import AUDIO_PLACEHOLDER, ArtifactError, IMAGE_PLACEHOLDER, chat_prompt  # noqa: E402
-from runtime.generation_config import read_generation_config  # noqa: E402
-from runtime.serve.chat import ChatRenderer, TemplateRefused  # noqa: E402
-from tests.serve_fakes import EOS, TURN_END, FakeModel  # noqa: E402
+from runtime import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, ArtifactError, chat_prompt
+from runtime.generation_config import read_generation_config
+from runtime.serve.chat import ChatRenderer, TemplateRefused
+from tests.serve_fakes import EOS, TURN_END, FakeModel
 
 # Gemma-like: a system turn first, alternating user/model turns, content as a string or parts (image/audio placeholders),
 # `raise_exception`, `tojson`, loop controls, and block tags whose whitespace depends on trim_blocks / lstrip_blocks.

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-import runtime  # noqa: E402
-from tests import serve_fakes  # noqa: E402
-from tests.serve_fakes import FakeEngine, FakeModel  # noqa: E402
+import runtime
+from tests import serve_fakes
+from tests.serve_fakes import FakeEngine, FakeModel
 
 
 @pytest.fixture

@@ -12,14 +12,16 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance, response_schema_conformance, status_code_conformance,
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
 )
 
-from runtime.serve import create_app  # noqa: E402
-from tests.serve_fakes import FakeEngine, FakeModel  # noqa: E402
+from runtime.serve import create_app
+from tests.serve_fakes import FakeEngine, FakeModel
 
 ENGINE = FakeEngine(FakeModel(Path(tempfile.gettempdir()), max_len=512)).start()
 APP = create_app(ENGINE, model_name="gemma-fuzz")

@@ -23,9 +23,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from runtime import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, chat_prompt  # noqa: E402
-from runtime.serve import create_app  # noqa: E402
-from tests.serve_fakes import REPLY, FakeEngine, FakeModel, running_server  # noqa: E402
+from runtime import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, chat_prompt
+from runtime.serve import create_app
+from tests.serve_fakes import REPLY, FakeEngine, FakeModel, running_server
 
 MODEL, KEY = "gemma-test", "sk-test-key"
 ANSWER = "".join(REPLY)
@@ -229,7 +229,7 @@ def test_metrics_named_and_increasing(client, http, engine):
                  "gemma4_queue_depth", "gemma4_busy_slots", "gemma4_time_to_first_token_seconds_count",
                  "gemma4_inter_token_latency_seconds_count"):
         assert name in text, name
-    route = dict(route="/v1/chat/completions", status="200")
+    route = {"route": "/v1/chat/completions", "status": "200"}
     assert _metric(text, "gemma4_requests_total", **route) == _metric(before, "gemma4_requests_total", **route) + 2
     assert _metric(text, "gemma4_generated_tokens_total") == _metric(before, "gemma4_generated_tokens_total") + 20
     assert _metric(text, "gemma4_prompt_tokens_total") > _metric(before, "gemma4_prompt_tokens_total")
@@ -458,12 +458,12 @@ def _wait_for(condition, timeout=5.0):
 
 def test_disconnect_mid_stream_cancels_the_request(server, engine):
     engine.delay = 0.2  # 10 pieces: 2 s if nobody cancels
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        with http.stream("POST", "/v1/chat/completions", json={**_msg("x"), "stream": True}) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert next(lines) == ""
-        # leaving the block closes the connection mid-stream
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}) as http, \
+            http.stream("POST", "/v1/chat/completions", json={**_msg("x"), "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert next(lines) == ""
+    # leaving the block closed the connection mid-stream
     assert _wait_for(lambda: engine.cancelled == [engine.handles[0].id]), engine.cancelled
     assert engine.handles[0].finish_reason == "cancelled"
 

@@ -60,9 +60,9 @@ def load_chat_template(root: Path, tokenizer_files: list[str]) -> tuple[str | No
 
 
 def _environment():
+    from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.exceptions import TemplateError
 
     def raise_exception(message):
         raise TemplateError(message)

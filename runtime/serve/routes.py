@@ -26,8 +26,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.serve.errors import APIError, error_body
 from runtime.serve.schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
-    Completion, CompletionChoice, CompletionRequest, Delta, ErrorResponse, ModelCard, ModelList, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
 )
 from runtime.serve.translate import Submission, chat_submission, completion_submission
 
@@ -101,13 +113,9 @@ async def _submit(state, sub: Submission):
         raise APIError(429, f"the server is overloaded ({e}); retry after {retry} s", code="overloaded",
                        headers={"Retry-After": str(retry)}) from None
     except ValueError as e:  # runtime.InputError: bad prompt, too long, undecodable media
-        raise APIError(400, str(e), param=_input_param(sub), code="invalid_input") from None
+        raise APIError(400, str(e), param=sub.field, code="invalid_input") from None
     except RuntimeError as e:  # the engine was shut down
         raise APIError(503, f"the engine is not accepting requests ({e})", code="unavailable") from None
-
-
-def _input_param(sub: Submission) -> str:
-    return "messages" if isinstance(sub.prompt, str) and (sub.images or sub.audio) else "prompt"
 
 
 async def _pieces(state, handle, t_submit: float) -> AsyncIterator[Any]:

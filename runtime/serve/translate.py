@@ -52,6 +52,7 @@ class Submission:
     max_soft_tokens: int = 280
     stream: bool = False
     include_usage: bool = False
+    field: str = "prompt"  # what the engine's InputError is about: "messages" (chat) or "prompt"
 
 
 def _unsupported(param: str, value: Any, supported: str) -> APIError:
@@ -179,7 +180,7 @@ def chat_submission(req: ChatCompletionRequest, ctx: ServeContext) -> Submission
                            param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _params(req, ctx, max_tokens, ctx.max_len)
-    return Submission(prompt, params, images, audio, soft, stream, include_usage)
+    return Submission(prompt, params, images, audio, soft, stream, include_usage, "messages")
 
 
 def completion_submission(req: CompletionRequest, ctx: ServeContext) -> Submission:
