@@ -179,7 +179,7 @@ def calibrate(
             log(f"[calibrate] {path.name} written")
         if share_external_data(stage, log=log):
             log("[calibrate] prefill and decode share weights.data")
-        for name in manifest.get("tokenizer", []):
+        for name in [*manifest.get("tokenizer", []), *filter(None, [manifest.get("generation_config")])]:
             shutil.copy2(src / name, stage / name)
         (stage / "calibration").mkdir()
         (stage / "calibration" / "scales.json").write_text(json.dumps(scales, indent=1) + "\n")

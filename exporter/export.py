@@ -35,7 +35,9 @@ __all__ = ["OPSET", "WEIGHT_DTYPES", "export_artifact", "graph_io"]
 
 OPSET = 24
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16")  # bf16/fp16: the decoder Linears (`exporter.stream.cast_rewrite`)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"  # sampling defaults and eos ids (`runtime.generation_config`)
 
 
 def _cache_names(cfg: ModelConfig, prefix: str) -> list[str]:
@@ -274,6 +276,9 @@ def export_artifact(
             log("[export] prefill and decode share weights.data")
         for name in tokenizer_files:
             shutil.copy2(Path(tokenizer_dir) / name, stage / name)
+        has_generation_config = bool(tokenizer_dir) and (Path(tokenizer_dir) / GENERATION_CONFIG).is_file()
+        if has_generation_config:
+            shutil.copy2(Path(tokenizer_dir) / GENERATION_CONFIG, stage / GENERATION_CONFIG)
         manifest = {
             "model_config": cfg.to_json_dict(),
             "source": source or getattr(model, "source", {}),
@@ -291,6 +296,7 @@ def export_artifact(
                 "in_place": "present_* aliases past_* (TensorScatter) except sliding layers in prefill",
             },
             "tokenizer": tokenizer_files,
+            **({"generation_config": GENERATION_CONFIG} if has_generation_config else {}),
             "engines": {},
             "versions": _versions(),
             "export_seconds": timings,

@@ -153,6 +153,7 @@ _MANIFEST = _obj(
     },
     {
         "tokenizer": _list(_relpath),
+        "generation_config": _relpath,
         "engines": _obj({}, {"onnxruntime": _ENGINE, "tensorrt": _ENGINE}),
         "plugin_graphs": _obj({}, {"prefill": _obj({"file": _relpath}), "decode": _obj({"file": _relpath})}),
         "quantization": _obj({}, {"scales": _relpath, "stats": _relpath}),
@@ -172,6 +173,8 @@ def opened_paths(manifest: dict[str, Any]) -> dict[str, str]:
                 out[f"engines.{backend}.{g}"] = manifest["engines"][backend][g]
     for i, name in enumerate(manifest.get("tokenizer", [])):
         out[f"tokenizer[{i}]"] = name
+    if "generation_config" in manifest:
+        out["generation_config"] = manifest["generation_config"]
     for key in ("scales", "stats"):
         if key in manifest.get("quantization", {}):
             out[f"quantization.{key}"] = manifest["quantization"][key]
