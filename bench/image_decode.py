@@ -26,9 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import runtime  # noqa: E402
-from runtime.generate import _prefill  # noqa: E402
-from runtime.prompt import expand_prompt, pack_batch  # noqa: E402
+import runtime
+from runtime.generate import _prefill
+from runtime.prompt import expand_prompt, pack_batch
 
 
 def images() -> dict[str, np.ndarray]:
@@ -86,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import onnxruntime as ort
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout
     out = {"what": __doc__.split("\n\n")[0].replace("\n", " "), "machine": f"{platform.machine()}, "
            f"{len(__import__('os').sched_getaffinity(0))} cores (shared)", "onnxruntime": ort.__version__,
            "date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "rounds": a.rounds, "artifacts": {}}
     for art in a.artifact:
         man = json.loads((Path(art) / "manifest.json").read_text())
         text = man["model_config"]["text"]
-        res = {"layers": text["layer_types"].count("sliding_attention"), "full_layers":
+        res = {"sliding_layers": text["layer_types"].count("sliding_attention"), "full_layers":
                text["layer_types"].count("full_attention"), "precision": man.get("precision"),
                "ring_decode": man["engines"]["onnxruntime"]["lowering"]["prefill"]["attention"].get("ring_decode"),
                **measure(art, a.rounds)}
-        res["sliding_layers"] = res.pop("layers")
         print(Path(art).name, json.dumps(res), flush=True)
         out["artifacts"][Path(art).name] = res
     if a.out:
