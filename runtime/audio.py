@@ -26,16 +26,16 @@ __all__ = ["SAMPLES_PER_TOKEN", "SAMPLE_RATE", "AudioInput", "audio_frames", "lo
 SAMPLE_RATE = 16000
 SAMPLES_PER_TOKEN = 640
 
-AudioInput = Union[str, "os.PathLike[str]", np.ndarray]
+AudioInput = Union[str, "os.PathLike[str]", bytes, np.ndarray]
 
 _PCM, _IEEE_FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 _HOW_TO_CONVERT = "Convert it to 16 kHz mono, e.g. `ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav`."
 
 
-def _riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
+def _riff_chunks(data: bytes, label: str) -> dict[bytes, bytes]:
     """The chunks of a RIFF/WAVE file by id (the first of each id wins)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise InputError(f"{str(path)!r} is not a WAV file (no RIFF/WAVE header). {_HOW_TO_CONVERT}")
+        raise InputError(f"{label} is not a WAV file (no RIFF/WAVE header). {_HOW_TO_CONVERT}")
     chunks: dict[bytes, bytes] = {}
     offset = 12
     while offset + 8 <= len(data):
@@ -47,7 +47,7 @@ def _riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
     for needed in (b"fmt ", b"data"):
         if needed not in chunks:
             name = needed.decode().strip()
-            raise InputError(f"WAV file {str(path)!r} has no {name!r} chunk; it is truncated or broken.")
+            raise InputError(f"{label} has no {name!r} chunk; it is truncated or broken.")
     return chunks
 
 
@@ -57,21 +57,26 @@ def _read_wav(path: Path, sample_rate: int) -> np.ndarray:
         data = path.read_bytes()
     except OSError as err:
         raise InputError(f"WAV file {str(path)!r} cannot be read ({err}).") from None
-    chunks = _riff_chunks(data, path)
+    return _decode_wav(data, f"WAV file {str(path)!r}", sample_rate)
+
+
+def _decode_wav(data: bytes, label: str, sample_rate: int) -> np.ndarray:
+    """`_read_wav` of the file's bytes; messages name the source as ``label``."""
+    chunks = _riff_chunks(data, label)
     fmt = chunks[b"fmt "]
     if len(fmt) < 16:
-        raise InputError(f"WAV file {str(path)!r} has a 'fmt' chunk of {len(fmt)} bytes; expected at least 16.")
+        raise InputError(f"{label} has a 'fmt' chunk of {len(fmt)} bytes; expected at least 16.")
     tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
     if tag == _EXTENSIBLE and len(fmt) >= 26:
         (tag,) = struct.unpack_from("<H", fmt, 24)  # first two bytes of the SubFormat GUID
     if channels != 1:
         raise InputError(
-            f"WAV file {str(path)!r} has {channels} channels; expected mono (1 channel). It is not downmixed "
+            f"{label} has {channels} channels; expected mono (1 channel). It is not downmixed "
             f"automatically. {_HOW_TO_CONVERT}"
         )
     if rate != sample_rate:
         raise InputError(
-            f"WAV file {str(path)!r} is sampled at {rate} Hz; expected {sample_rate} Hz. "
+            f"{label} is sampled at {rate} Hz; expected {sample_rate} Hz. "
             f"Resample it to 16 kHz mono, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`."
         )
     width = bits // 8
@@ -81,11 +86,11 @@ def _read_wav(path: Path, sample_rate: int) -> np.ndarray:
         pass
     else:
         raise InputError(
-            f"WAV file {str(path)!r} has sample format {tag:#06x} with {bits} bits; expected PCM 8/16/24/32-bit or "
+            f"{label} has sample format {tag:#06x} with {bits} bits; expected PCM 8/16/24/32-bit or "
             f"IEEE float 32/64-bit. {_HOW_TO_CONVERT}"
         )
     if block_align != width:
-        raise InputError(f"WAV file {str(path)!r} has block align {block_align}; expected {width} for mono {bits}-bit.")
+        raise InputError(f"{label} has block align {block_align}; expected {width} for mono {bits}-bit.")
     raw = chunks[b"data"]
     raw = raw[: len(raw) - len(raw) % width]  # drop a trailing partial sample of a truncated file
     if tag == _IEEE_FLOAT:
@@ -105,7 +110,7 @@ def load_audio(audio: AudioInput, *, sample_rate: int = SAMPLE_RATE) -> np.ndarr
     """Return `audio` as a 1-D float32 waveform.
 
     Accepts a path to a mono WAV file sampled at `sample_rate` (PCM 8/16/24/32-bit, scaled to [-1, 1], or IEEE float,
-    taken as is), a 1-D float array (any float dtype, cast to float32, values not clipped), or a 1-D int16 array
+    taken as is) or the bytes of one, a 1-D float array (any float dtype, cast to float32, values not clipped), or a 1-D int16 array
     (scaled by 1/32768). An array is assumed to be sampled at `sample_rate` already: nothing here can check that.
     """
     if isinstance(audio, (str, os.PathLike)):
@@ -116,6 +121,9 @@ def load_audio(audio: AudioInput, *, sample_rate: int = SAMPLE_RATE) -> np.ndarr
             raise InputError(f"{str(path)!r} is a directory; expected a WAV file.")
         waveform = _read_wav(path, sample_rate)
         source = f"WAV file {str(path)!r}"
+    elif isinstance(audio, (bytes, bytearray, memoryview)):
+        waveform = _decode_wav(bytes(audio), "the WAV bytes", sample_rate)
+        source = "WAV bytes"
     elif isinstance(audio, np.ndarray):
         if audio.ndim != 1:
             raise InputError(
@@ -132,7 +140,8 @@ def load_audio(audio: AudioInput, *, sample_rate: int = SAMPLE_RATE) -> np.ndarr
             )
         source = "audio array"
     else:
-        raise InputError(f"Got audio of type {type(audio).__name__}; expected a WAV file path or a 1-D numpy array.")
+        raise InputError(f"Got audio of type {type(audio).__name__}; expected a WAV file path, WAV bytes or a 1-D numpy "
+                         "array.")
     if waveform.size == 0:
         raise InputError(f"The {source} holds no samples; expected at least one.")
     if not np.all(np.isfinite(waveform)):

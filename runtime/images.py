@@ -18,6 +18,7 @@ It deliberately does not:
 from __future__ import annotations
 
 import math
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ __all__ = [
 
 SUPPORTED_SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
-ImageInput = Union[str, "os.PathLike[str]", "PILImage.Image", np.ndarray]
+ImageInput = Union[str, "os.PathLike[str]", bytes, "PILImage.Image", np.ndarray]
 
 # The reference processor rescales uint8 pixels by multiplying with float32(1/255) (not dividing by 255); the two differ
 # in the last bit for about half of the 256 levels, so we do exactly what it does.
@@ -115,11 +116,12 @@ def _from_pil(image: PILImage.Image, name: str = "the image") -> np.ndarray:
         raise InputError(f"{name} has the PIL mode {mode!r}, which cannot be converted to RGB ({err})") from None
 
 
-def _open(path: Path) -> np.ndarray:
-    """Decode an image file (first frame, EXIF orientation applied as the reference's loader does)."""
+def _open(path, name: str | None = None) -> np.ndarray:
+    """Decode an image file, or a file object of its bytes named ``name`` (first frame, EXIF orientation applied
+    as the reference's loader does)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    name = repr(str(path))
+    name = name or repr(str(path))
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -140,7 +142,7 @@ def _open(path: Path) -> np.ndarray:
 def load_image(image: ImageInput) -> np.ndarray:
     """Return `image` as an (H, W, 3) uint8 RGB array.
 
-    Accepts a path to an image file (EXIF orientation applied), a PIL image of any mode (see `_from_pil`), or an
+    Accepts a path to an image file (EXIF orientation applied) or the file's bytes, a PIL image of any mode (see `_from_pil`), or an
     (H, W, 3) uint8 array (returned as is).  Raises `InputError` for anything it cannot read.
     """
     from PIL import Image
@@ -158,6 +160,10 @@ def load_image(image: ImageInput) -> np.ndarray:
         if image.width == 0 or image.height == 0:
             raise InputError(f"Got an empty PIL image of size {image.size}; expected at least one pixel.")
         return _from_pil(image, f"The PIL image (mode {image.mode})")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if not len(image):
+            raise InputError("Got empty image bytes; expected the bytes of a PNG, JPEG or other Pillow format.")
+        return _open(io.BytesIO(bytes(image)), "the image bytes")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
@@ -166,7 +172,8 @@ def load_image(image: ImageInput) -> np.ndarray:
             raise InputError(f"{str(path)!r} is a directory; expected an image file (PNG, JPEG, ...).")
         return _open(path)
     raise InputError(
-        f"Got an image of type {type(image).__name__}; expected a file path, a PIL image or an (H, W, 3) uint8 array."
+        f"Got an image of type {type(image).__name__}; expected a file path, image file bytes, a PIL image or an (H, W, 3) uint8 "
+        "array."
     )
 
 
