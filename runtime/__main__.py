@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-soft-tokens", type=int, default=280, choices=SUPPORTED_SOFT_TOKEN_BUDGETS,
                    help="soft tokens per image (default 280); smaller budgets leave room for more text")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default: the artifact's generation_config.json, else greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)

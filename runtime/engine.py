@@ -31,6 +31,7 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.generate import PREFILL_CHUNK, GenerationResult, LoadedModel, Piece, _prompt_ids, _stop_ids, _too_long
+from runtime.generation_config import read_generation_config
 from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
 from runtime.prompt import RowMedia, chunk_end, expand_prompt
 from runtime.runner import Runner
@@ -209,8 +210,7 @@ class Engine:
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, chunk
         self._max_call = backend_chunk or PREFILL_CHUNK  # an image longer than a chunk is prefilled whole, up to this
         self.detokenize = detokenize and model.tokenizer is not None
-        tk = model.config["tokens"]
-        self._base_stops = frozenset({int(tk["eos"]), int(tk["turn_end"])})
+        self._base_stops = frozenset(read_generation_config(model)["eos_token_ids"])  # eos, <turn|>, the config's
         self._runner = Runner(model, max_batch)
         self._sched = Scheduler(max_batch, max_queue, clock=clock)
         self._lock = threading.Condition(threading.RLock())

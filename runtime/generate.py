@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.generation_config import read_generation_config
 from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
 from runtime.manifest import MANIFEST_NAME, ArtifactError, read_manifest
 from runtime.prompt import Prepared, PrefillInputs, RowMedia, chunk_end, expand_prompt, is_batch, pack_batch
@@ -304,7 +305,7 @@ def generate(
     images: Any = None,
     audio: Any = None,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
@@ -319,7 +320,9 @@ def generate(
     list of token ids; a batch is a list of those.  ``images``/``audio``: for one prompt, a list in placeholder
     order; for a batch, one such list per prompt.  With ``stream=True`` an iterator of `Piece` is returned
     instead; the final results are then in the iterator's ``results`` attribute once it is exhausted.
-    ``detokenize=False``: token ids only (each `Piece`'s text is empty, the results' ``text`` None), no tokenizer
+    ``temperature``/``top_k``/``top_p`` left at None take the artifact's ``generation_config.json``
+    (`runtime.generation_config`: greedy unless it says ``do_sample``), and its eos ids stop generation besides
+    ``<turn|>``, eos and ``stop``.  ``detokenize=False``: token ids only (each `Piece`'s text is empty, the results' ``text`` None), no tokenizer
     work per step, for callers that detokenize themselves (and for speed comparisons with stacks that return ids).
     """
     model = model_or_dir if isinstance(model_or_dir, LoadedModel) else load(model_or_dir)
@@ -339,8 +342,11 @@ def generate(
             )
     else:
         images, audio = [images], [audio]
-    tk = model.config["tokens"]
-    stop_ids = {tk["eos"], tk["turn_end"], *_stop_ids(stop)}
+    defaults = read_generation_config(model)
+    temperature = defaults["temperature"] if temperature is None else temperature
+    top_k = defaults["top_k"] if top_k is None else top_k
+    top_p = defaults["top_p"] if top_p is None else top_p
+    stop_ids = {*defaults["eos_token_ids"], *_stop_ids(stop)}
     results: list[GenerationResult] = []
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),

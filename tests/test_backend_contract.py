@@ -126,19 +126,40 @@ def test_engine_gives_each_request_its_tokens_alone(model):
     larger): each request's greedy tokens equal `runtime.generate` of it alone."""
     requests = _requests()
     want = _alone(model, requests)
-    engine = Engine(model, max_batch=3, prefill_chunk=min(16, model.backend.prefill_chunk or 16)).start()
+    engine = Engine(model, max_batch=3, prefill_chunk=min(16, model.backend.prefill_chunk or 16))
+    rows, decode = [], engine._runner.decode
+    engine._runner.decode = lambda feed, idle: rows.append(len(feed)) or decode(feed, idle)
     try:
         handles = []
-        for _, ids, im, au in requests:
+        for k, (_, ids, im, au) in enumerate(requests):
             handles.append(engine.submit(ids, images=im, audio=au, params=SamplingParams(max_tokens=NEW),
                                          max_soft_tokens=MAX_SOFT_TOKENS))
-            time.sleep(0.02)  # staggered: later requests join a running batch
+            if k == 2:
+                engine.start()  # the first three start together, the rest arrive while they run
+            elif k > 2:
+                time.sleep(0.005)
         got = [h.result(timeout=300).tokens for h in handles]
     finally:
         engine.shutdown(drain_timeout=0)
     for (name, *_), w, g in zip(requests, want, got):
         assert g == w, f"{model.backend.name} {name}: engine {g} != alone {w}"
-    assert engine.steps < sum(len(w) for w in want), "the requests were not decoded together"
+    assert max(rows) == 3 and len(rows) < sum(len(w) for w in want), f"decoded rows per step: {rows}"
+
+
+def test_engine_sampling_matches_generate_alone(model):
+    """Seeded sampling at temperature 3 (every token depends on the whole distribution, not only its argmax; the
+    tiny model's greedy answers often repeat one token): the engine's tokens equal `runtime.generate` alone."""
+    requests = _requests()
+    kw = dict(temperature=3.0, top_p=0.98)
+    want = [runtime.generate(model, ids, images=im, audio=au, max_new_tokens=NEW, max_soft_tokens=MAX_SOFT_TOKENS,
+                             seed=i, **kw).tokens for i, (_, ids, im, au) in enumerate(requests)]
+    with Engine(model, max_batch=4, prefill_chunk=min(16, model.backend.prefill_chunk or 16)) as engine:
+        handles = [engine.submit(ids, images=im, audio=au, max_soft_tokens=MAX_SOFT_TOKENS,
+                                 params=SamplingParams(max_tokens=NEW, seed=i, **kw))
+                   for i, (_, ids, im, au) in enumerate(requests)]
+        got = [h.result(timeout=300).tokens for h in handles]
+    assert got == want
+    assert len({t for w in want for t in w}) > 3 * len(want), "the sampled answers are too uniform to tell"
 
 
 def test_engine_slot_reuse_after_cancel_and_garbage(model):
