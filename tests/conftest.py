@@ -131,3 +131,16 @@ def demo_accuracy(demo_artifact) -> float:
 
     right, n = evaluate(str(demo_artifact), n=150, log=lambda *_: None)
     return right / n
+
+
+@pytest.fixture(scope="session")
+def demo_engine_artifact(demo_artifact, workdir):
+    """The demo artifact with its ONNX Runtime engine built (`make demo`'s artifact): what the server serves."""
+    import shutil
+
+    from graphs.build import build_engine
+
+    out = workdir / "artifact-demo-engine"
+    shutil.copytree(demo_artifact, out)
+    build_engine(out, "onnxruntime", log=lambda *_: None)
+    return out

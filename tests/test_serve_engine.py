@@ -1,0 +1,223 @@
+"""The server over the real engine and the demo artifact (trained, with its tokenizer), through the official
+`openai` client on 127.0.0.1: chat with text, an image and audio, streaming and completions give exactly what
+`runtime.generate` gives the same prompt alone; concurrent clients too; a client that disconnects mid-stream frees
+its slot; a full queue answers 429; ``python -m runtime.serve`` drains running requests on SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.engine import Engine
+from tests.serve_fakes import running_server
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+MODEL = "demo"
+
+
+@pytest.fixture(scope="module")
+def model(demo_engine_artifact):
+    return runtime.load(demo_engine_artifact)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    from runtime.serve import create_app
+
+    engine = Engine(model, max_batch=4, max_queue=8)
+    app = create_app(engine, model_name=MODEL)
+    with running_server(app) as port:
+        yield engine, port
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    _, port = served
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _examples():
+    from demo.tasks import examples
+
+    out = {}
+    for ex in examples("heldout", 60):
+        out.setdefault(ex.kind, ex)
+    return out
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(wave_f32: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(wave_f32, -1, 1) * 32767).astype(np.int16).tobytes())
+    return buf.getvalue()
+
+
+def _parts(ex) -> tuple[list, dict]:
+    """The example's user content as OpenAI parts, and the generate() keyword arguments of the same media."""
+    text = ex.question.replace("<|image|>", "").replace("<|audio|>", "")
+    if ex.images:
+        png = _png(ex.images[0])
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        return [{"type": "image_url", "image_url": {"url": url, "detail": "low"}}, {"type": "text", "text": text}], \
+            {"images": [png], "max_soft_tokens": 70}
+    if ex.audio:
+        wav = _wav(ex.audio[0])
+        return [{"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+                {"type": "text", "text": text}], {"audio": [wav]}
+    return [{"type": "text", "text": text}], {}
+
+
+@pytest.mark.parametrize("kind", ["sum", "colour", "pitch"])
+def test_chat_equals_generate_alone(client, model, kind):
+    ex = _examples()[kind]
+    content, media = _parts(ex)
+    want = runtime.generate(model, ex.question.join(["<|turn>user\n", "<turn|>\n<|turn>model\n"]), max_new_tokens=8,
+                            **media)
+    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8,
+                                         temperature=0)
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].finish_reason == {"stop": "stop", "length": "length"}[want.finish_reason]
+    assert got.usage.prompt_tokens == want.prompt_tokens and got.usage.completion_tokens == len(want.tokens)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                            max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.tokens)
+
+
+def test_completions_with_token_ids_equal_generate(client, model):
+    ids = model.tokenizer.encode(_examples()["sum"].question.join(["<|turn>user\n", "<turn|>\n<|turn>model\n"]))
+    want = runtime.generate(model, ids, max_new_tokens=6)
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(ids)
+
+
+def test_concurrent_clients_each_get_their_answer_alone(client, model):
+    exs = [ex for ex in __import__("demo.tasks", fromlist=["examples"]).examples("heldout", 12)]
+    wants, gots = [], [None] * len(exs)
+    for ex in exs:
+        _, media = _parts(ex)
+        wants.append(runtime.generate(model, ex.question.join(["<|turn>user\n", "<turn|>\n<|turn>model\n"]),
+                                      max_new_tokens=6, **media).text)
+
+    def ask(i, ex):
+        content, _ = _parts(ex)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                           max_tokens=6, temperature=0)
+        gots[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i, ex)) for i, ex in enumerate(exs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert gots == wants
+
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnect_mid_stream_frees_the_slot(served):
+    import httpx
+
+    engine, port = served
+    body = {"model": MODEL, "prompt": [2, 5, 6, 7], "max_tokens": 200, "stream": True, "temperature": 0.0,
+            "stop": None}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one token arrived: leave
+    assert _wait(lambda: engine.stats()["busy_slots"] == 0), engine.stats()
+
+
+def test_a_full_queue_answers_429(model):
+    import httpx
+
+    from runtime.serve import create_app
+
+    engine = Engine(model, max_batch=1, max_queue=0)
+    with running_server(create_app(engine, model_name=MODEL)) as port, httpx.Client(timeout=60) as http:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": MODEL, "prompt": [2, 5, 6, 7], "max_tokens": 200, "stream": True}
+        with http.stream("POST", url, json=body) as first:
+            next(line for line in first.iter_lines() if line.startswith("data: {"))  # it holds the only slot
+            refused = http.post(url, json={**body, "stream": False})
+        assert refused.status_code == 429 and float(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["type"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_running_requests(demo_engine_artifact):
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(demo_engine_artifact), "--port", str(port),
+                             "--drain-timeout", "60", "--max-batch", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert _wait(healthy, 120), "the server did not become healthy"
+        with httpx.Client(timeout=120) as http:
+            with http.stream("POST", url + "/v1/completions",
+                             json={"prompt": [2, 5, 6, 7], "max_tokens": 40, "stream": True}) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: {"))
+                proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data: ")]
+        events = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate(timeout=10)[0]
+    assert "Traceback" not in out, out[-3000:]
