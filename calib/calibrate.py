@@ -15,7 +15,7 @@ What is quantized (``--quantize``, `DEFAULT_QUANTIZE`): INT8 and INT4 quantize t
 head** (on the 234 M bench model the LM head is 168 M of 234 M parameters: left fp32, a decode step read more LM head
 than decoder); the embedding gather then reads an fp16 copy of the table (`calib.embedding`), the only reader left of
 the fp32 table.  FP8 quantizes the decoder only: on ONNX Runtime's CPU an FP8 weight is dequantized to fp32 at build
-time (`graphs.lower_qdq_ort`), so an FP8 LM head would be a second fp32 copy of the table beside the embedding's, with
+time (`graphs.ort.qdq`), so an FP8 LM head would be a second fp32 copy of the table beside the embedding's, with
 no speed gain; TensorRT users can ask for it (``--quantize decoder,lm_head``).  ``--quantize decoder`` gives the old
 INT8/INT4 form (fp32 LM head and embedding).  Vision and audio projections, norms and attention stay fp32 unless
 ``vision``/``audio`` are named.
