@@ -30,16 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from calib.linears import find_linears, group_of
+from calib.parts import DEFAULT_QUANTIZE, GROUPS
 from calib.qdq import PRECISIONS, activation_scales, quantize_graph, weight_scales
 from calib.smoothquant import apply_smoothing, plan_smoothing
 from calib.stats import Stats, collect_stats
+from exporter.linears import find_linears, group_of
 
 __all__ = ["DEFAULT_QUANTIZE", "GROUPS", "calibrate"]
-
-GROUPS = ("decoder", "lm_head", "vision", "audio")
-# what ``--quantize`` defaults to, per precision (module docstring: why FP8 keeps its LM head fp32)
-DEFAULT_QUANTIZE = {"int8": ("decoder", "lm_head"), "int4": ("decoder", "lm_head"), "fp8": ("decoder",)}
 
 
 def _peak_rss_mib() -> float:
@@ -78,7 +75,7 @@ def calibrate(
     import onnx_ir as ir
 
     from calib.data import prompts_for
-    from graphs.share_weights import share_external_data
+    from exporter.share_weights import share_external_data
     from runtime.manifest import read_manifest, write_manifest
     from runtime.staging import check_output, staged_artifact
 

@@ -143,7 +143,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
             log(f"[build-engine] onnxruntime {graph}: optimised graph saved ({time.perf_counter() - t0:.1f} s)")
             bar.update(1, note=f"{graph} done")
         bar.close()
-        from graphs.share_weights import share_external_data
+        from exporter.share_weights import share_external_data
 
         if not one_graph and share_external_data(stage, log=log):
             log("[build-engine] onnxruntime graphs share ort/weights.data")
