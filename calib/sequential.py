@@ -3,7 +3,7 @@
 For models whose fp32 artifact does not fit (the 12B: 48 GB), `make calibrate` (which runs the fp32 graph) is not
 an option.  This module does what llm-compressor's sequential pipeline and AutoAWQ do:
 
-1. **Statistics, one decoder layer at a time** (`collect_sequential`): the calibration prompts are embedded (only
+1. **Statistics, one decoder layer at a time** (`calib.layerwise`): the calibration prompts are embedded (only
    the embedding rows they use are read) and their hidden states carried from layer to layer through our PyTorch
    model (`exporter.model`).  Each layer's weights are read from the checkpoint, run on every prompt with hooks
    on its Linears (`calib.stats.TensorStats`: absmax, mean |x|, mean x^2, a row sample), then dropped.  While the
@@ -13,7 +13,7 @@ an option.  This module does what llm-compressor's sequential pipeline and AutoA
    streams from the checkpoint into external data, the decoder Linears quantized tensor by tensor on the way
    (`calib.int4.quantize_graph_int4`: ``DequantizeLinear(int4, axis 0, block_size) -> MatMul``, the same graph
    form as ``make calibrate PRECISION=int4``).  AWQ factors fold into the input RMSNorms (q/k/v, gate/up) and
-   up_proj's rows (down_proj) as the weights stream (`FoldedWeights`), or stay a ``Mul`` before o_proj.
+   up_proj's rows (down_proj) as the weights stream (`calib.stream_rewrites`), or stay a ``Mul`` before o_proj.
    The tied LM head is quantized too (``lm_head``), and the embedding gather reads an fp16 copy
    of the table (rows are cast to fp32 after the gather), so the 12B's 1 B-parameter table costs 2 GB + 0.5 GB
    instead of 4 GB: that is what keeps the INT4 12B under 9 GB.
