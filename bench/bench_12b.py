@@ -19,8 +19,8 @@ runs (the peak is what the step needs on disk at once).  Steps:
    sessions with every weight each: 22 GiB peak for the 48-layer INT4 artifact);
 5. ``generate``: `runtime.generate` on the INT4 artifact, 16 new tokens for a text and for an image prompt: load
    time, time to first token, decode tokens/s, and the weight-read bound (bytes of the weights one decode step
-   reads, tables only gathered from excepted, over the read bandwidth `bench.runtime.bandwidth_probe` measures in
-   the same process: two threads, as the runtime);
+   reads, tables only gathered from excepted, over the read bandwidth `bench.runtime_timing.bandwidth_probe`
+   measures in the same process: two threads, as the runtime);
 6. ``int8`` / ``fp8``: `calib.sequential` W8A8 from the checkpoint (SmoothQuant 0.5 for INT8, the LM head INT8;
    FP8 decoder only, as ``make calibrate``), then deleted.
 
@@ -43,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.paths import repo_paths_in  # noqa: E402
 
 
 def _du(path: Path) -> int:
@@ -93,7 +95,7 @@ def _child_generate(art: str) -> int:
     import numpy as np
 
     import runtime
-    from bench.runtime import bandwidth_probe
+    from bench.runtime_timing import bandwidth_probe
 
     probe = bandwidth_probe(1024, threads=2, repeats=5)  # the runtime reads weights on 2 threads
     bw = probe()
@@ -119,7 +121,7 @@ def _child_generate(art: str) -> int:
             n += 1
         decode = (times[-1] - times[0]) / max(1, n - 1) if n > 1 else float("nan")
         out[kind] = {"new_tokens": n, "ttft_s": round(times[0], 2), "decode_tok_s": round(1 / decode, 3)}
-    from bench.runtime import weight_bytes_read
+    from bench.runtime_timing import weight_bytes_read
 
     engine = man.get("engines", {}).get("onnxruntime", {})
     graph = Path(art) / engine.get("decode", man["graphs"]["decode"]["file"])
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "artifact_gib": round(_du(qart) / 2**30, 3), "quantized": q["quantized"],
                 "smoothquant_alpha": q["smoothquant_alpha"], "embedding": q["embedding"],
                 "calibration": f"{q['calibration_prompts']} prompts, {q['calibration_tokens']} tokens from "
-                               f"{q['calibration_data']} (images at {q['max_soft_tokens']} soft tokens)",
+                               f"{repo_paths_in(q['calibration_data'])} (images at {q['max_soft_tokens']} soft tokens)",
                 "statistics_s": q["sequential"]["statistics_seconds"],
             }
             shutil.rmtree(qart, ignore_errors=True)  # measured; --keep keeps the checkpoint and the INT4 artifact
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 "artifact_gib": round(_du(art) / 2**30, 3), "method": a.method, "block_size": a.block_size,
                 "awq_objective": a.awq_objective if a.method == "awq" else None,
                 "calibration": f"{q['calibration_prompts']} prompts, {q['calibration_tokens']} tokens from "
-                               f"{q['calibration_data']} (images at {q['max_soft_tokens']} soft tokens)",
+                               f"{repo_paths_in(q['calibration_data'])} (images at {q['max_soft_tokens']} soft tokens)",
                 "per_layer": q["sequential"]["layers"],
             }
         if "build" in steps:  # the ONNX Runtime engine a user builds next: one session, the weights held once
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             ck["checkpoint_gib"] = round(_du(ckpt) / 2**30, 3)
     except BaseException as e:  # the steps done so far are still written, with what stopped the run
         failed = e
-        results["failed"] = f"{type(e).__name__}: {e}"
+        results["failed"] = repo_paths_in(f"{type(e).__name__}: {e}")
     finally:
         if not a.keep:  # only what this bench made: --work may name a directory holding other files
             for d in (ckpt, art, exp, work / "int8", work / "fp8"):

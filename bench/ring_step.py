@@ -1,6 +1,6 @@
 """One sliding layer's decode step in the default (ring) ONNX Runtime engine, with and without the one-token branch.
 
-`graphs.lower_ort_attention` lowers a ring sliding layer to RotaryEmbedding + an ``Attention`` over
+`graphs.ort.attention` lowers a ring sliding layer to RotaryEmbedding + an ``Attention`` over
 concat(first n ring slots, new keys) + an in-place ring write.  For a one-token call that path copies the part of
 the ring it reads twice (a ``Slice``, then the concat), per layer, for K and V.  The one-token branch
 (``ring_decode="in_place"``, the default for the 12B) writes the new token first and attends over the ring where it lies.
@@ -64,7 +64,7 @@ def one_layer_model(h: int, hkv: int, d: int, w: int):
 def lowered(shape, *, ring_decode: str, max_len: int) -> bytes:
     import onnx_ir as ir
 
-    from graphs.lower_ort_attention import lower_attention
+    from graphs.ort.attention import lower_attention
 
     model = one_layer_model(*shape)
     report = lower_attention(model, decode=False, max_len=max_len, log=lambda *_: None, ring_decode=ring_decode)

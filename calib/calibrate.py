@@ -15,7 +15,7 @@ What is quantized (``--quantize``, `DEFAULT_QUANTIZE`): INT8 and INT4 quantize t
 head** (on the 234 M bench model the LM head is 168 M of 234 M parameters: left fp32, a decode step read more LM head
 than decoder); the embedding gather then reads an fp16 copy of the table (`calib.embedding`), the only reader left of
 the fp32 table.  FP8 quantizes the decoder only: on ONNX Runtime's CPU an FP8 weight is dequantized to fp32 at build
-time (`graphs.lower_qdq_ort`), so an FP8 LM head would be a second fp32 copy of the table beside the embedding's, with
+time (`graphs.ort.qdq`), so an FP8 LM head would be a second fp32 copy of the table beside the embedding's, with
 no speed gain; TensorRT users can ask for it (``--quantize decoder,lm_head``).  ``--quantize decoder`` gives the old
 INT8/INT4 form (fp32 LM head and embedding).  Vision and audio projections, norms and attention stay fp32 unless
 ``vision``/``audio`` are named.
@@ -30,16 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from calib.linears import find_linears, group_of
+from calib.parts import DEFAULT_QUANTIZE, GROUPS
 from calib.qdq import PRECISIONS, activation_scales, quantize_graph, weight_scales
 from calib.smoothquant import apply_smoothing, plan_smoothing
 from calib.stats import Stats, collect_stats
+from exporter.linears import find_linears, group_of
 
 __all__ = ["DEFAULT_QUANTIZE", "GROUPS", "calibrate"]
-
-GROUPS = ("decoder", "lm_head", "vision", "audio")
-# what ``--quantize`` defaults to, per precision (module docstring: why FP8 keeps its LM head fp32)
-DEFAULT_QUANTIZE = {"int8": ("decoder", "lm_head"), "int4": ("decoder", "lm_head"), "fp8": ("decoder",)}
 
 
 def _peak_rss_mib() -> float:
@@ -78,7 +75,7 @@ def calibrate(
     import onnx_ir as ir
 
     from calib.data import prompts_for
-    from graphs.share_weights import share_external_data
+    from exporter.share_weights import share_external_data
     from runtime.manifest import read_manifest, write_manifest
     from runtime.staging import check_output, staged_artifact
 

@@ -12,7 +12,7 @@ A data directory holds prompts as files:
 * optional ``dataset.json``: ``{"max_soft_tokens": 70}`` (the image budget, default 280 as in `runtime.generate`).
 
 The default set (``calib/default_data``: ``calibration/`` and a separate ``heldout/``) was made offline by
-``python -m calib.make_default_data`` from the demo task generator: chat-formatted English questions with images
+``python -m demo.make_default_data`` from the demo task generator: chat-formatted English questions with images
 and 16 kHz tones.  Artifacts without a tokenizer (the tiny test presets) get synthetic id prompts instead, with the
 default set's images and clips.  Nothing here runs a model.
 """

@@ -25,9 +25,9 @@ def gather_fp16(model) -> int:
     fp32.  The fp32 table is dropped when nothing else reads it.  Returns the number of Gathers rewritten."""
     import onnx_ir as ir
 
-    from calib.linears import drop_unused_weights
+    from exporter.cast_precision import cast_output_to_float
+    from exporter.linears import drop_unused_weights
     from exporter.stream import lazy_tensor
-    from graphs.cast_precision import cast_output_to_float
 
     graph = model.graph
     done = 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calib.linears import Linear, drop_unused_weights
+from exporter.linears import Linear, drop_unused_weights
 
 __all__ = [
     "AwqResult", "BLOCK_SIZES", "awq_search", "dequantize_int4_blockwise", "int4_values", "pack_int4", "plan_int4",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calib.linears import Linear, drop_unused_weights
+from exporter.linears import Linear, drop_unused_weights
 
 __all__ = ["PRECISIONS", "Precision", "activation_scales", "quantize_graph", "quantized_weight", "weight_scales"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.linears import find_linears, layer_index
+from exporter.linears import find_linears, layer_index
 
 __all__ = ["TARGETS", "accuracy_report", "log_softmax", "next_token_metrics"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calib.linears import Linear, trace_back
+from exporter.linears import Linear, trace_back
 
 __all__ = ["SmoothGroup", "SmoothPlan", "apply_smoothing", "plan_smoothing", "smoothing_factors"]
 

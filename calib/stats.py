@@ -1,6 +1,6 @@
 """Activation statistics of every Linear input, collected once by running the fp32 prefill graph.
 
-For each Linear (decoder projections, LM head, vision and audio projections: `calib.linears`) the input
+For each Linear (decoder projections, LM head, vision and audio projections: `exporter.linears`) the input
 activation's per-channel absmax (what SmoothQuant needs), per-channel mean |x| and mean x^2 and a reservoir sample of
 128 rows (what INT4's AWQ search needs), per-tensor amax, and a histogram of ``|x|`` on fixed
 log-spaced bins (1e-10 .. 1e6, 2048 bins: under 1.2 % relative bin width) from which any percentile can be read
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.linears import find_linears
+from exporter.linears import find_linears
 
 __all__ = ["EDGES", "Stats", "TensorStats", "augmented_session", "collect_stats"]
 

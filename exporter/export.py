@@ -27,7 +27,7 @@ from torch import nn
 
 from exporter.config import ModelConfig, PRESETS, load_config
 from exporter.model import Gemma4Model, cache_shapes
-from graphs.share_weights import share_external_data
+from exporter.share_weights import share_external_data
 from runtime.manifest import write_manifest
 from runtime.staging import check_output, error_message, staged_artifact
 

@@ -271,12 +271,13 @@ def stream_graph(program, path: Path, source, cfg: ModelConfig, *, rewrite=None,
 
 
 def cast_rewrite(dtype: str):
-    """A ``stream_graph`` rewrite storing the decoder Linears' weights in ``dtype`` (bf16/fp16; `graphs.cast_precision`:
-    the GEMM in that type, activations cast around it, everything else fp32).  The tied embedding/LM head stays fp32
-    (lowering the LM head alone would store a second copy of it).  Each weight is read and converted when saved."""
+    """A ``stream_graph`` rewrite storing the decoder Linears' weights in ``dtype`` (bf16/fp16;
+    `exporter.cast_precision`: the GEMM in that type, activations cast around it, everything else fp32).  The tied
+    embedding/LM head stays fp32 (lowering the LM head alone would store a second copy of it).  Each weight is read
+    and converted when saved."""
 
     def rewrite(model, source, progress) -> None:
-        from graphs.cast_precision import cast_linears
+        from exporter.cast_precision import cast_linears
 
         cast_linears(model, dtype, groups=("decoder",))
 

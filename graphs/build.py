@@ -49,11 +49,11 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def _pack_qkv(model, src: Path, config: dict, log):
-    """`graphs.lower_ort_packed_qkv` on what ONNX Runtime will load (``model``: the lowered file or its serialized
+    """`graphs.ort.packed_qkv` on what ONNX Runtime will load (``model``: the lowered file or its serialized
     proto with weights beside ``src``): the model to load and the pass's counts."""
     import onnx
 
-    from graphs.lower_ort_packed_qkv import pack_qkv
+    from graphs.ort.packed_qkv import pack_qkv
 
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
     report = pack_qkv(proto, Path(src).parent)
@@ -70,13 +70,13 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
                        ring_decode: str = "auto") -> dict:
     import onnxruntime as ort
 
-    from graphs.lower_qdq_ort import lower_quantized_for_ort
+    from graphs.ort.qdq import lower_quantized_for_ort
 
     if manifest.get("precision") == "bf16":
         raise RuntimeError(f"{root}: bf16 weights (--weight-dtype bf16) cannot run on ONNX Runtime's CPU (no bf16 "
                            "MatMul); build with BACKEND=tensorrt, or export --weight-dtype fp32 for the CPU")
 
-    from graphs.lower_ort import lower_to_file, remove_lowered
+    from graphs.ort.lower import lower_to_file, remove_lowered
     from runtime.ort_backend import _ort_errors
 
     stage = root / temp_name("ort")
@@ -101,7 +101,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
                     bar.update(1, note="decode: served by the prefill graph")
                     break
             t0 = time.perf_counter()
-            # fused attention/norm kernels (graphs.lower_ort), written beside the source until ORT has saved its form
+            # fused attention/norm kernels (graphs.ort.lower), written beside the source until ORT has saved its form
             src, lowering[graph] = lower_to_file(root / sources[graph], manifest, decode=graph == "decode", log=log,
                                                  sliding=sliding, slack=slack, ring_decode=ring_decode)
             if sliding == "window" and graph == "prefill":
@@ -143,7 +143,7 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
             log(f"[build-engine] onnxruntime {graph}: optimised graph saved ({time.perf_counter() - t0:.1f} s)")
             bar.update(1, note=f"{graph} done")
         bar.close()
-        from graphs.share_weights import share_external_data
+        from exporter.share_weights import share_external_data
 
         if not one_graph and share_external_data(stage, log=log):
             log("[build-engine] onnxruntime graphs share ort/weights.data")
@@ -188,12 +188,12 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
                  ort_sliding_slack: int | None = None, ort_ring_decode: str = "auto", log=print) -> dict:
     """Build engines for ``backend``; with ``plugins`` (the default) from the plugin graphs, written first.
     ``int8_kernel``, ``fp8_activations``: ONNX Runtime's form of INT8 / FP8 Linears
-    (`graphs.lower_qdq_ort.lower_quantized_for_ort`).  ``ort_sliding``: ONNX Runtime's sliding layers, ``ring``
-    (every input) or ``window`` (faster, text and audio only: `graphs.lower_ort_attention.lower_attention`), with
+    (`graphs.ort.qdq.lower_quantized_for_ort`).  ``ort_sliding``: ONNX Runtime's sliding layers, ``ring``
+    (every input) or ``window`` (faster, text and audio only: `graphs.ort.attention.lower_attention`), with
     ``ort_sliding_slack`` slots beyond the window.  ``ort_ring_decode``: a ring engine's decode step, ``in_place``
     (the ring written, then read where it lies), ``copy`` (the slots read copied) or ``auto`` (in place for rings
     of >= 4 MiB per layer: the 12B)."""
-    from graphs.lower_ort_attention import RING_DECODE_FORMS, SLIDING_FORMS
+    from graphs.ort.attention import RING_DECODE_FORMS, SLIDING_FORMS
 
     if ort_sliding not in SLIDING_FORMS:
         raise ValueError(f"--ort-sliding {ort_sliding!r}; expected one of {', '.join(SLIDING_FORMS)}")
@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8-kernel", default="auto", choices=("auto", "MatMulNBits", "MatMulIntegerToFloat", "mixed"),
                    help="ONNX Runtime, INT8 artifacts: every Linear as 8-bit MatMulNBits, as MatMulIntegerToFloat, or "
                         "mixed (the LM head MatMulNBits, the rest MatMulIntegerToFloat); auto picks by this CPU "
-                        "(graphs.lower_qdq_ort.auto_int8_kernel)")
+                        "(graphs.ort.qdq.auto_int8_kernel)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="TensorRT: precision of an fp32 artifact's Linears on the GPU (Q/DQ artifacts keep theirs)")
-    from graphs.lower_ort_attention import RING_DECODE_FORMS, SLIDING_FORMS
+    from graphs.ort.attention import RING_DECODE_FORMS, SLIDING_FORMS
 
     p.add_argument("--ort-sliding", default="ring", choices=SLIDING_FORMS,
                    help="ONNX Runtime: sliding layers over a ring of window slots (default; text, images, audio) or "

@@ -1,7 +1,7 @@
 """The TensorRT engine from an artifact's plugin graphs (``make build-engine BACKEND=tensorrt``; needs a GPU).
 
 Registers the plugins (`plugins.tensorrt_plugins`), casts an fp32 artifact's Linears to bf16 (default) or fp16
-(`graphs.cast_precision`, in a temporary copy), parses the prefill plugin graph with Polygraphy's
+(`exporter.cast_precision`, in a temporary copy), parses the prefill plugin graph with Polygraphy's
 ``NetworkFromOnnxPath`` as a strongly typed network (precision comes from the graph: fp32, or Q/DQ from
 `calib`; TensorRT 11 has no other way), where nodes carrying ``plugin_namespace`` resolve to the registered plugins
 ahead of their function bodies, and builds **one engine with two optimization profiles**:
@@ -96,10 +96,10 @@ def require_plugin_creators(onnx_path: Path) -> None:
 
 
 def _cast_sources(root: Path, sources: dict[str, str], dtype: str, work: Path, log) -> dict[str, str]:
-    """fp32 plugin graphs with their Linears in ``dtype`` (`graphs.cast_precision`), written under ``work``."""
+    """fp32 plugin graphs with their Linears in ``dtype`` (`exporter.cast_precision`), written under ``work``."""
     import onnx_ir as ir
 
-    from graphs.cast_precision import cast_linears
+    from exporter.cast_precision import cast_linears
 
     out = {}
     work.mkdir(parents=True, exist_ok=True)

@@ -150,10 +150,3 @@ def check_external_data(root: str | Path, manifest: dict[str, Any], rel: str) ->
                 f"not list in `files`; refused"
             )
     return graph
-
-
-def staged_artifact(out: str | Path, **kwargs):
-    """Moved to `runtime.staging.staged_artifact` (which checks OUT before replacing it); kept as a redirect."""
-    from runtime.staging import staged_artifact as staged
-
-    return staged(out, **kwargs)

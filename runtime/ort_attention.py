@@ -1,7 +1,7 @@
 """The attention geometry an ONNX Runtime engine takes as inputs: positions, masks and cache-write indices, computed
 on the host from the lengths the runtime already has.
 
-`graphs.lower_ort_attention` lowers each attention node of the one-graph engine to ONNX Runtime kernels
+`graphs.ort.attention` lowers each attention node of the one-graph engine to ONNX Runtime kernels
 (GroupQueryAttention for full layers; RotaryEmbedding + Attention + an in-place ring write for sliding layers).
 Those kernels need a few small tensors that depend only on ``past_lens``, ``seq_lens``, the number of new tokens S,
 the window and where the image tokens are; every layer of a kind shares them.  Computed inside the graph they cost
@@ -26,7 +26,7 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
 
 Image blocks are contiguous runs of the image token, numbered per row, only when the call has image rows (a decode
-step that generates the image token id embeds it as text: `graphs.lower_ort.gate_soft_token_slots`).
+step that generates the image token id embeds it as text: `graphs.ort.lower.gate_soft_token_slots`).
 Torch-free.
 """
 

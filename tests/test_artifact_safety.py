@@ -390,7 +390,7 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path, cli):
 
 
 def test_default_data_writer_keeps_a_directory_it_did_not_write(tmp_path, capsys):
-    from calib.make_default_data import main as make_data_main
+    from demo.make_default_data import main as make_data_main
 
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "my_prompts.txt").write_text("mine")

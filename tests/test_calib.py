@@ -15,11 +15,11 @@ import runtime
 from calib.calibrate import calibrate, main as calibrate_main
 from calib.check import check_quantized
 from calib.data import DEFAULT_DATA, default_set, load_dir, prefill_inputs
-from calib.linears import find_linears, group_of
 from calib.report import TARGETS, accuracy_report
 from calib.smoothquant import apply_smoothing, plan_smoothing
 from calib.stats import EDGES, Stats, TensorStats, collect_stats
 from exporter.config import PRESETS
+from exporter.linears import find_linears, group_of
 from exporter.weights import load_model
 from graphs.build import build_engine
 from runtime.manifest import ArtifactError, read_manifest

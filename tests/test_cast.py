@@ -12,7 +12,7 @@ import pytest
 
 from exporter.compare import feeds_for
 from exporter.config import PRESETS
-from graphs.cast_precision import cast_linears
+from exporter.cast_precision import cast_linears
 from runtime.manifest import read_manifest
 
 

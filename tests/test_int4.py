@@ -183,12 +183,12 @@ def test_int4_matmulnbits_equals_the_dequantize_graph(int4_tiny, graph, tmp_path
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
 def test_int4_build_makes_matmulnbits_without_zero_points(int4_tiny, graph):
-    """The ORT build writes MatMulNBits itself (`graphs.lower_qdq_ort.matmul_nbits`): no zero-point input (ORT's
+    """The ORT build writes MatMulNBits itself (`graphs.ort.qdq.matmul_nbits`): no zero-point input (ORT's
     own fusion adds one, and its kernel is slower); at accuracy level 0 the rewritten graph gives the artifact's
     numbers (the dequantized weights are the same)."""
     import onnxruntime as ort
 
-    from graphs.lower_qdq_ort import matmul_nbits
+    from graphs.ort.qdq import matmul_nbits
 
     built = onnx.load(str(int4_tiny / read_manifest(int4_tiny)["engines"]["onnxruntime"][graph]),
                       load_external_data=False).graph.node

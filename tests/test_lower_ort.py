@@ -1,4 +1,4 @@
-"""The ONNX Runtime lowering (`graphs.lower_ort`): the lowered engines compute what the plugin graphs compute, the
+"""The ONNX Runtime lowering (`graphs.ort.lower`): the lowered engines compute what the plugin graphs compute, the
 exact number of nodes is rewritten, and look-alikes are left alone with a reason.
 
 build-engine lowers every attention node of the prefill graph and serves decode with it (one session,
@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from exporter.config import PRESETS
-from graphs.lower_ort_attention import lower_attention
-from graphs.lower_ort_norms import lower_norms
+from graphs.ort.attention import lower_attention
+from graphs.ort.norms import lower_norms
 from plugins import fused_attention as fa
 from runtime.manifest import read_manifest
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
@@ -131,7 +131,7 @@ def test_copying_ring_decode_matches_plugin_graph(copy_decode_artifact, graph, b
 
 
 def test_ring_decode_form_by_ring_size():
-    from graphs.lower_ort_attention import ring_decode_in_place
+    from graphs.ort.attention import ring_decode_in_place
 
     t12 = PRESETS["gemma4-12b"].text  # 8 KV heads x 1024 slots x 256 x 4 B x 2 = 16 MiB per sliding layer
     assert ring_decode_in_place("auto", kv_heads=t12.num_kv_heads, window=t12.sliding_window, head_dim=t12.head_dim)
@@ -189,7 +189,7 @@ def test_exact_counts(artifact_store):
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
-    # branches: the vision and audio embedders, run when their inputs have rows (graphs.lower_ort_embedders), and
+    # branches: the vision and audio embedders, run when their inputs have rows (graphs.ort.embedders), and
     # two per sliding layer on the one-token flag: the ring path's updates (or the new token), then the attention
     # (over the ring in place, after the in-place write at top level, or the ring path's output)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
@@ -223,7 +223,7 @@ def test_exact_counts(artifact_store):
     assert "ReduceMean" not in ops and "Pow" not in ops, f"unfused RMSNorm pieces left: {ops}"
     # both residual adds of every layer end in a Skip norm: the attention's, and (but for the last layer, whose sum
     # goes to the final norm through the last-token gather) the layer_scalar-scaled sum feeding the next layer
-    # (graphs.lower_ort_norms.scale_into_residual)
+    # (graphs.ort.norms.scale_into_residual)
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * t.num_layers - 1, ops.count("Add")
     # the TensorRT plugin graphs are not modified
     plugin = onnx.load(str(art / manifest["plugin_graphs"]["decode"]["file"]), load_external_data=False)
@@ -360,7 +360,7 @@ def test_fp32_linears_sharing_an_input_are_one_matmul(tmp_path):
     """`fuse_shared_input_matmuls`: MatMuls of one input (the exporter's ``Transpose(W (out, in))`` form or plain
     (in, out) weights) become one MatMul + Split with the same numbers; a weight with another user (tied) and a
     MatMul of another input are left alone."""
-    from graphs.lower_qdq_ort import fuse_shared_input_matmuls
+    from graphs.ort.qdq import fuse_shared_input_matmuls
 
     h, tp = onnx.helper, onnx.TensorProto
     rng = np.random.default_rng(0)
@@ -429,10 +429,10 @@ def test_decode_fast_path_equals_the_general_geometry():
 
 
 def test_computed_shape_arguments_become_constants():
-    """`graphs.lower_ort_shapes.constant_shapes`: ``Reshape(x, Concat(Shape(x)[0], Shape(x)[1], 4, 8))`` (allowzero
+    """`graphs.ort.shapes.constant_shapes`: ``Reshape(x, Concat(Shape(x)[0], Shape(x)[1], 4, 8))`` (allowzero
     1, as exported) gets the constant [0, 0, 4, 8] and allowzero 0, an Expand to (batch, 1, 16) gets [1, 1, 16]; same
     outputs on other batch/sequence sizes; a Reshape whose output dims are not the input's (by name) is left."""
-    from graphs.lower_ort_shapes import constant_shapes
+    from graphs.ort.shapes import constant_shapes
 
     f, i64 = ir.DataType.FLOAT, ir.DataType.INT64
     x = ir.Value(name="x", type=ir.TensorType(f), shape=ir.Shape(["batch", "seq", 32]))

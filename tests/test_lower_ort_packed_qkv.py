@@ -1,4 +1,4 @@
-"""`graphs.lower_ort_packed_qkv`: GroupQueryAttention on one packed q/k/v input with its per-head norms in one kernel.
+"""`graphs.ort.packed_qkv`: GroupQueryAttention on one packed q/k/v input with its per-head norms in one kernel.
 
 Three things: the numbers do not change (a window engine built with and without the rewrite, fp32, same logits
 within DESIGN's 1e-4 of the range through prefill and decode steps); the exact nodes are rewritten (every layer of
@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphs.build as build
 from exporter.config import PRESETS
 from graphs.build import build_engine
-from graphs.lower_ort_packed_qkv import pack_qkv
+from graphs.ort.packed_qkv import pack_qkv
 from runtime.manifest import read_manifest
 from runtime.ort_backend import OrtBackend
 from runtime.prompt import PrefillInputs

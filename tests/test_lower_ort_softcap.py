@@ -1,4 +1,4 @@
-"""`graphs.lower_ort_scale_fold` and `graphs.lower_ort_softcap`: the LM head's input scale goes into the final norm, the
+"""`graphs.ort.scale_fold` and `graphs.ort.softcap`: the LM head's input scale goes into the final norm, the
 softcap's division into that weight (or the weight's dequantization scale, or a Mul on the hidden state).
 
 Each rewrite on a small graph built here: the numbers are unchanged (ONNX Runtime before and after), the exact
@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs.lower_ort_scale_fold import fold_scales_into_norms
-from graphs.lower_ort_softcap import fold_softcap_divisor
+from graphs.ort.scale_fold import fold_scales_into_norms
+from graphs.ort.softcap import fold_softcap_divisor
 from runtime.manifest import read_manifest
 
 H, V, CAP = 16, 40, 30.0

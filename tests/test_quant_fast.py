@@ -1,4 +1,4 @@
-"""Quantized artifacts on ONNX Runtime's CPU: the build-engine lowering (`graphs.lower_qdq_ort`).
+"""Quantized artifacts on ONNX Runtime's CPU: the build-engine lowering (`graphs.ort.qdq`).
 
 INT8: every quantized Linear runs as an 8-bit MatMulNBits on int8 dot products (graph structure of the optimised graph
 and ORT's profiler), within half an activation step of the Q/DQ artifact run unfused; FP8: no FP8 weight is
@@ -19,7 +19,7 @@ from calib.calibrate import calibrate
 from calib.data import default_set, prefill_inputs
 from exporter.config import PRESETS
 from graphs.build import build_engine
-from graphs.lower_qdq_ort import auto_int8_kernel, int8_block_size, matmul_nbits, split_shared_activation_qdq
+from graphs.ort.qdq import auto_int8_kernel, int8_block_size, matmul_nbits, split_shared_activation_qdq
 from runtime.manifest import read_manifest
 from runtime.ort_backend import engine_feeds, int8_dot_products_exact, prefill_feeds, zero_cache
 
@@ -136,7 +136,7 @@ def _lm_head_op(path) -> str:
 
 def _nbits_linears(nodes) -> int:
     """Linears run by the MatMulNBits of a graph: one each, one per output of the Split of a fused one, or the
-    projections of one packed for GroupQueryAttention (`graphs.lower_ort_packed_qkv`): q/k/v, or q/k when the value
+    projections of one packed for GroupQueryAttention (`graphs.ort.packed_qkv`): q/k/v, or q/k when the value
     is the key's (its packed input then starts with a Slice of the key columns)."""
     nodes = list(nodes)
     users: dict[str, list] = {}
@@ -212,7 +212,7 @@ def test_int8_both_kernels_build_and_agree(built, tmp_path):
     test's tolerance (a form with MatMulNBits only where it is exact: it is refused elsewhere)."""
     import shutil
 
-    from graphs.lower_qdq_ort import INT8_KERNELS
+    from graphs.ort.qdq import INT8_KERNELS
     from runtime.manifest import ArtifactError
     from runtime.ort_backend import OrtBackend
 
@@ -373,7 +373,7 @@ def test_fp8_weight_only_is_closer_to_fp32(built, artifact_store):
 
 def test_drop_activation_qdq_leaves_other_types():
     """Only FP8 activation pairs are removed: an int8 pair and a weight DequantizeLinear stay."""
-    from graphs.lower_qdq_ort import drop_activation_qdq
+    from graphs.ort.qdq import drop_activation_qdq
 
     h, tp = onnx.helper, onnx.TensorProto
     inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),

@@ -55,7 +55,7 @@ def test_decode_weights_point_into_the_prefill_data(streamed):
 
 
 def test_seeded_blocks_regenerate_alone(monkeypatch):
-    from calib.sequential import _rows
+    from calib.layerwise import _rows
     from exporter import stream
 
     monkeypatch.setattr(stream, "_BLOCK_ELEMS", 64)  # many blocks per tensor
@@ -143,7 +143,7 @@ def test_ort_refuses_bf16_artifact(streamed, tmp_path):
 
 def test_sequential_statistics_equal_a_full_forward():
     """Layer-by-layer statistics (one layer in memory, activations carried) equal hooks on the whole model."""
-    from calib.sequential import _prompt_inputs, collect_sequential
+    from calib.layerwise import _prompt_inputs, collect_sequential
     from calib.stats import EDGES, TensorStats
     from exporter.stream import SeededWeights, preset_model
 
@@ -236,7 +236,8 @@ def test_progress_lines(monkeypatch):
 def test_awq_folding_leaves_the_fp32_model_unchanged():
     """AWQ factors folded as the weights stream (norms / s, inputs columns * s, up_proj rows / s) plus the o_proj
     Mul give the same fp32 function: only the quantization then differs."""
-    from calib.sequential import FoldedWeights, _prompt_inputs, collect_sequential
+    from calib.layerwise import _prompt_inputs, collect_sequential
+    from calib.stream_rewrites import FoldedWeights
     from exporter.stream import SeededWeights, preset_model
 
     cfg = PRESETS[PRESET]

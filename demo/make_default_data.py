@@ -1,6 +1,6 @@
 """Write ``calib/default_data``: the built-in calibration set and its separate held-out set.
 
-``python -m calib.make_default_data`` regenerates them (deterministic): 32 calibration prompts from the demo task
+``python -m demo.make_default_data`` regenerates them (deterministic): 32 calibration prompts from the demo task
 generator's ``calibration`` split and 24 held-out prompts from its ``report`` split, each a chat-formatted
 ``.txt`` with its ``.png`` image or 16 kHz 16-bit ``.wav`` clip.  Neither split is used for training or ``make eval``.
 """
@@ -56,7 +56,7 @@ def write_split(out: Path, split: str, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m calib.make_default_data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.make_default_data", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_DATA))
     a = p.parse_args(argv)
     for name, (split, n) in SPLITS.items():

@@ -10,7 +10,7 @@ position.
 Rewrite: the shape argument becomes a constant: ``0`` ("copy the input's dim"; ``allowzero`` set to 0, refused
 where a static output dim is 0) for a Reshape,
 ``1`` (broadcast keeps the input's dim) for an Expand, the static ints as they are.  Exact: the same shapes.  The
-nodes that computed the old argument are left without users and removed by the driver (`graphs.lower_ort`).
+nodes that computed the old argument are left without users and removed by the driver (`graphs.ort.lower`).
 """
 
 from __future__ import annotations

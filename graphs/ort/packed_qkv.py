@@ -1,7 +1,7 @@
 """ONNX Runtime lowering: one packed Q/K/V input per GroupQueryAttention, its per-head norms in one kernel.
 
-Pattern (a sliding layer after `graphs.lower_ort_attention`, `graphs.lower_ort_norms` and the fused q/k/v
-projection of `graphs.lower_qdq_ort`)::
+Pattern (a sliding layer after `graphs.ort.attention`, `graphs.ort.norms` and the fused q/k/v
+projection of `graphs.ort.qdq`)::
 
     q, k, v = Split(P)                                             P: (B, S, (Hq + 2 Hkv) D), one projection
     x' = Reshape(SimplifiedLayerNormalization(Reshape(x, (.., H, D)), w_x), (.., H D))       for x in q, k, v
@@ -67,7 +67,7 @@ def _match(gqa, producer, uses, inits, base: Path):
     """(P, split node, nodes to drop, (wq, wk, wv), epsilon, stash type, head size, shared key) or a reason string.
     ``shared key``: the value is the key's projection (a 2-way Split; one Reshape read by the key's and the value's
     norms), as on full layers with ``attention_k_eq_v``."""
-    from graphs.lower_qdq_ort import _read_initializer
+    from graphs.ort.qdq import _read_initializer
 
     if len(gqa.input) < 3 or not all(gqa.input[:3]):
         return "its key/value are already packed or absent"
@@ -120,7 +120,7 @@ def pack_qkv(proto, base: Path) -> dict:
     directory its external data is read from.  Returns {"packed": n, "refused": {node: reason}}."""
     import onnx
 
-    from graphs.lower_qdq_ort import _consumers, _read_initializer, _set_nodes
+    from graphs.ort.qdq import _consumers, _read_initializer, _set_nodes
 
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output}

@@ -1,6 +1,6 @@
 """Cast a GPU graph's decoder Linears to bf16 or fp16, keeping norms, softmax, attention and the vision path in fp32.
 
-For every decoder projection (q/k/v/o, gate/up/down; found by module path, `calib.linears`) and the LM head: the
+For every decoder projection (q/k/v/o, gate/up/down; found by module path, `exporter.linears`) and the LM head: the
 weight is stored in the low precision (already transposed to (in, out), so the MatMul needs no Transpose), the
 activation is cast down before the MatMul and the product cast back to fp32 after it.  Everything between
 Linears (RMSNorms, residual adds, GELU, the FusedAttention plugin with its softmax, the KV cache) stays fp32, and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.linears import drop_unused_weights, find_linears, group_of
+from exporter.linears import drop_unused_weights, find_linears, group_of
 
 __all__ = ["DTYPES", "cast_linears", "cast_output_to_float"]
 
@@ -50,7 +50,7 @@ def cast_output_to_float(graph, node, low, *, name: str):
 
 def cast_linears(model, dtype: str = "bf16", groups: tuple[str, ...] = ("decoder", "lm_head")) -> dict[str, int]:
     """Rewrite ``model`` (onnx_ir) in place; returns ``{"linears": n, "casts": m}``.  ``groups``: which Linears
-    (`calib.linears.group_of`); the streaming exporter leaves the tied LM head out (it would copy the embedding)."""
+    (`exporter.linears.group_of`); the streaming exporter leaves the tied LM head out (it would copy the embedding)."""
     import onnx_ir as ir
 
     if dtype not in DTYPES:

@@ -4,7 +4,8 @@ torch.onnx exports ``nn.Linear`` as ``MatMul(x, Transpose(W))`` (unoptimised gra
 constant folding, where the initializer loses its module name) or ``Gemm(x, W, b, transB=1)``.  Every node keeps
 the module path in its ``pkg.torch.onnx.name_scopes`` metadata, so sites are named by module whatever form the graph
 has: ``model.language_model.layers.3.mlp.down_proj``.  The tied LM head (``matmul(h, embed_tokens.weight.t())``)
-is named ``lm_head``.  Used by statistics, SmoothQuant and Q/DQ insertion; it only reads the graph.
+is named ``lm_head``.  Used by the precision cast (`exporter.cast_precision`) and by calibration (statistics,
+SmoothQuant and Q/DQ insertion in `calib`); it only reads the graph.
 """
 
 from __future__ import annotations

@@ -2,25 +2,25 @@
 
 Fixed order, each pass in its own file, counts returned:
 
-1. `graphs.lower_ort_attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
+1. `graphs.ort.attention`: ``FusedAttention`` nodes -> GroupQueryAttention / RotaryEmbedding + Attention
    where exact (sliding layers in prefill: RotaryEmbedding + Attention + an in-place ring write), the shared
    attention geometry as engine inputs;
-2. `graphs.lower_ort_norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
+2. `graphs.ort.norms`: RMSNorms -> ``SimplifiedLayerNormalization``, and a residual add feeding one ->
    ``SkipSimplifiedLayerNormalization``;
-3. `graphs.lower_ort_scale_fold`: a constant channel scale after a norm (the LM head's AWQ input scale) goes into the
-   norm's weight; `graphs.lower_ort_softcap`: the final logit softcap's division moves in front of the LM head (into a constant
+3. `graphs.ort.scale_fold`: a constant channel scale after a norm (the LM head's AWQ input scale) goes into the
+   norm's weight; `graphs.ort.softcap`: the final logit softcap's division moves in front of the LM head (into a constant
    of its input side): one pass over the vocabulary fewer per token;
 4. soft-token slots gated on their inputs having rows (`gate_soft_token_slots`, below);
-5. `graphs.lower_ort_shapes`: Reshape/Expand shape arguments computed from dims the node already has -> constants;
+5. `graphs.ort.shapes`: Reshape/Expand shape arguments computed from dims the node already has -> constants;
    then nodes left without a user removed (those, and the exported graph's image-block ids: the runtime computes
    the attention geometry, `runtime.ort_attention`);
-6. `graphs.lower_ort_embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
+6. `graphs.ort.embedders`: the vision and audio embedders under an ``If`` on their inputs having rows (on the
    serialized graph: its zero-row constants are computed by ONNX Runtime).
 
 The lowered graph is written beside the source (so its external weights are shared, never copied) under a
 temporary name that the caller removes once ONNX Runtime has optimised and saved it (`remove_lowered`).  The
 artifact's own graphs, including the TensorRT plugin graphs, are never modified.  Quantized graphs (Q/DQ Linears,
-`graphs.lower_qdq_ort`) go through the same passes: neither pass touches a Linear.
+`graphs.ort.qdq`) go through the same passes: neither pass touches a Linear.
 """
 
 from __future__ import annotations
@@ -91,11 +91,11 @@ def gate_soft_token_slots(model, soft_inputs: dict[int, str]) -> int:
 def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: dict[int, str] | None = None,
                 sliding: str = "ring", slack: int | None = None, ring_decode: str = "auto") -> dict:
     """Apply the passes in order to one onnx_ir model, in place; returns each pass's counts.  ``sliding``/``slack``/
-    ``ring_decode``: the sliding layers' form (`graphs.lower_ort_attention.lower_attention`)."""
-    from graphs.lower_ort_attention import lower_attention
-    from graphs.lower_ort_norms import fuse_skip_norms, lower_norms
-    from graphs.lower_ort_scale_fold import fold_scales_into_norms
-    from graphs.lower_ort_softcap import fold_softcap_divisor
+    ``ring_decode``: the sliding layers' form (`graphs.ort.attention.lower_attention`)."""
+    from graphs.ort.attention import lower_attention
+    from graphs.ort.norms import fuse_skip_norms, lower_norms
+    from graphs.ort.scale_fold import fold_scales_into_norms
+    from graphs.ort.softcap import fold_softcap_divisor
 
     extra = {} if slack is None else {"slack": slack}
     report = {"attention": lower_attention(model, decode=decode, max_len=max_len, log=log, sliding=sliding,
@@ -105,7 +105,7 @@ def lower_graph(model, *, decode: bool, max_len: int, log=print, soft_inputs: di
     report["norms"]["scales_folded"] = fold_scales_into_norms(model)
     report["softcap"] = fold_softcap_divisor(model)
     report["soft_token_gates"] = gate_soft_token_slots(model, soft_inputs or {})
-    from graphs.lower_ort_shapes import constant_shapes
+    from graphs.ort.shapes import constant_shapes
 
     report["constant_shapes"] = constant_shapes(model)
     import onnx_ir.passes.common as common
@@ -127,7 +127,7 @@ def lower_to_file(src: Path, manifest: dict, *, decode: bool, log=print, sliding
     model = ir.load(str(src))
     tokens = manifest.get("model_config", {}).get("tokens", {})
     soft = {int(tokens[k]): f for k, f in (("image", "image_patches"), ("audio", "audio_frames")) if k in tokens}
-    from graphs.lower_ort_embedders import gate_embedders
+    from graphs.ort.embedders import gate_embedders
 
     report = lower_graph(model, decode=decode, max_len=int(manifest["max_len"]), log=log, soft_inputs=soft,
                          sliding=sliding, slack=slack, ring_decode=ring_decode)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphs.lower_ort_softcap import _SAME_TYPE, _own_constant
+from graphs.ort.softcap import _SAME_TYPE, _own_constant
 
 __all__ = ["fold_scales_into_norms"]
 
