@@ -70,8 +70,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, seq: Seq) -> None:
-        """Queue ``seq``; `Overloaded` when ``max_queue`` requests already wait."""
-        if len(self.waiting) >= self.max_queue:
+        """Queue ``seq``; `Overloaded` when ``max_queue`` requests already wait beyond those the free slots take
+        at the next step."""
+        if len(self.waiting) >= self.max_queue + self.slots.count(None):
             raise Overloaded(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue}) and all "
                              f"{self.max_batch} slots are busy; retry later", retry_after=self.retry_after())
         seq.arrived, seq.state = self.clock(), WAITING

@@ -66,14 +66,22 @@ def test_one_prefill_chunk_per_step_beside_every_decoding_sequence():
 
 def test_queue_bound_raises_overloaded_with_a_retry_hint():
     s = Scheduler(max_batch=1, max_queue=2, clock=Clock())
-    s.add(_seq("a"))
-    s.add(_seq("b"))
+    for name in "abc":  # one for the free slot, two waiting
+        s.add(_seq(name))
     with pytest.raises(Overloaded, match="max_queue 2") as e:
-        s.add(_seq("c"))
+        s.add(_seq("d"))
     assert e.value.retry_after >= 1.0
-    s.plan()  # a takes the slot: the queue has room again
-    s.add(_seq("c"))
-    assert [q.id for q in s.waiting] == ["b", "c"]
+    s.plan()  # a takes the slot; b and c wait: full
+    with pytest.raises(Overloaded):
+        s.add(_seq("d"))
+    s.remove(s.slots[0])  # a finished: its free slot makes room
+    s.add(_seq("d"))
+    assert [q.id for q in s.waiting] == ["b", "c", "d"]
+    busy = Scheduler(max_batch=2, max_queue=0, clock=Clock())
+    busy.add(_seq("a"))  # no queue at all: a request is taken only while a slot is free
+    busy.add(_seq("b"))
+    with pytest.raises(Overloaded):
+        busy.add(_seq("c"))
 
 
 def test_removing_a_waiting_or_running_sequence():

@@ -150,35 +150,51 @@ def _wait(predicate, timeout=30.0):
     return False
 
 
-def test_disconnect_mid_stream_frees_the_slot(served):
+IDS = [2, 5, 6, 7]  # on the tiny artifact (no tokenizer, no eos in sight): a stream as long as max_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(artifact_store):
+    return runtime.load(artifact_store("tiny"))
+
+
+def test_disconnect_mid_stream_frees_the_slot(tiny):
     import httpx
 
-    engine, port = served
-    body = {"model": MODEL, "prompt": [2, 5, 6, 7], "max_tokens": 200, "stream": True, "temperature": 0.0,
-            "stop": None}
-    with httpx.Client(timeout=60) as http:
+    from runtime.serve import create_app
+
+    engine = Engine(tiny, max_batch=2)
+    body = {"model": MODEL, "prompt": IDS, "max_tokens": 190, "stream": True}
+    with running_server(create_app(engine, model_name=MODEL)) as port, httpx.Client(timeout=60) as http:
+        decode = engine._runner.decode
+        engine._runner.decode = lambda feed, idle: time.sleep(0.01) or decode(feed, idle)  # 1.9 s of tokens
         with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    break  # one token arrived: leave
-    assert _wait(lambda: engine.stats()["busy_slots"] == 0), engine.stats()
+            assert r.status_code == 200, r.read()
+            next(line for line in r.iter_lines() if line.startswith("data: {"))  # one token arrived: leave
+        assert _wait(lambda: engine.stats()["busy_slots"] == 0, timeout=1.0), engine.stats()
 
 
 def test_a_full_queue_answers_429(model):
+    """One slot, no queue: while a request holds the slot (its prefill held back by the test), the next gets 429."""
     import httpx
 
     from runtime.serve import create_app
 
     engine = Engine(model, max_batch=1, max_queue=0)
+    release, prefill = threading.Event(), engine._runner.prefill
+    engine._runner.prefill = lambda *a: release.wait(30) and prefill(*a)
     with running_server(create_app(engine, model_name=MODEL)) as port, httpx.Client(timeout=60) as http:
         url = f"http://127.0.0.1:{port}/v1/completions"
-        body = {"model": MODEL, "prompt": [2, 5, 6, 7], "max_tokens": 200, "stream": True}
-        with http.stream("POST", url, json=body) as first:
-            next(line for line in first.iter_lines() if line.startswith("data: {"))  # it holds the only slot
-            refused = http.post(url, json={**body, "stream": False})
-        assert refused.status_code == 429 and float(refused.headers["Retry-After"]) >= 1
-        assert refused.json()["error"]["type"]
+        body = {"model": MODEL, "prompt": "<|turn>user\nWhat is 3 plus 4 ?<turn|>\n<|turn>model\n", "max_tokens": 4}
+        first = threading.Thread(target=lambda: http.post(url, json=body))
+        first.start()
+        assert _wait(lambda: engine.stats()["busy_slots"] == 1)
+        refused = http.post(url, json=body)
+        release.set()
+        first.join(60)
+        assert refused.status_code == 429, refused.text
+        assert float(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["type"]
+        assert http.post(url, json=body).status_code == 200  # the slot is free again
 
 
 def _free_port() -> int:
@@ -187,12 +203,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_running_requests(demo_engine_artifact):
+def test_sigterm_drains_running_requests(artifact_store):
     import httpx
 
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(demo_engine_artifact), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(artifact_store("tiny")), "--port", str(port),
                              "--drain-timeout", "60", "--max-batch", "2"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -207,7 +223,7 @@ def test_sigterm_drains_running_requests(demo_engine_artifact):
         assert _wait(healthy, 120), "the server did not become healthy"
         with httpx.Client(timeout=120) as http:
             with http.stream("POST", url + "/v1/completions",
-                             json={"prompt": [2, 5, 6, 7], "max_tokens": 40, "stream": True}) as r:
+                             json={"prompt": IDS, "max_tokens": 190, "stream": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: {"))
                 proc.send_signal(signal.SIGTERM)
@@ -215,9 +231,10 @@ def test_sigterm_drains_running_requests(demo_engine_artifact):
         events = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
         assert rest[-1] == "data: [DONE]", rest[-3:]
         assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
-        assert proc.wait(timeout=60) == 0
+        # uvicorn re-raises the signal once its graceful shutdown is done: the exit status says SIGTERM, as it should
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
         out = proc.communicate(timeout=10)[0]
-    assert "Traceback" not in out, out[-3000:]
+    assert "Traceback" not in out and "Application shutdown complete" in out, out[-3000:]
