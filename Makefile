@@ -37,11 +37,17 @@ HELDOUT_DATA ?=
 QOUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(SRC)-$(PRECISION))
 # make eval reads OUT when given, else the demo artifact (the only kind it can score)
 EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifacts/demo)
+# make serve serves OUT when given, else the demo artifact (exported and built first when missing)
+SERVE_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),artifacts/demo)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MAX_BATCH ?= 8
+SERVE_ARGS ?=
 # FORCE=1: export/calibrate may replace an OUT that is a non-empty directory but not an artifact (never the source)
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo eval train-demo install export build-engine generate compare calibrate check-quant gpu-check test bench bench-runtime bench-ring bench-12b clean
+.PHONY: help demo demo-artifact eval train-demo install export build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-ring bench-12b clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -51,6 +57,7 @@ help:
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1]   export prefill.onnx + decode.onnx into an artifact"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32] [ORT_SLIDING=ring|window] [ORT_RING_DECODE=auto|in_place|copy]   build engines (DTYPE: TensorRT Linears; ORT_SLIDING=window: faster ONNX Runtime decode, text and audio only)"
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
+	@echo "make serve [OUT=<dir>] [HOST=127.0.0.1] [PORT=8000] [MAX_BATCH=8] [SERVE_ARGS=...]   OpenAI-compatible server (python -m runtime.serve; without OUT: the demo artifact, built first if missing)"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
 	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8|int4 [BLOCK_SIZE=32] [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make calibrate SRC=<checkpoint dir> OUT=<dir> PRECISION=int8|fp8|int4   the same from a checkpoint, layer by layer (the 12B in < 8 GiB)"
@@ -65,7 +72,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,export,test]"
+	$(PY) -m pip install -q -e ".[cpu,export,serve,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -74,6 +81,11 @@ demo: $(STAMP)
 	$(PY) -m exporter.export --model demo/checkpoint --out artifacts/demo --max-len 256
 	$(PY) -m graphs.build --artifact artifacts/demo --backend auto
 	$(PY) -m demo.evaluate --artifact artifacts/demo --n 20 --show 2
+
+# the demo artifact, exported and built only when it is not there yet (make serve's default)
+demo-artifact: $(STAMP)
+	@test -f artifacts/demo/manifest.json || { $(PY) -m exporter.export --model demo/checkpoint --out artifacts/demo --max-len 256 && \
+		$(PY) -m graphs.build --artifact artifacts/demo --backend auto; }
 
 eval: $(STAMP)
 	$(PY) -m demo.evaluate --artifact $(EVAL_OUT)
@@ -99,6 +111,10 @@ generate: $(STAMP)
 	  $(if $(MAX_SOFT_TOKENS),--max-soft-tokens $(call shq,$(MAX_SOFT_TOKENS))) \
 	  $(if $(TEMPERATURE),--temperature $(call shq,$(TEMPERATURE))) $(if $(TOP_K),--top-k $(call shq,$(TOP_K))) \
 	  $(if $(TOP_P),--top-p $(call shq,$(TOP_P))) $(if $(SEED),--seed $(call shq,$(SEED)))
+
+serve: $(STAMP) $(if $(filter command line environment,$(origin OUT)),,demo-artifact)
+	$(PY) -m runtime.serve $(call shq,$(SERVE_OUT)) --host $(call shq,$(HOST)) --port $(call shq,$(PORT)) \
+		--max-batch $(call shq,$(MAX_BATCH)) $(SERVE_ARGS)
 
 compare: $(STAMP)
 	$(PY) -m exporter.compare --artifact $(OUT)
