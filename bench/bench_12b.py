@@ -21,7 +21,9 @@ runs (the peak is what the step needs on disk at once).  Steps:
    time, time to first token, decode tokens/s, and the weight-read bound (bytes of the weights one decode step
    reads, tables only gathered from excepted, over the read bandwidth `bench.runtime_timing.bandwidth_probe`
    measures in the same process: two threads, as the runtime);
-6. ``int8`` / ``fp8``: `calib.sequential` W8A8 from the checkpoint (SmoothQuant 0.5 for INT8, the LM head INT8;
+6. ``serve``: `bench/serve_12b.py` on the INT4 artifact: `runtime.Engine` with 4 slots, one client alone, then 4
+   text clients and one with an image at once: peak RSS, aggregate tokens/s against one client, TTFT;
+7. ``int8`` / ``fp8``: `calib.sequential` W8A8 from the checkpoint (SmoothQuant 0.5 for INT8, the LM head INT8;
    FP8 decoder only, as ``make calibrate``), then deleted.
 
 With ``--layers`` < 48 the numbers are for that slice; ``extrapolated_48_layers`` scales the per-layer part
@@ -137,7 +139,7 @@ def _child_generate(art: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--steps", default="checkpoint,export,int4,build,generate")
+    p.add_argument("--steps", default="checkpoint,export,int4,build,generate,serve")
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "12b"))
     p.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--method", default="awq", choices=("awq", "rtn"))
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if "generate" in steps:
             results["steps"]["generate"] = run_step(
                 "generate", py + ["bench/bench_12b.py", "--child-generate", str(art)], work, log)
+        if "serve" in steps:  # in-flight batching: 4 slots, 4 text clients and one with an image
+            results["steps"]["serve"] = run_step("serve", py + ["bench/serve_12b.py", str(art)], work, log)
         ck = results["steps"].get("checkpoint")
         if ck is not None:
             ck["checkpoint_gib"] = round(_du(ckpt) / 2**30, 3)
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_STEP_ORDER = ["checkpoint", "export", "export-preset", "int4", "build", "generate", "int8", "fp8"]
+_STEP_ORDER = ["checkpoint", "export", "export-preset", "int4", "build", "generate", "serve", "int8", "fp8"]
 
 
 def _extrapolate(results: dict, layers: int) -> dict:
