@@ -212,7 +212,7 @@ class Engine:
         self.detokenize = detokenize and model.tokenizer is not None
         self._base_stops = frozenset(read_generation_config(model)["eos_token_ids"])  # eos, <turn|>, the config's
         self._runner = Runner(model, max_batch)
-        self._sched = Scheduler(max_batch, max_queue, clock=clock)
+        self._sched = Scheduler(max_batch, max_queue, prefill_chunk=chunk, clock=clock)
         self._lock = threading.Condition(threading.RLock())
         self._cancelled: set[_Request] = set()
         self._ids = itertools.count(1)
@@ -311,13 +311,13 @@ class Engine:
                 step = self._sched.plan()
             t0 = time.monotonic()
             try:
-                if step.prefill is not None:
+                if step.prefill:
                     self._prefill(step.prefill)
                 if step.decode:
                     self._decode(step.decode)
             except Exception as e:  # noqa: BLE001 - a bug of ours in a step: its requests fail, the engine serves on
-                for seq in [step.prefill, *step.decode]:
-                    if seq is not None and seq.state != "done":
+                for seq in [*step.prefill, *step.decode]:
+                    if seq.state != "done":
                         self._fail(seq, f"internal error: {type(e).__name__}: {e}")
             with self._lock:
                 self._sched.record_step(time.monotonic() - t0)
@@ -330,18 +330,28 @@ class Engine:
                 self._finish(seq, "cancelled")
         self._cancelled.clear()
 
-    def _prefill(self, seq: Seq) -> None:
-        req: _Request = seq.payload
-        start, end = seq.chunks[seq.next_chunk]
+    def _prefill(self, group: list[Seq]) -> None:
+        """One prefill call for ``group`` (neighbouring slots); where it fails for a group, each is retried alone
+        (their first chunks rewrite the same positions) so that only the request at fault fails."""
+        rows = []
+        for seq in group:
+            req: _Request = seq.payload
+            rows.append((req.ids, req.media, *seq.chunks[seq.next_chunk]))
         try:
-            logits = self._runner.prefill(seq.slot, req.ids, req.media, start, end)
+            logits = self._runner.prefill(group[0].slot, rows)
         except Exception as e:  # noqa: BLE001 - the backend's own errors: this request fails, the engine serves on
-            self._fail(seq, f"prefill of tokens {start}:{end} failed: {type(e).__name__}: {e}")
+            if len(group) > 1:
+                for seq in group:
+                    self._prefill([seq])
+                return
+            start, end = rows[0][2:]
+            self._fail(group[0], f"prefill of tokens {start}:{end} failed: {type(e).__name__}: {e}")
             return
-        with self._lock:
-            self._sched.prefilled(seq)
-        if seq.state == "decode":
-            self._choose(seq, logits[None])
+        for i, seq in enumerate(group):
+            with self._lock:
+                self._sched.prefilled(seq)
+            if seq.state == "decode":
+                self._choose(seq, logits[i:i + 1])
 
     def _decode(self, seqs: list[Seq]) -> None:
         occupied = {s.slot: s.length for s in self._sched.slots if s is not None and s not in seqs}

@@ -1,8 +1,8 @@
 """The model runner of in-flight batching: turns a scheduler step into backend calls on one cache of
 ``max_batch`` sequence slots, allocated once.
 
-A prefill chunk runs at batch 1 on its slot's rows (`Backend.rows`: a view, nothing copied), with the image
-patches and audio frames of exactly that token range.  A decode step runs once for the cache's leading rows up to
+A prefill call runs on its slots' rows (`Backend.rows`: a view, nothing copied), with the image patches and
+audio frames of exactly those token ranges: one sequence's chunk, or the first chunks of neighbouring slots.  A decode step runs once for the cache's leading rows up to
 the highest slot that decodes (slots are handed out lowest first, so that prefix is short); rows in it that do
 not decode (free, or between two prefill chunks) are fed the pad token at their own length: the write lands on a
 position the sequence overwrites before it reads it (full layers), or on the ring slot of the token that just
@@ -30,12 +30,22 @@ class Runner:
         if max_batch > 1:
             self.backend.rows(self.cache, 0, 1)  # refuses an engine that cannot step on some rows, before serving
 
-    def prefill(self, slot: int, ids: np.ndarray, media: RowMedia, start: int, end: int) -> np.ndarray:
-        """The prompt tokens ``ids[start:end]`` of the sequence in ``slot`` -> (vocab,) logits after ``end - 1``."""
-        patches, positions, frames = media.between(start, end)
-        inputs = PrefillInputs(ids[None, start:end], np.array([start], np.int64), np.array([end - start], np.int64),
-                               patches, positions, frames)
-        return self.backend.prefill(inputs, self.backend.rows(self.cache, slot, slot + 1))[0]
+    def prefill(self, start_slot: int, rows: list[tuple[np.ndarray, RowMedia, int, int]]) -> np.ndarray:
+        """Prompt tokens ``ids[a:b]`` of each sequence in slots ``start_slot``, ``start_slot + 1``, ... (``rows``:
+        (ids, media, a, b) each; several rows only for first chunks, ``a`` 0) in one call -> (rows, vocab) logits
+        after each row's ``b - 1``."""
+        width = max(b - a for _, _, a, b in rows)
+        call = np.full((len(rows), width), self.pad, np.int64)
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for i, (ids, media, a, b) in enumerate(rows):
+            call[i, :b - a] = ids[a:b]
+            for part, x in zip(parts, media.between(a, b)):
+                if x is not None and len(x):
+                    part.append(x)
+        patches, positions, frames = (np.concatenate(x) if x else None for x in parts)
+        inputs = PrefillInputs(call, np.array([a for _, _, a, _ in rows], np.int64),
+                               np.array([b - a for _, _, a, b in rows], np.int64), patches, positions, frames)
+        return self.backend.prefill(inputs, self.backend.rows(self.cache, start_slot, start_slot + len(rows)))
 
     def decode(self, feed: dict[int, tuple[int, int]], idle: dict[int, int]) -> np.ndarray:
         """One token for each slot in ``feed`` (slot -> (token, position)); ``idle``: the length of every other

@@ -1,8 +1,11 @@
 """The in-flight batching scheduler: owns the requests, the sequence slots and the waiting queue, and decides what
 the next engine step runs.  Plain Python (no numpy, no backend): testable with a fake clock.
 
-A step (`Scheduler.plan`) is at most one prefill chunk of one sequence, then one decode step for every sequence
-that has its first token.  Waiting requests are admitted into free slots first (lowest slot first, so running
+A step (`Scheduler.plan`) is at most one prefill call, then one decode step for every sequence that has its first
+token.  The prefill call is the next chunk of the oldest admitted prompt; where that is a first chunk (nothing
+cached yet), the first chunks of prompts admitted beside it in neighbouring slots join the call while the call
+stays within ``prefill_chunk`` padded tokens (a burst of short prompts is prefilled in one call, which on
+quantized CPU engines costs about what one prompt does).  Waiting requests are admitted into free slots first (lowest slot first, so running
 sequences gather at the low rows and the decode call covers a short prefix of the cache), in arrival order.  A
 prompt is prefilled in chunks of at most ``prefill_chunk`` tokens, one chunk per step, so a running stream never
 waits longer than one chunk between two tokens; prefills are served oldest admission first.
@@ -51,19 +54,20 @@ class Seq:
 
 @dataclass
 class Step:
-    prefill: Seq | None  # run this sequence's chunk ``prefill.next_chunk``
+    prefill: list[Seq]  # run each one's chunk ``next_chunk`` in one call (neighbouring slots, slot order)
     decode: list[Seq]  # then one decode step for these (each has a token to feed)
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_batch: int, max_queue: int, *, prefill_chunk: int = 256,
+                 clock: Callable[[], float] = time.monotonic):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}; expected max_batch >= 1, max_queue >= 0")
-        self.max_batch, self.max_queue, self.clock = max_batch, max_queue, clock
+        self.max_batch, self.max_queue, self.clock, self.prefill_chunk = max_batch, max_queue, clock, prefill_chunk
         self.slots: list[Seq | None] = [None] * max_batch
         self.waiting: deque[Seq] = deque()
         self.step_seconds = 0.0  # a moving average of step time, for Retry-After
@@ -122,12 +126,40 @@ class Scheduler:
         return admitted
 
     def plan(self) -> Step:
-        """The next step: admit, then the oldest admitted prefill's next chunk, then every decoding sequence."""
+        """The next step: admit, then the oldest admitted prefill's next chunk (with neighbouring first chunks),
+        then every decoding sequence."""
         self.admit()
         running = [s for s in self.slots if s is not None]
         prefills = [s for s in running if s.state == PREFILL]
-        first = min(prefills, key=lambda s: s.arrived) if prefills else None
-        return Step(first, [s for s in running if s.state == DECODE])
+        group = []
+        if prefills:
+            group = [min(prefills, key=lambda s: s.arrived)]
+            if group[0].next_chunk == 0:
+                group = self._neighbours(group[0])
+        return Step(group, [s for s in running if s.state == DECODE])
+
+    def _neighbours(self, first: Seq) -> list[Seq]:
+        """``first`` and the sequences in the slots next to it that are due their first chunk, while the call's
+        padded size (rows x longest chunk) stays within ``prefill_chunk``."""
+        def due(slot: int) -> Seq | None:
+            seq = self.slots[slot] if 0 <= slot < self.max_batch else None
+            return seq if seq is not None and seq.state == PREFILL and seq.next_chunk == 0 else None
+
+        def width(seq: Seq) -> int:
+            return seq.chunks[0][1] - seq.chunks[0][0]
+
+        group, widest = [first], width(first)
+        lo = hi = first.slot
+        while True:
+            grew = False
+            for slot in (hi + 1, lo - 1):
+                seq = due(slot)
+                if seq is not None and max(widest, width(seq)) * (len(group) + 1) <= self.prefill_chunk:
+                    group.append(seq)
+                    widest = max(widest, width(seq))
+                    lo, hi, grew = min(lo, slot), max(hi, slot), True
+            if not grew:
+                return sorted(group, key=lambda s: s.slot)
 
     # ------------------------------------------------------------------ facts
     @property

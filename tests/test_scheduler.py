@@ -28,10 +28,10 @@ def _run(s: Scheduler, steps: int) -> list[tuple[str | None, list[str]]]:
     trace = []
     for _ in range(steps):
         step = s.plan()
-        if step.prefill is not None:
-            s.prefilled(step.prefill)
+        for seq in step.prefill:
+            s.prefilled(seq)
         s.decoded(step.decode)
-        trace.append((step.prefill.id if step.prefill else None, [q.id for q in step.decode]))
+        trace.append(("+".join(q.id for q in step.prefill) or None, [q.id for q in step.decode]))
     return trace
 
 
@@ -51,7 +51,7 @@ def test_admits_in_arrival_order_into_the_lowest_free_slots():
 def test_one_prefill_chunk_per_step_beside_every_decoding_sequence():
     """A long prompt's chunks alternate with the running sequence's decode steps: no stream waits longer than one
     chunk between two tokens; prefills go oldest first."""
-    s = Scheduler(max_batch=3, max_queue=8, clock=Clock())
+    s = Scheduler(max_batch=3, max_queue=8, prefill_chunk=4, clock=Clock())
     short = _seq("short", (0, 4))
     s.add(short)
     assert _run(s, 2) == [("short", []), (None, ["short"])]
@@ -121,3 +121,20 @@ def test_stop_strings_hold_back_only_a_possible_start():
     assert f.feed("x") == ("STx", False)
     assert f.feed("S") == ("", False)
     assert f.flush() == "S"
+
+
+def test_first_chunks_of_neighbouring_slots_share_a_call_within_the_chunk_budget():
+    s = Scheduler(max_batch=4, max_queue=8, prefill_chunk=8, clock=Clock())
+    a, b, c, d = _seq("a", (0, 3)), _seq("b", (0, 2)), _seq("c", (0, 4), (4, 6)), _seq("d", (0, 2))
+    for q in (a, b, c, d):
+        s.add(q)
+    step = s.plan()
+    assert [q.id for q in step.prefill] == ["a", "b"]  # + c would pad 3 rows to 4 tokens: 12 > 8
+    for q in step.prefill:
+        s.prefilled(q)
+    step = s.plan()
+    assert [q.id for q in step.prefill] == ["c", "d"] and [q.id for q in step.decode] == ["a", "b"]
+    for q in step.prefill:
+        s.prefilled(q)
+    step = s.plan()  # c's second chunk continues alone (a prompt with past context: one row per call)
+    assert [q.id for q in step.prefill] == ["c"] and [q.id for q in step.decode] == ["a", "b", "d"]
