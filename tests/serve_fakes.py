@@ -6,8 +6,7 @@ depends on it: media must decode (Pillow for images, the wave module for audio),
 token ids must be in the vocabulary, prompts must fit ``max_len``.  Its reply is a fixed list of pieces followed by the
 eos token, cut to ``max_tokens`` (then ``finish_reason == "length"``).
 
-Until `runtime.engine` exists on this branch, `engine_types()` installs a stand-in module with the interface's
-exceptions and `SamplingParams`; once it exists, the real types are used.
+The fake uses the real engine's types (`runtime.engine`: `Overloaded`, `RequestFailed`, `SamplingParams`).
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import sys
 import threading
 import time
-import types
 import wave
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,39 +25,9 @@ from runtime import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, GenerationResult, Inpu
 
 
 def engine_types():
-    """`runtime.engine` of this checkout, or a stand-in with its types (an editable install elsewhere does not
-    count: its engine may not match this checkout's runtime)."""
-    import importlib.util
+    """`runtime.engine`: its exceptions and `SamplingParams` are what the HTTP layer handles."""
+    import runtime.engine as module
 
-    import runtime
-
-    if "runtime.engine" in sys.modules:
-        return sys.modules["runtime.engine"]
-    spec = importlib.util.find_spec("runtime.engine")
-    if spec is not None and spec.origin and Path(spec.origin).parent == Path(runtime.__file__).parent:
-        import runtime.engine as module
-
-        return module
-    module = types.ModuleType("runtime.engine")
-
-    class Overloaded(RuntimeError):
-        retry_after: float = 1.0
-
-    class RequestFailed(RuntimeError):
-        reason: str = ""
-
-    @dataclass(frozen=True)
-    class SamplingParams:
-        max_tokens: int = 64
-        temperature: float = 0.0
-        top_k: int | None = None
-        top_p: float | None = None
-        seed: int | None = None
-        stop_ids: tuple[int, ...] = ()
-        stop_strings: tuple[str, ...] = ()
-
-    module.Overloaded, module.RequestFailed, module.SamplingParams = Overloaded, RequestFailed, SamplingParams
-    sys.modules["runtime.engine"] = module
     return module
 
 

@@ -6,7 +6,6 @@ and how far the logits move with the batch around a row."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
