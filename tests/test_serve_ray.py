@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,6 +116,25 @@ def _ask(http: httpx.Client, url: str, stream: bool, max_tokens: int = 200) -> t
             return ("ok", replica) if lines and lines[-1] == "data: [DONE]" else ("error", "stream cut")
     except (httpx.RemoteProtocolError, httpx.ReadError) as e:
         return "error", type(e).__name__
+
+
+def test_build_passes_deployment_options_through(demo_engine_artifact):
+    """`build`'s args become the deployment's options (no cluster needed); wrong args are refused by name."""
+    art = str(demo_engine_artifact)
+    scaled = build({"artifact": art, "max_batch": 4, "ray_actor_options": {"num_gpus": 1},
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}})
+    d = scaled._bound_deployment
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    assert d.ray_actor_options["num_gpus"] == 1 and d.max_ongoing_requests == 4 + 64
+    fixed = build({"artifact": art, "replicas": 3, "max_ongoing_requests": 5})._bound_deployment
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 5
+    assert fixed._deployment_config.autoscaling_config is None
+    for args, words in (({"artifact": art, "replicas": 2, "autoscaling_config": {"max_replicas": 2}}, "not both"),
+                        ({"artifact": art, "replica": 2}, "unknown argument(s) ['replica']"),
+                        ({"replicas": 2}, "needs `artifact`"), ({"artifact": art, "replicas": 0}, "at least 1")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            build(args)
 
 
 def test_requests_reach_both_replicas(cluster):

@@ -120,7 +120,7 @@ class Replica:
         return app
 
     def check_health(self) -> None:
-        """Ray Serve calls this every few seconds; raising makes it replace the replica."""
+        """Ray Serve calls this every ``health_check_period_s`` (10 s by default); raising makes it replace the replica."""
         if self.engine.ready:
             self._started = True
         elif self._started:
@@ -165,8 +165,6 @@ def build(args: dict) -> Any:
         args["api_key"] = os.environ.get(API_KEY_ENV) or None
     args["artifact"] = str(Path(args["artifact"]).expanduser().resolve())
     config = ReplicaConfig(**args)
-    if not (Path(config.artifact) / "manifest.json").is_file():
-        raise ValueError(f"{config.artifact}: not an artifact directory (no manifest.json)")
     options = {"name": "Gemma4", "ray_actor_options": deployment.get("ray_actor_options") or {},
                "max_ongoing_requests": deployment.get("max_ongoing_requests") or config.max_batch + config.max_queue,
                "max_queued_requests": deployment.get("max_queued_requests", -1),
@@ -176,7 +174,7 @@ def build(args: dict) -> Any:
             raise ValueError("give `replicas` or `autoscaling_config`, not both (autoscaling sets the number)")
         options["autoscaling_config"] = deployment["autoscaling_config"]
     else:
-        replicas = deployment.get("replicas") or 1
+        replicas = 1 if deployment.get("replicas") is None else deployment["replicas"]
         if replicas < 1:
             raise ValueError(f"replicas={replicas}: expected at least 1")
         options["num_replicas"] = replicas
@@ -214,6 +212,8 @@ def serve_forever(config: ReplicaConfig, *, host: str, port: int, replicas: int 
                   autoscaling_config: dict | None, ray_actor_options: dict | None, num_cpus: int | None) -> int:
     """`python -m runtime.serve ARTIFACT --ray`: a local Ray, the application deployed, until SIGTERM/SIGINT."""
     _loopback_env()  # before `build` imports ray
+    if not (Path(config.artifact) / "manifest.json").is_file():  # `build` cannot tell: replicas may be elsewhere
+        raise ValueError(f"{config.artifact}: not an artifact directory (no manifest.json)")
     args = {k: v for k, v in asdict(config).items() if v is not None}
     app = build({**args, "replicas": replicas, "autoscaling_config": autoscaling_config,
                  "ray_actor_options": ray_actor_options})
@@ -225,7 +225,8 @@ def serve_forever(config: ReplicaConfig, *, host: str, port: int, replicas: int 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"serving {Path(config.artifact).resolve()} on http://{host}:{port} (Ray Serve, application {APP_NAME!r})", flush=True)
+        where = f"http://{host}:{port}"
+        print(f"serving {Path(config.artifact).resolve()} on {where} (Ray Serve, application {APP_NAME!r})", flush=True)
         while not stop.wait(0.5):
             pass
         print("shutting down: replicas drain, then Ray stops", flush=True)
