@@ -18,8 +18,11 @@ GPU replicas: ``ray_actor_options={"num_gpus": 1}`` gives each replica a GPU of 
 takes ``max_batch + max_queue`` requests at a time by default (``max_ongoing_requests``); the proxy holds the rest
 (up to ``max_queued_requests``, then 503).
 
-Loopback only (`start_local`): Ray starts with ``_node_ip_address="127.0.0.1"``, no dashboard and usage stats off
-(``RAY_USAGE_STATS_ENABLED=0``); the Serve proxy listens on the host given (127.0.0.1 unless told otherwise).
+Loopback only (`start_local`): a new Ray instance (``address="local"``) with ``_node_ip_address="127.0.0.1"``, no
+dashboard, usage stats off (``RAY_USAGE_STATS_ENABLED=0``) and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single node:
+without it Ray 2.60 swaps 127.0.0.1 for the machine's address), and each replica's inter-deployment gRPC server moved
+from every interface to 127.0.0.1 (`_replica_grpc_on_loopback`); the Serve proxy listens on the host given
+(127.0.0.1 unless told otherwise).  ``tests/test_serve_ray.py`` checks every socket Ray listens on.
 Ray is imported only here, and only when a function of this module runs.  This module does not manage clusters
 of several machines, nor anything Ray's own tooling does (``ray start``, ``serve deploy``, KubeRay).
 """
@@ -35,7 +38,8 @@ from typing import Any
 
 from runtime.serve.app import DEFAULT_MAX_BODY_BYTES
 
-__all__ = ["APP_NAME", "REPLICA_HEADER", "Replica", "ReplicaConfig", "build", "serve_forever", "start_local"]
+__all__ = ["APP_NAME", "REPLICA_HEADER", "Replica", "ReplicaConfig", "build", "serve_forever", "start_local",
+           "stop_local"]
 
 APP_NAME = "gemma4"
 REPLICA_HEADER = "x-replica"
@@ -120,7 +124,7 @@ class Replica:
         return app
 
     def check_health(self) -> None:
-        """Ray Serve calls this every ``health_check_period_s`` (10 s by default); raising makes it replace the replica."""
+        """Ray Serve calls this every ``health_check_period_s`` (10 s by default); raising replaces the replica."""
         if self.engine.ready:
             self._started = True
         elif self._started:
