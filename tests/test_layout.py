@@ -165,3 +165,20 @@ def test_results_name_no_absolute_path(path):
     """Committed results record paths relative to the repository (`bench.paths`), never where a machine keeps it."""
     bad = [s for s in _strings(json.loads(path.read_text())) if _ABSOLUTE.search(s)]
     assert not bad, f"{path.relative_to(ROOT)}: absolute paths in {len(bad)} strings, e.g. {bad[0][:200]!r}"
+
+
+# third-party packages only one module may import (lazily): module -> the one allowed importer
+CONFINED = {"ray": "runtime.serve.ray_app"}
+
+
+@pytest.mark.parametrize("package", sorted(CONFINED))
+def test_confined_imports(package):
+    """Ray is imported by `runtime.serve.ray_app` alone: the runtime and the plain server never need it."""
+    wrong = []
+    for module, path in SOURCES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if module != CONFINED[package] and any(n == package or n.startswith(package + ".") for n in names):
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not wrong, f"only {CONFINED[package]} may import {package}:\n  " + "\n  ".join(wrong)

@@ -90,3 +90,29 @@ def test_bad_flags_exit_2(launched, capsys):
     with pytest.raises(SystemExit) as e:
         launched("--max-batch", "0")
     assert e.value.code == 2 and "--max-batch" in capsys.readouterr().err
+
+
+def test_ray_flags_reach_serve_forever(launched, monkeypatch, capsys):
+    """``--ray``: the plain options become each replica's `ReplicaConfig`; Ray itself is not started here."""
+    from runtime.serve import ray_app
+
+    calls = []
+    monkeypatch.setattr(ray_app, "serve_forever", lambda config, **kw: calls.append((config, kw)) or 0)
+    launched("--ray", "--replicas", "3", "--ray-num-cpus", "6", "--host", "0.0.0.0", "--max-batch", "4",
+             "--ray-actor-options", '{"num_gpus": 1}', "--backend", "tensorrt")
+    config, kw = calls[0]
+    assert (config.max_batch, config.backend, config.artifact.endswith("my-gemma")) == (4, "tensorrt", True)
+    assert kw == {"host": "0.0.0.0", "port": 8000, "replicas": 3, "num_cpus": 6, "autoscaling_config": None,
+                  "ray_actor_options": {"num_gpus": 1}}
+    assert "without an API key" in capsys.readouterr().err  # the plain server's warning, with --ray too
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--replicas", "2"], "--replicas: only with --ray"),
+    (["--ray", "--autoscaling-config", "{min_replicas: 1}"], "--autoscaling-config: not JSON"),
+    (["--ray", "--ray-actor-options", "[1]"], "expected a JSON object"),
+])
+def test_bad_ray_flags_exit_2(launched, capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        launched(*args)
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -6,11 +6,15 @@ key comes from ``--api-key`` or the environment variable ``GEMMA4_API_KEY`` (pre
 other users).  On SIGTERM/SIGINT the server stops accepting connections, marks itself draining (``/health`` 503),
 gives running requests ``--drain-timeout`` seconds to finish (uvicorn's graceful shutdown, then the engine's
 ``shutdown(drain_timeout=...)``) and cancels the rest.  Expected failures print one ``error: ...`` line and exit 2.
+
+``--ray --replicas N``: the same server as N Ray Serve replicas on a local Ray started on the loopback only, each
+with its own load of the artifact (`runtime.serve.ray_app`, which holds everything Ray; nothing here imports ray).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -46,7 +50,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on shutdown (default 30)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install '.[ray]'; see docs/serving-ray.md)")
+    ray.add_argument("--ray", action="store_true", help="serve N replicas behind Ray Serve's proxy on --host/--port")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas, each one engine (default 1)")
+    ray.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs the local Ray schedules (default: all)")
+    ray.add_argument("--autoscaling-config", default=None, metavar="JSON",
+                     help='Ray Serve autoscaling instead of --replicas, e.g. {"min_replicas": 1, "max_replicas": 4}')
+    ray.add_argument("--ray-actor-options", default=None, metavar="JSON",
+                     help='resources per replica, e.g. {"num_gpus": 1} for TensorRT replicas')
     return p
+
+
+def _json_object(flag: str, text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(f"{flag}: not JSON ({e})")
+    if not isinstance(value, dict):
+        _fail(f"{flag}: expected a JSON object, got {text!r}")
+    return value
+
+
+def _serve_on_ray(a: argparse.Namespace, api_key: str | None) -> int:
+    from runtime.serve.ray_app import ReplicaConfig, serve_forever
+
+    config = ReplicaConfig(artifact=a.artifact, backend=a.backend, max_batch=a.max_batch, max_queue=a.max_queue,
+                           served_model_name=a.served_model_name, api_key=api_key, max_soft_tokens=a.max_soft_tokens,
+                           allow_media_dir=a.allow_media_dir, max_body_bytes=a.max_body_bytes,
+                           drain_timeout=a.drain_timeout)
+    try:
+        return serve_forever(config, host=a.host, port=a.port, replicas=a.replicas, num_cpus=a.ray_num_cpus,
+                             autoscaling_config=_json_object("--autoscaling-config", a.autoscaling_config),
+                             ray_actor_options=_json_object("--ray-actor-options", a.ray_actor_options))
+    except ImportError as e:
+        _fail(f"--ray needs Ray Serve: pip install 'gemma4-deploy[ray]' ({e})")
+    except (ValueError, RuntimeError) as e:  # a bad option, an artifact the replicas cannot load
+        _fail(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if a.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {a.host} without an API key; anyone who can reach it can use it", file=sys.stderr)
+    ray_only = [f for f, v in (("--replicas", a.replicas), ("--ray-num-cpus", a.ray_num_cpus),
+                               ("--autoscaling-config", a.autoscaling_config),
+                               ("--ray-actor-options", a.ray_actor_options)) if v is not None]
+    if a.ray:
+        return _serve_on_ray(a, api_key)
+    if ray_only:
+        _fail(f"{', '.join(ray_only)}: only with --ray")
     import uvicorn
 
     from runtime import load
