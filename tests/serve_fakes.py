@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import sys
 import threading
 import time
 import wave
@@ -208,3 +209,41 @@ def running_server(app):
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(args: list[str], *, port: int, ready_timeout: float = 120.0):
+    """``python -m runtime.serve ARGS --port PORT`` in a child process, waited for until ``/health`` answers 200
+    (failing the test if it exits first or takes longer); yields the process, killed on the way out if still
+    running.  Its output is ``proc.output`` afterwards."""
+    import os
+    import subprocess
+
+    import httpx
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", *args, "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the server did not become healthy (exit {proc.poll()})")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.output = proc.communicate(timeout=10)[0]

@@ -8,11 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import wave
@@ -22,7 +18,7 @@ import pytest
 
 import runtime
 from runtime.engine import Engine
-from tests.serve_fakes import running_server
+from tests.serve_fakes import free_port, running_server, serve_process
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -197,32 +193,13 @@ def test_a_full_queue_answers_429(model):
         assert http.post(url, json=body).status_code == 200  # the slot is free again
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_running_requests(artifact_store):
     import httpx
 
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(artifact_store("tiny")), "--port", str(port),
-                             "--drain-timeout", "60", "--max-batch", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def healthy():
-            try:
-                return httpx.get(url + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert _wait(healthy, 120), "the server did not become healthy"
+    port = free_port()
+    with serve_process([str(artifact_store("tiny")), "--drain-timeout", "60", "--max-batch", "2"], port=port) as proc:
         with httpx.Client(timeout=120) as http:
-            with http.stream("POST", url + "/v1/completions",
+            with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
                              json={"prompt": IDS, "max_tokens": 190, "stream": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: {"))
@@ -233,8 +210,4 @@ def test_sigterm_drains_running_requests(artifact_store):
         assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
         # uvicorn re-raises the signal once its graceful shutdown is done: the exit status says SIGTERM, as it should
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.communicate(timeout=10)[0]
-    assert "Traceback" not in out and "Application shutdown complete" in out, out[-3000:]
+    assert "Traceback" not in proc.output and "Application shutdown complete" in proc.output, proc.output[-3000:]

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,18 +28,13 @@ openai = pytest.importorskip("openai")
 
 import runtime  # noqa: E402
 from runtime.serve.ray_app import APP_NAME, REPLICA_HEADER, build, start_local, stop_local  # noqa: E402
+from tests.serve_fakes import free_port, serve_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo"
 CHAT = "<|turn>user\nWhat is 3 plus 4 ?<turn|>\n<|turn>model\n"
 LONG = [2, 20, 21, 22]  # on the demo model: no eos for 200 tokens, a stream that lasts
 TIMEOUT = 30  # seconds any one request may take: nothing hangs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -66,7 +59,7 @@ def cluster(demo_engine_artifact):
 
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), old) if p)
-    port = _free_port()
+    port = free_port()
     start_local(num_cpus=4, port=port)
     try:
         app = build({"artifact": str(demo_engine_artifact), "served_model_name": MODEL, "replicas": 2, "threads": 1,
@@ -278,28 +271,12 @@ def test_a_replica_killed_under_load_is_replaced(cluster):
 
 def test_cli_serves_on_ray_and_stops_on_sigterm(demo_engine_artifact, cluster):
     """``python -m runtime.serve ARTIFACT --ray``: its own Ray (beside the test's), one replica, SIGTERM stops it."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(demo_engine_artifact), "--ray", "--replicas",
-                             "1", "--ray-num-cpus", "2", "--port", str(port), "--drain-timeout", "2",
-                             "--served-model-name", MODEL], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def healthy():
-            try:
-                return httpx.get(url + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None  # exited: stop waiting
-
-        assert _wait(healthy, 120) and proc.poll() is None, "the Ray server did not become healthy"
+    port = free_port()
+    args = [str(demo_engine_artifact), "--ray", "--replicas", "1", "--ray-num-cpus", "2", "--drain-timeout", "2",
+            "--served-model-name", MODEL]
+    with serve_process(args, port=port) as proc:
         with httpx.Client(timeout=TIMEOUT) as http:
-            assert _ask(http, url, True, 8)[0] == "ok"
+            assert _ask(http, f"http://127.0.0.1:{port}", True, 8)[0] == "ok"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.communicate(timeout=10)[0]
-    assert "Traceback" not in out and f"on http://127.0.0.1:{port}" in out, out[-3000:]
+    assert "Traceback" not in proc.output and f"on http://127.0.0.1:{port}" in proc.output, proc.output[-3000:]
