@@ -14,7 +14,8 @@ Side by side, in this process and on the same requests as the server's concurren
 `runtime.generate` one request at a time (the concurrency-1 level interleaves each HTTP request with the same
 request through `runtime.generate`, for the per-stream decode ratio), static batches of 8, our `Engine` without
 HTTP (with and without detokenizing, its backend calls timed), onnxruntime-genai's continuous-batching
-``og.Engine``; idle TTFT of each of those prompts (max_tokens 1, one at a time); the time of one prefill chunk.
+``og.Engine`` (on CPU 0.18 batches only equal prompt lengths, so it also runs, beside the server, on a set
+of equal-length prompts with the same answer lengths); idle TTFT of each of those prompts (max_tokens 1, one at a time); the time of one prefill chunk.
 Window engines get levels 1 and 8 only.  Also the logit movement of one row with the batch around it.
 
 Results: ``bench/results/serve.json`` (paths relative to the repository) and Markdown tables on stdout.  The
@@ -37,25 +38,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script (`make bench-serve`): the project's packages, not bench/
 
-from bench.paths import repo_path, repo_paths_in  # noqa: E402
-from bench.runtime_report import versions  # noqa: E402
-from bench.runtime_stacks import CHECKPOINT, WINDOW, WORK, Ours, build_genai, build_ours  # noqa: E402
-from bench.runtime_timing import machine_info, make_prompt  # noqa: E402
-from bench.serve_baselines import (  # noqa: E402
+from bench.paths import repo_path, repo_paths_in
+from bench.runtime_report import versions
+from bench.runtime_stacks import CHECKPOINT, WINDOW, WORK, Ours, build_genai, build_ours
+from bench.runtime_timing import machine_info, make_prompt
+from bench.serve_baselines import (
     engine_closed_loop,
-    generate_sequential,
     genai_closed_loop,
+    generate_sequential,
     logit_movement,
     static_batches,
 )
-from bench.serve_load import idle_ttft, make_requests, run_level, server  # noqa: E402
-from bench.serve_report import markdown, percentile, ratios, summarize, verdicts  # noqa: E402
+from bench.serve_load import Request, idle_ttft, make_requests, run_level, server
+from bench.serve_report import markdown, percentile, ratios, summarize, verdicts
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 LEVELS = (1, 2, 4, 8, 16)
 SETTINGS = {  # prompt lengths, answer lengths (max_tokens), seconds after which a level sends no new request
-    "full": {"prompt_lens": (16, 256), "answer_lens": (16, 128), "time_limit_s": 150.0},
-    "quick": {"prompt_lens": (16, 128), "answer_lens": (8, 24), "time_limit_s": 30.0},
+    "full": {"prompt_lens": (16, 256), "answer_lens": (16, 128), "time_limit_s": 150.0, "same_len": 128},
+    "quick": {"prompt_lens": (16, 128), "answer_lens": (8, 24), "time_limit_s": 30.0, "same_len": 64},
 }
 
 
@@ -119,6 +120,11 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
         per = [r["ttft"] / i for r, i in zip(c8, idle) if r.get("ttft") is not None and i < float("inf")]
         out["ttft_conc8_over_idle_same_prompt"] = {"p50": round(percentile(per, 50), 3), "max": round(max(per), 3)} \
             if per else None
+        if full:  # the peer's engine batches only equal prompt lengths on CPU: both on one such set
+            same_len = [Request(make_prompt(s["same_len"], 500 + i), r.max_tokens) for i, r in enumerate(set8)]
+            _log(f"{name}: concurrency 8, prompts all {s['same_len']} tokens (for the onnxruntime-genai comparison)")
+            out["baselines"]["server8_same_len"] = summarize(*run_level(url, name, same_len, 8, seed=8,
+                                                                        time_limit_s=s["time_limit_s"]))
         # the baselines, with the server idle
         if full:
             _log(f"{name}: runtime.generate one at a time, static batches of 8")
@@ -143,12 +149,13 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
         if genai is None:
             out["baselines"]["genai8"] = {"skipped": "no onnxruntime-genai model of this precision"}
         else:
-            _log(f"{name}: onnxruntime-genai Engine ({genai.name})")
-            try:
-                out["baselines"]["genai8"] = summarize(*genai_closed_loop(genai, set8, 8, threads=a.threads, seed=8))
-                out["baselines"]["genai8"]["model"] = repo_path(genai)
-            except Exception as e:  # noqa: BLE001 - recorded; the rest of the run stands
-                out["baselines"]["genai8"] = {"skipped": repo_paths_in(f"{type(e).__name__}: {e}")}
+            for key, reqs8 in (("genai8", set8), ("genai8_same_len", same_len)):
+                _log(f"{name}: onnxruntime-genai Engine ({genai.name}), {key}")
+                try:
+                    out["baselines"][key] = summarize(*genai_closed_loop(genai, reqs8, 8, threads=a.threads, seed=8))
+                    out["baselines"][key]["model"] = repo_path(genai)
+                except Exception as e:  # noqa: BLE001 - recorded; the rest of the run stands
+                    out["baselines"][key] = {"skipped": repo_paths_in(f"{type(e).__name__}: {e}")}
     c8 = out["levels"][8]
     step_ms = out["engine8_profile"]["decode_ms_per_call"] or 0.0
     out["max_itl_vs_chunk"] = {
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     s = SETTINGS["quick" if a.quick else "full"]
     run: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False,
                               text=True).stdout.strip(),
         "versions": versions(), "quick": a.quick, "threads_in_process": a.threads,
         "settings": {**s, "levels": LEVELS, "requests_per_level": "max(4, 2 x concurrency)", "max_batch": 8,

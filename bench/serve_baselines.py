@@ -17,6 +17,7 @@ everywhere.  No HTTP here (`bench.serve_load`), no summaries (`bench.serve_repor
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 from bench.serve_load import Request
 from bench.serve_report import Record
 
-__all__ = ["engine_closed_loop", "generate_sequential", "genai_closed_loop", "logit_movement", "static_batches"]
+__all__ = ["engine_closed_loop", "genai_closed_loop", "generate_sequential", "logit_movement", "static_batches"]
 
 
 def _poisson_starts(concurrency: int, mean_gap_s: float, seed: int) -> np.ndarray:
@@ -38,7 +39,7 @@ def _from_times(req: Request, t0: float, times: list[float], tokens: int, finish
                  tokens=tokens, chunks=len(times), finish=finish)
     if times:
         rec.ttft = times[0] - t0
-        rec.itl = [b - a for a, b in zip(times, times[1:])]
+        rec.itl = [b - a for a, b in itertools.pairwise(times)]
     return rec
 
 
@@ -144,59 +145,59 @@ def engine_closed_loop(model, reqs: list[Request], concurrency: int = 8, *, deto
 def genai_closed_loop(path: Path, reqs: list[Request], concurrency: int = 8, *, threads: int = 2,
                       mean_gap_s: float = 0.2, seed: int = 0) -> tuple[list[Record], float]:
     """onnxruntime-genai 0.18's ``og.Engine``: requests begun (``Request.begin_turn`` with greedy `TurnOptions`
-    and ``set_max_generated_tokens``) as closed-loop clients free up, events drained with ``Engine.run``."""
+    and ``set_max_generated_tokens``) as closed-loop clients free up, events drained with ``Engine.run``.
+
+    On CPU (a builder model without a paged KV cache) 0.18 schedules with its ``StaticBatchScheduler``: batches
+    of at most 4 requests, a new batch only once every request of the running one has finished, and a batch of
+    different prompt lengths fails in ONNX Runtime's GroupQueryAttention ("seqlens_k[0] = 19 is too small for
+    sequence_length 50"): such requests come back FAILED and are counted as errors here."""
     import onnxruntime_genai as og
 
     from bench.runtime_stacks import Genai
 
+    token, done, failed = (int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED),
+                           int(og.EngineEventFlags.FAILED))
     model = Genai(path, threads).model
     engine = og.Engine(model)
     buffer = engine.create_event_buffer(64)
     todo, records = iter(reqs), []
-    live: dict[int, tuple] = {}  # id(request) -> (request, Request, t0, times)
+    live: dict[int, tuple] = {}  # id(og request) -> (og request, its options, Request, t0, token times)
     starts = list(_poisson_starts(concurrency, mean_gap_s, seed))
     t_base = time.perf_counter()
 
     def begin() -> None:
-        req = next(todo, None)
-        if req is None:
+        if (req := next(todo, None)) is None:
             return
         r = engine.create_request()
         opts = og.TurnOptions(r)
         opts.set_do_sample(False)
         opts.set_max_generated_tokens(req.max_tokens)
-        t0 = time.perf_counter()
+        live[id(r)] = (r, opts, req, time.perf_counter(), [])
         r.begin_turn(np.asarray(req.prompt, np.int32), opts)
-        live[id(r)] = (r, req, t0, [], opts)
 
     while starts or live:
-        now = time.perf_counter() - t_base
-        while starts and starts[0] <= now:
+        while starts and starts[0] <= time.perf_counter() - t_base:
             starts.pop(0)
             begin()
         if not engine.has_pending_requests():
-            if starts:
-                time.sleep(max(0.0, starts[0] - (time.perf_counter() - t_base)))
-                continue
-            break
+            if not starts:
+                break
+            time.sleep(max(0.0, starts[0] - (time.perf_counter() - t_base)))
+            continue
         for ev in engine.run(buffer):
-            now = time.perf_counter()
-            key = next((k for k, v in live.items() if v[0] == ev.request), None) if id(ev.request) not in live \
-                else id(ev.request)
-            if key is None:
+            now, flags = time.perf_counter(), int(ev.flags)
+            if (entry := live.get(id(ev.request))) is None:
                 continue
-            r, req, t0, times, _ = live[key]
-            if ev.flags & og.EngineEventFlags.TOKEN.value if isinstance(ev.flags, int) else \
-                    int(ev.flags) & int(og.EngineEventFlags.TOKEN):
+            r, _, req, t0, times = entry
+            if flags & token:
                 times.append(now)
-            if int(ev.flags) & (int(og.EngineEventFlags.TURN_FINISHED) | int(og.EngineEventFlags.FAILED)):
-                failed = bool(int(ev.flags) & int(og.EngineEventFlags.FAILED))
-                rec = _from_times(req, t0, times, len(times), "stop" if ev.finish_reason == og.FinishReason.EOS
-                                  else "length", t_base)
-                if failed:
-                    rec.error = f"genai FAILED ({ev.error_code})"
+            if flags & (done | failed):
+                eos = ev.finish_reason == og.FinishReason.EOS
+                rec = _from_times(req, t0, times, len(times), "stop" if eos else "length", t_base)
+                if flags & failed:
+                    rec.error = f"genai FAILED: {ev.error_code}"
                 records.append(rec)
-                del live[key]
+                del live[id(r)]
                 r.close()
                 begin()
     return records, time.perf_counter() - t_base

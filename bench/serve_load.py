@@ -122,9 +122,8 @@ async def _one(client, model: str, req: Request, t_base: float, timeout: float) 
 
 async def _level(url: str, model: str, reqs: list[Request], concurrency: int, *, mean_gap_s: float, seed: int,
                  time_limit_s: float, timeout: float) -> tuple[list[Record], float]:
-    from openai import AsyncOpenAI
-
     import httpx
+    from openai import AsyncOpenAI
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,

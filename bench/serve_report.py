@@ -100,13 +100,19 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 def ratios(levels: dict[int, dict], baselines: dict, idle_ttft_p99_ms: float | None) -> dict:
     """The issue's ratios for one engine: ``levels`` concurrency -> `summarize` output; ``baselines`` with
-    ``static8`` / ``genai8`` / ``generate_seq`` / ``engine8`` summaries (any may be missing)."""
+    ``static8`` / ``genai8`` / ``generate_seq`` / ``engine8`` summaries (any may be missing), and
+    ``genai8_same_len`` / ``server8_same_len`` (both at concurrency 8 on one equal-prompt-length request set:
+    when present, the genai ratio compares those two)."""
     c1, c8 = levels.get(1, {}), levels.get(8, {})
     b = {k: v or {} for k, v in baselines.items()}
+    # the peer's engine batches only equal prompt lengths on CPU: compared on an equal-length set where measured
+    same = "tok_s" in b.get("genai8_same_len", {})
+    genai = b["genai8_same_len"] if same else b.get("genai8", {})
+    server8 = b.get("server8_same_len", {}) if same else c8
     return {
         "conc8_vs_conc1": _div(c8.get("tok_s"), c1.get("tok_s")),
         "conc8_vs_static8": _div(c8.get("tok_s"), b.get("static8", {}).get("tok_s")),
-        "conc8_vs_genai8": _div(c8.get("tok_s"), b.get("genai8", {}).get("tok_s")),
+        "conc8_vs_genai8": _div(server8.get("tok_s"), genai.get("tok_s")),
         "conc8_vs_engine8_in_process": _div(c8.get("tok_s"), b.get("engine8", {}).get("tok_s")),
         "ttft_p99_conc8_vs_idle": _div(c8.get("ttft_p99_ms"), idle_ttft_p99_ms),
         "conc1_vs_generate_decode": _div(c1.get("stream_decode_tok_s_p50"),

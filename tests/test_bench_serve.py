@@ -56,6 +56,8 @@ def test_ratios_and_verdicts_against_the_targets():
     assert {k: x["pass"] for k, x in v.items()} == {
         "conc8_vs_conc1": True, "conc8_vs_static8": False, "conc8_vs_genai8": True, "ttft_p99_conc8_vs_idle": True,
         "conc1_vs_generate_decode": True}
+    same = ratios(levels, {**base, "genai8_same_len": {"tok_s": 20.0}, "server8_same_len": {"tok_s": 18.0}}, 100.0)
+    assert same["conc8_vs_genai8"] == 0.9  # equal-length sets compared with each other, not with the mixed level
     assert verdicts({})["conc8_vs_conc1"]["pass"] is None
     table = markdown({"engines": {"ours-fp32": {"levels": {8: summarize([], 1.0)}, "baselines": {"genai8": {
         "skipped": "not installed"}}, "verdicts": v}}})
