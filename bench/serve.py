@@ -13,7 +13,7 @@ tokens/s, TTFT and inter-token latency p50/p99, errors, tokens (`bench.serve_rep
 Side by side, in this process and on the same requests as the server's concurrency-8 level (`bench.serve_baselines`):
 `runtime.generate` one request at a time (the concurrency-1 level interleaves each HTTP request with the same
 request through `runtime.generate`, for the per-stream decode ratio), static batches of 8, our `Engine` without
-HTTP (with and without detokenizing, its backend calls timed), onnxruntime-genai's continuous-batching
+HTTP (its backend calls timed), onnxruntime-genai's continuous-batching
 ``og.Engine`` (on CPU 0.18 batches only equal prompt lengths, so it also runs, beside the server, on a set
 of equal-length prompts with the same answer lengths); idle TTFT of each of those prompts (max_tokens 1, one at a time); the time of one prefill chunk.
 Window engines get levels 1 and 8 only.  Also the logit movement of one row with the batch around it.
@@ -134,10 +134,6 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
         recs, wall, prof = engine_closed_loop(model, set8, 8, seed=8)
         out["baselines"]["engine8"] = summarize(recs, wall)
         out["engine8_profile"] = prof
-        if full and not a.quick:
-            recs, wall, prof = engine_closed_loop(model, set8, 8, detokenize=False, seed=8)
-            out["baselines"]["engine8_no_detokenize"] = summarize(recs, wall)
-            out["engine8_no_detokenize_profile"] = prof
         out["prefill_chunk_ms"] = _chunk_ms(model, max(len(r.prompt) for r in set8))
         out["prefill_chunk_tokens"] = max(len(r.prompt) for r in set8)
         if full:

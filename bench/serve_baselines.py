@@ -237,4 +237,5 @@ def logit_movement(model, prompt: list[int], others: list[list[int]], steps: int
     rng = float(alone[span].max() - alone[span].min())
     return {"rows": len(rows), "steps": steps, "prompt_len": len(prompt),
             "max_abs_diff": float(diff.max()), "logit_range": rng, "max_abs_diff_rel": float(diff.max() / rng),
-            "mean_abs_diff_rel": float(diff.mean() / rng), "greedy_agree": agree, "greedy_equal": agree == steps}
+            "mean_abs_diff_rel": float(diff.mean() / rng), "greedy_agree": agree, "greedy_equal": agree == steps,
+            "max_abs_diff_rel_per_step": [float(f"{x:.3g}") for x in diff.max(-1) / rng]}
