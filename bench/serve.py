@@ -113,6 +113,7 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
             else:
                 recs, wall = run_level(url, name, reqs[conc], conc, seed=conc, time_limit_s=s["time_limit_s"])
             out["levels"][conc] = summarize(recs, wall)
+            out["levels"][conc]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)  # outside load shows here
             out["records"][conc] = [{k: v for k, v in r.as_dict().items() if k != "itl"} for r in recs]
             _log(f"{name}: concurrency {conc}: {out['levels'][conc]['tok_s']} tok/s, "
                  f"TTFT p99 {out['levels'][conc]['ttft_p99_ms']} ms, errors {out['levels'][conc]['errors']}")
