@@ -15,7 +15,8 @@ Side by side, in this process and on the same requests as the server's concurren
 request through `runtime.generate`, for the per-stream decode ratio), static batches of 8, our `Engine` without
 HTTP (its backend calls timed), onnxruntime-genai's continuous-batching
 ``og.Engine`` (on CPU 0.18 batches only equal prompt lengths, so it also runs, beside the server, on a set
-of equal-length prompts with the same answer lengths); idle TTFT of each of those prompts (max_tokens 1, one at a time); the time of one prefill chunk.
+of equal-length prompts with the same answer lengths); idle TTFT of each of those prompts (max_tokens 1, one at a
+time); the time of one prefill chunk; one decode step of the backend at batch 1, 2, 4, 8.
 Window engines get levels 1 and 8 only.  Also the logit movement of one row with the batch around it.
 
 Results: ``bench/results/serve.json`` (paths relative to the repository) and Markdown tables on stdout.  The
@@ -43,6 +44,7 @@ from bench.runtime_report import versions
 from bench.runtime_stacks import CHECKPOINT, WINDOW, WORK, Ours, build_genai, build_ours
 from bench.runtime_timing import machine_info, make_prompt
 from bench.serve_baselines import (
+    decode_step_ms,
     engine_closed_loop,
     genai_closed_loop,
     generate_sequential,
@@ -135,6 +137,7 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
         recs, wall, prof = engine_closed_loop(model, set8, 8, seed=8)
         out["baselines"]["engine8"] = summarize(recs, wall)
         out["engine8_profile"] = prof
+        out["decode_step_ms_by_batch"] = decode_step_ms(model)
         out["prefill_chunk_ms"] = _chunk_ms(model, max(len(r.prompt) for r in set8))
         out["prefill_chunk_tokens"] = max(len(r.prompt) for r in set8)
         if full:

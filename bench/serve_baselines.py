@@ -7,6 +7,8 @@
   load generator runs them; the runner's backend calls are timed by wrapping them, so the engine thread's own cost
   per step (scheduling, sampling, detokenizing, streaming) is the wall time the backend did not take;
 - `genai_closed_loop`: onnxruntime-genai 0.18's continuous-batching ``og.Engine`` on the same requests;
+- `decode_step_ms`: one decode step of the backend at batch 1, 2, 4, 8 (interleaved rounds): how much a row more
+  costs, the bound on what batching can give;
 - `logit_movement`: one prompt decoded alone vs as row 0 beside 7 others on the backend directly, prefilled per
   row as the engine does (`runtime.runner`), greedy.
 
@@ -239,3 +241,33 @@ def logit_movement(model, prompt: list[int], others: list[list[int]], steps: int
             "max_abs_diff": float(diff.max()), "logit_range": rng, "max_abs_diff_rel": float(diff.max() / rng),
             "mean_abs_diff_rel": float(diff.mean() / rng), "greedy_agree": agree, "greedy_equal": agree == steps,
             "max_abs_diff_rel_per_step": [float(f"{x:.3g}") for x in diff.max(-1) / rng]}
+
+
+def decode_step_ms(model, batches: tuple[int, ...] = (1, 2, 4, 8), prompt_len: int = 128, steps: int = 8,
+                   rounds: int = 3) -> dict:
+    """Median ms of one backend decode step at each batch size (every row decoding, ``prompt_len`` tokens cached),
+    measured in ``rounds`` interleaved rounds of ``steps`` steps; and the tokens/s each batch size gives."""
+    from bench.runtime_timing import make_prompt
+    from runtime.prompt import PrefillInputs
+
+    b = model.backend
+    state = {}
+    for n in batches:
+        cache = b.new_cache(n, model.max_len)
+        for i in range(n):
+            ids = np.asarray(make_prompt(prompt_len, 300 + i), np.int64)[None]
+            b.prefill(PrefillInputs(ids, np.zeros(1, np.int64), np.array([prompt_len], np.int64)), b.rows(cache, i, i + 1))
+        state[n] = [cache, prompt_len]
+    times: dict[int, list[float]] = {n: [] for n in batches}
+    for _ in range(rounds):
+        for n in batches:
+            cache, pos = state[n]
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                b.decode([5] * n, [pos] * n, cache, copy=False)
+                times[n].append(time.perf_counter() - t0)
+                pos += 1
+            state[n][1] = pos
+    ms = {n: round(1000 * float(np.median(t)), 2) for n, t in times.items()}
+    return {"ms": ms, "tok_s": {n: round(1000 * n / v, 1) for n, v in ms.items()},
+            "speedup_vs_1": {n: round(ms[batches[0]] * n / v, 2) for n, v in ms.items()}}
