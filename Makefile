@@ -47,7 +47,7 @@ SERVE_ARGS ?=
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo demo-artifact eval train-demo install export build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-ring bench-12b clean
+.PHONY: help demo demo-artifact eval train-demo install export build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-serve bench-ring bench-12b clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -67,6 +67,7 @@ help:
 	@echo "make bench                        export time/memory (2.4B-parameter checkpoint), calibration of the demo -> bench/results/"
 	@echo "make bench-12b [LAYERS=48] [BENCH_ARGS=--steps ...]   the 12B (or a slice): checkpoint, exports, INT4/INT8/FP8 from the checkpoint, engine, generate -> bench/results/12b.json"
 	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
+	@echo "make bench-serve [BENCH_ARGS=--quick]     the OpenAI server under concurrent streaming load vs runtime.generate, static batches, onnxruntime-genai's Engine -> bench/results/serve.json"
 	@echo "make bench-ring                   one sliding layer's decode step (12B and bench shapes), ring path vs one-token branch -> bench/results/ring_step.json"
 
 $(STAMP): pyproject.toml
@@ -149,6 +150,11 @@ bench-ring: $(STAMP)
 bench-runtime: $(STAMP)
 	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/runtime.py $(BENCH_ARGS)
+
+# Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --no-window, --reuse
+bench-serve: $(STAMP)
+	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/serve.py $(BENCH_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -172,9 +172,12 @@ def source_key(dirs: tuple[str, ...]) -> str:
 CODE = ("exporter", "graphs", "plugins", "runtime")
 
 
-def build_ours(ckpt: Path, precisions: list[str], reuse: bool,
-               jobs: int = 2) -> tuple[dict[str, Path], dict[str, str]]:
+def build_ours(ckpt: Path, precisions: list[str], reuse: bool, jobs: int = 2, max_lens: tuple[int, ...] = (512, 4096),
+               windows: tuple[str, ...] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
     """name -> artifact dir for what builds; name -> reason for what does not.
+
+    ``max_lens``: the fp32 exports (512 is the one calibrated); ``windows``: the artifacts that also get a ``-win``
+    copy (default: fp32-512 and every precision but FP8).
 
     A step is skipped when its artifact exists and was made by the same code from the same inputs (a stamp in
     ``bench/work/stamps``: a hash of the code directories it depends on, the checkpoint and the command); ``reuse``
@@ -237,12 +240,14 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool,
         step(name, [copy, build(name) + ["--ort-sliding", "window"]], CODE, after=src)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(export, (512, 4096)))
+        list(pool.map(export, max_lens))
         if "ours-fp32-512" in made:
             list(pool.map(calibrate, precisions))
         else:
             skipped.update({f"ours-{p}": "no fp32 artifact to calibrate" for p in precisions})
-        list(pool.map(window, ["ours-fp32-512", *(f"ours-{p}" for p in precisions if p != "fp8")]))
+        if windows is None:
+            windows = ("ours-fp32-512", *(f"ours-{p}" for p in precisions if p != "fp8"))
+        list(pool.map(window, windows))
     return made, skipped
 
 
