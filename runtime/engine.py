@@ -35,7 +35,7 @@ from runtime.generation_config import read_generation_config
 from runtime.images import SUPPORTED_SOFT_TOKEN_BUDGETS
 from runtime.prompt import RowMedia, chunk_end, expand_prompt
 from runtime.runner import Runner
-from runtime.sampling import make_sampler
+from runtime.sampling import _NAN, Greedy, make_sampler
 from runtime.scheduler import Overloaded, Scheduler, Seq
 from runtime.stops import StopStrings
 from runtime.tokenizer import IncrementalDecoder
@@ -363,17 +363,28 @@ class Engine:
             return
         with self._lock:
             self._sched.decoded(seqs)
+        # greedy rows: one argmax for the whole step (numpy calls are slow right after a step: see runtime.generate)
+        best = logits.argmax(axis=-1).tolist() if any(type(s.payload.sampler) is Greedy for s in seqs) else None
         for seq in seqs:
-            self._choose(seq, logits[seq.slot:seq.slot + 1])
+            row = seq.slot
+            if best is not None and type(seq.payload.sampler) is Greedy:
+                if math.isnan(logits.item(row, best[row])):  # argmax lands on a NaN where a row has one
+                    self._fail(seq, _NAN)
+                    continue
+                self._choose(seq, None, best[row])
+            else:
+                self._choose(seq, logits[row:row + 1])
 
-    def _choose(self, seq: Seq, logits: np.ndarray) -> None:
-        """Sample ``seq``'s next token from its (1, vocab) logits, stream it, finish the request if it ends."""
+    def _choose(self, seq: Seq, logits: np.ndarray | None, token: int | None = None) -> None:
+        """Sample ``seq``'s next token from its (1, vocab) logits (or take ``token``, chosen already), stream it,
+        finish the request if it ends."""
         req: _Request = seq.payload
-        try:
-            token = int(req.sampler.choose(logits, req.rng)[0])
-        except ValueError as e:  # NaN/inf logits: this request only
-            self._fail(seq, str(e))
-            return
+        if token is None:
+            try:
+                token = int(req.sampler.choose(logits, req.rng)[0])
+            except ValueError as e:  # NaN/inf logits: this request only
+                self._fail(seq, str(e))
+                return
         req.tokens.append(token)
         if token in req.stop_ids:  # in tokens (as runtime.generate), not in the text
             req.handle._push(Piece(0, token, ""))
