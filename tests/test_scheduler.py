@@ -124,17 +124,23 @@ def test_stop_strings_hold_back_only_a_possible_start():
 
 
 def test_first_chunks_of_neighbouring_slots_share_a_call_within_the_chunk_budget():
-    s = Scheduler(max_batch=4, max_queue=8, prefill_chunk=8, clock=Clock())
-    a, b, c, d = _seq("a", (0, 3)), _seq("b", (0, 2)), _seq("c", (0, 4), (4, 6)), _seq("d", (0, 2))
-    for q in (a, b, c, d):
+    """Only first chunks of the same length join (no padded row: an INT4 engine's padded row gets other logits)."""
+    s = Scheduler(max_batch=5, max_queue=8, prefill_chunk=8, clock=Clock())
+    a, b, c, d, e = (_seq("a", (0, 2)), _seq("b", (0, 2)), _seq("c", (0, 2), (2, 6)), _seq("d", (0, 2)),
+                     _seq("e", (0, 3)))
+    for q in (a, b, c, d, e):
         s.add(q)
     step = s.plan()
-    assert [q.id for q in step.prefill] == ["a", "b"]  # + c would pad 3 rows to 4 tokens: 12 > 8
+    assert [q.id for q in step.prefill] == ["a", "b", "c", "d"]  # 4 x 2 tokens: the budget; e is longer
     for q in step.prefill:
         s.prefilled(q)
-    step = s.plan()
-    assert [q.id for q in step.prefill] == ["c", "d"] and [q.id for q in step.decode] == ["a", "b"]
-    for q in step.prefill:
-        s.prefilled(q)
-    step = s.plan()  # c's second chunk continues alone (a prompt with past context: one row per call)
+    step = s.plan()  # c's second chunk continues alone (a prompt with past context: one row per call) ...
     assert [q.id for q in step.prefill] == ["c"] and [q.id for q in step.decode] == ["a", "b", "d"]
+    s.prefilled(c)
+    s.decoded(step.decode)
+    step = s.plan()  # ... then e, alone: no neighbour of its length
+    assert [q.id for q in step.prefill] == ["e"]
+    tight = Scheduler(max_batch=3, max_queue=8, prefill_chunk=4, clock=Clock())
+    for q in (_seq("x", (0, 2)), _seq("y", (0, 2)), _seq("z", (0, 2))):
+        tight.add(q)
+    assert [q.id for q in tight.plan().prefill] == ["x", "y"]  # a third would make 6 > 4 tokens
