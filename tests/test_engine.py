@@ -84,8 +84,8 @@ def test_cancel_frees_the_slot_within_one_step(model):
         h = engine.submit(A, params=SamplingParams(max_tokens=150))
         pieces = iter(h)
         next(pieces)
-        steps = engine.steps
         h.cancel()
+        steps = engine.steps  # a step may be in flight: it finishes, then the request goes
         res = h.result(timeout=30)
         assert res.finish_reason == "cancelled" and 1 <= len(res.tokens) < 150
         assert engine.steps - steps <= 1, "the slot was held for more than the step in flight"
