@@ -146,27 +146,23 @@ def _wait(predicate, timeout=30.0):
     return False
 
 
-IDS = [2, 5, 6, 7]  # on the tiny artifact (no tokenizer, no eos in sight): a stream as long as max_tokens
-
-
-@pytest.fixture(scope="module")
-def tiny(artifact_store):
-    return runtime.load(artifact_store("tiny"))
-
-
-def test_disconnect_mid_stream_frees_the_slot(tiny):
+def test_disconnect_mid_stream_frees_the_slot(model):
     import httpx
 
     from runtime.serve import create_app
 
-    engine = Engine(tiny, max_batch=2)
-    body = {"model": MODEL, "prompt": IDS, "max_tokens": 190, "stream": True}
+    engine = Engine(model, max_batch=2)
+    # on the demo model this prompt runs 200 tokens without an eos, each a text piece: a stream that lasts
+    body = {"model": MODEL, "prompt": [2, 20, 21, 22], "max_tokens": 200, "stream": True}
     with running_server(create_app(engine, model_name=MODEL)) as port, httpx.Client(timeout=60) as http:
         decode = engine._runner.decode
-        engine._runner.decode = lambda feed, idle: time.sleep(0.01) or decode(feed, idle)  # 1.9 s of tokens
+        engine._runner.decode = lambda feed, idle: time.sleep(0.01) or decode(feed, idle)  # 2 s of tokens
         with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
             assert r.status_code == 200, r.read()
             next(line for line in r.iter_lines() if line.startswith("data: {"))  # one token arrived: leave
+            steps = engine.stats()["steps"]
+            assert steps < 100, f"the first piece came only after {steps} steps: the stream was not streamed"
+            r.stream.close()  # drop the connection here (closing the response could read the rest first)
         # the server notices the disconnect at its next write (a step: 10 ms here); 5 s only bounds a loaded machine
         assert _wait(lambda: engine.stats()["busy_slots"] == 0, timeout=5.0), engine.stats()
         assert engine.stats()["steps"] < 150, "the request ran to its end instead of being cancelled"
@@ -195,21 +191,25 @@ def test_a_full_queue_answers_429(model):
         assert http.post(url, json=body).status_code == 200  # the slot is free again
 
 
-def test_sigterm_drains_running_requests(artifact_store):
+def test_sigterm_drains_running_requests(demo_engine_artifact):
+    """SIGTERM while a stream runs (its first piece arrived, 200 tokens asked): it still ends with its last token and
+    ``[DONE]``, then the process exits."""
     import httpx
 
     port = free_port()
-    with serve_process([str(artifact_store("tiny")), "--drain-timeout", "60", "--max-batch", "2"], port=port) as proc:
+    with serve_process([str(demo_engine_artifact), "--drain-timeout", "60", "--max-batch", "2"], port=port) as proc:
         with httpx.Client(timeout=120) as http:
             with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                             json={"prompt": IDS, "max_tokens": 190, "stream": True}) as r:
+                             json={"prompt": [2, 20, 21, 22], "max_tokens": 200, "stream": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: {"))
                 proc.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line.startswith("data: ")]
         events = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
+        assert events[0]["choices"][0]["finish_reason"] is None, "the first event was already the last"
         assert rest[-1] == "data: [DONE]", rest[-3:]
-        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
+        assert events[-1]["choices"][0]["finish_reason"] == "length", events[-1]
+        assert len(events) > 150, f"{len(events)} events: the stream was cut short"
         # uvicorn re-raises the signal once its graceful shutdown is done: the exit status says SIGTERM, as it should
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "Traceback" not in proc.output and "Application shutdown complete" in proc.output, proc.output[-3000:]
