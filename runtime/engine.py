@@ -93,7 +93,7 @@ class RequestHandle:
         self._error: RequestFailed | None = None
         self._cond = threading.Condition()
         self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self.submitted = time.monotonic()
+        self._seq: Seq | None = None  # the scheduler's record, set by `Engine.submit`
 
     # ------------------------------------------------------------------ engine side
     def _push(self, piece: Piece | None = None, *, result: GenerationResult | None = None,
@@ -214,7 +214,7 @@ class Engine:
         self._runner = Runner(model, max_batch)
         self._sched = Scheduler(max_batch, max_queue, prefill_chunk=chunk, clock=clock)
         self._lock = threading.Condition(threading.RLock())
-        self._cancelled: set[_Request] = set()
+        self._cancelled: set[Seq] = set()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -290,9 +290,8 @@ class Engine:
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._lock:
-            seq = getattr(handle, "_seq", None)
-            if seq is not None:
-                self._cancelled.add(seq.payload)
+            if handle._seq is not None:
+                self._cancelled.add(handle._seq)
                 self._lock.notify_all()
 
     # ------------------------------------------------------------------ the engine thread
@@ -324,8 +323,7 @@ class Engine:
                 self.steps += 1
 
     def _drop_cancelled(self) -> None:
-        for req in self._cancelled:
-            seq = req.handle._seq
+        for seq in self._cancelled:
             if seq.state != "done":
                 self._finish(seq, "cancelled")
         self._cancelled.clear()

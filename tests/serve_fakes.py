@@ -247,3 +247,13 @@ def serve_process(args: list[str], *, port: int, ready_timeout: float = 120.0):
         if proc.poll() is None:
             proc.kill()
         proc.output = proc.communicate(timeout=10)[0]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -60,20 +60,21 @@ def test_a_failing_prefill_fails_that_request_only(model, monkeypatch):
 
 
 def test_nan_logits_fail_their_row_only(model):
-    with Engine(model, max_batch=2) as engine:
-        decode = engine._runner.decode
-        calls = []
+    engine = Engine(model, max_batch=2)
+    decode = engine._runner.decode
+    calls = []
 
-        def poisoned(feed, idle):
-            out = decode(feed, idle).copy()
+    def poisoned(feed, idle):  # the first step that decodes slot 1 gives it NaN logits
+        out = decode(feed, idle).copy()
+        if 1 in feed and not calls:
             calls.append(1)
-            if len(calls) == 2 and 1 in feed:
-                out[1] = np.nan
-            return out
+            out[1] = np.nan
+        return out
 
-        engine._runner.decode = poisoned
-        a = engine.submit(A, params=SamplingParams(max_tokens=8))
-        b = engine.submit(B, params=SamplingParams(max_tokens=8))
+    engine._runner.decode = poisoned
+    a = engine.submit(A, params=SamplingParams(max_tokens=8))  # both queued before the start: a in slot 0, b in 1
+    b = engine.submit(B, params=SamplingParams(max_tokens=8))
+    with engine:
         with pytest.raises(RequestFailed, match="NaN"):
             b.result(timeout=60)
         assert a.result(timeout=60).tokens == _alone(model, A, 8)

@@ -18,7 +18,7 @@ import pytest
 
 import runtime
 from runtime.engine import Engine
-from tests.serve_fakes import free_port, running_server, serve_process
+from tests.serve_fakes import free_port, running_server, serve_process, wait_until
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -137,15 +137,6 @@ def test_concurrent_clients_each_get_their_answer_alone(client, model):
     assert gots == wants
 
 
-def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_disconnect_mid_stream_frees_the_slot(model):
     import httpx
 
@@ -164,7 +155,7 @@ def test_disconnect_mid_stream_frees_the_slot(model):
             assert steps < 100, f"the first piece came only after {steps} steps: the stream was not streamed"
             r.stream.close()  # drop the connection here (closing the response could read the rest first)
         # the server notices the disconnect at its next write (a step: 10 ms here); 5 s only bounds a loaded machine
-        assert _wait(lambda: engine.stats()["busy_slots"] == 0, timeout=5.0), engine.stats()
+        assert wait_until(lambda: engine.stats()["busy_slots"] == 0, timeout=5.0), engine.stats()
         assert engine.stats()["steps"] < 150, "the request ran to its end instead of being cancelled"
 
 
@@ -182,7 +173,7 @@ def test_a_full_queue_answers_429(model):
         body = {"model": MODEL, "prompt": "<|turn>user\nWhat is 3 plus 4 ?<turn|>\n<|turn>model\n", "max_tokens": 4}
         first = threading.Thread(target=lambda: http.post(url, json=body))
         first.start()
-        assert _wait(lambda: engine.stats()["busy_slots"] == 1)
+        assert wait_until(lambda: engine.stats()["busy_slots"] == 1, timeout=30.0)
         refused = http.post(url, json=body)
         release.set()
         first.join(60)

@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 
 import runtime  # noqa: E402
 from runtime.serve.ray_app import APP_NAME, REPLICA_HEADER, build, start_local, stop_local  # noqa: E402
-from tests.serve_fakes import free_port, serve_process  # noqa: E402
+from tests.serve_fakes import free_port, wait_until, serve_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo"
@@ -38,12 +38,7 @@ TIMEOUT = 30  # seconds any one request may take: nothing hangs
 
 
 def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(predicate, timeout, interval=0.1)
 
 
 @pytest.fixture(scope="module")
