@@ -91,9 +91,12 @@ class Sample:
         _check_logits(logits[None])
         if np.isposinf(logits).any():
             raise ValueError("The logits contain +inf; a probability distribution cannot be formed from them.")
-        return self._distribution(logits)
+        ids, probs = self._distribution(logits)
+        return ids, probs / probs.sum()
 
     def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates and their weights: probabilities before the nucleus cut, not renormalised after it
+        (`_choose_row` scales its uniform draw by the total instead)."""
         scores = logits.astype(np.float64) / self.temperature  # (V,)
         ids = np.flatnonzero(scores > -np.inf)
         if ids.size == 0:
