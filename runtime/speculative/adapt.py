@@ -5,14 +5,16 @@
   n + 1 drafts, or k if all were accepted), starting from a prior (`prior_acceptance` worth `prior_weight` drafts)
   and forgetting the prior and old rounds alike, geometrically (`memory` per round);
 - cost(k) is the time of a round with k drafts (drafting plus the verify pass), measured: the caller reports each
-  round's seconds (averaged per k). A k never measured lies on the line between the measured k on either side of
+  round's seconds (averaged per k; the first timed round of each k is taken as its warm-up, such as a backend
+  planning a new shape, and not counted). A k never measured lies on the line between the measured k on either side of
   it, or, beyond the measured ones, follows the prior costs (`verify_cost`, `draft_cost`, in decode steps) from the
   nearest measured k; with nothing measured the prior is the cost.
 k = 0 is plain decode (E = 1 at the cost of one step): it wins whenever speculation would not pay. Two kinds of
 probe keep the estimates current: after `probe_every` plain rounds in a row one round drafts a single token (plain
 rounds teach nothing about acceptance; a probe costs at most a verify over 2 tokens and one drafted token, spread
-over `probe_every` steps), and while speculating with timed rounds, one round in `4 * probe_every` is a plain step
-so the cost being beaten stays measured (prompt lookup's rounds without a match measure it for free).
+over `probe_every` steps), and while speculating with timed rounds, one round in `4 * probe_every` (in
+`probe_every` until it is measured) is a plain step so the cost being beaten stays measured (prompt lookup's rounds
+without a match measure it for free).
 
 transformers' `num_assistant_tokens_schedule="heuristic"` (k + 2 after a fully accepted round, else k - 1, at least
 1) needs no costs but never stops speculating; this rule stops when the measured costs say so. It deliberately
@@ -41,7 +43,7 @@ class AdaptiveK:
         draft_cost: float = 0.0,
         prior_acceptance: float = 0.5,
         prior_weight: float = 4.0,
-        memory: float = 0.9,
+        memory: float = 0.95,
         probe_every: int = 16,
     ) -> None:
         """`verify_cost[k]`: a target pass over k + 1 tokens in decode steps, k = 0..max_k (default 1 everywhere:
@@ -71,6 +73,7 @@ class AdaptiveK:
         self._accepted = float(prior_acceptance) * prior_weight  # decayed counts of drafts, the prior's included
         self._examined = float(prior_weight)
         self._seconds: list[float | None] = [None] * (self.max_k + 1)  # measured round time per width
+        self._warm = [False] * (self.max_k + 1)  # a width's first timed round (its warm-up) was seen
         self._plain_rounds = 0  # plain rounds in a row since the last speculative one
         self._since_plain = 0  # rounds since the last plain one
 
@@ -81,6 +84,8 @@ class AdaptiveK:
 
     def cost(self, k: int) -> float:
         """The estimated time of a round with k drafts: measured, else interpolated, else the prior's shape."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.max_k:
+            raise ValueError(f"cost(k={k!r}): expected an integer in [0, {self.max_k}] (max_k).")
         if self._seconds[k] is not None:
             return self._seconds[k]
         below = [j for j in range(k) if self._seconds[j] is not None]
@@ -104,8 +109,9 @@ class AdaptiveK:
         if best == 0 and self.max_k > 0 and self._plain_rounds + 1 >= self._probe_every:
             return 1  # a probe: acceptance may have changed while nothing was drafted
         timed = any(s is not None for s in self._seconds)
-        if best > 0 and timed and self._since_plain + 1 >= 4 * self._probe_every:
-            return 0  # a probe: the plain step's cost may have changed (or never been measured)
+        every = self._probe_every * (1 if self._seconds[0] is None else 4)
+        if best > 0 and timed and self._since_plain + 1 >= every:
+            return 0  # a probe: the plain step's cost may have changed, or was never measured
         return best
 
     def observe(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
@@ -117,7 +123,9 @@ class AdaptiveK:
             raise ValueError(f"observe(accepted={accepted!r}): expected an integer in [0, {proposed}] (proposed).")
         if seconds is not None and not _positive(seconds):
             raise ValueError(f"observe(seconds={seconds!r}): expected the round's duration, a number > 0, or None.")
-        if seconds is not None:
+        if seconds is not None and not self._warm[proposed]:
+            self._warm[proposed] = True
+        elif seconds is not None:
             old = self._seconds[proposed]
             self._seconds[proposed] = float(seconds) if old is None else old + 0.2 * (float(seconds) - old)
         if proposed == 0:
