@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from exporter.config import FULL, PRESETS, SLIDING, ModelConfig, TextConfig
-from exporter.kv import ring_positions
 from exporter.model import MLP, AttentionCore, RMSNorm, Rope, apply_rope, rope_tables
 
 __all__ = ["ASSISTANT_PRESETS", "AssistantConfig", "AssistantModel", "load_assistant", "random_assistant"]
@@ -238,6 +237,14 @@ class _Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def _ring_positions(last: torch.Tensor, ring) -> torch.Tensor:
+    """`exporter.kv.ring_positions` for a ring size that is a dynamic dim: slot j holds the largest position
+    <= ``last`` (B,) that is j mod R.  (B, R); the modulus is a tensor, which torch.onnx exports."""
+    slots = torch.arange(ring, device=last.device)  # (R,)
+    size = slots[-1:] + 1  # (1,) == R
+    return last[:, None] - torch.remainder(last[:, None] - slots[None, :], size)
+
+
 class AssistantModel(nn.Module):
     def __init__(self, cfg: AssistantConfig):
         super().__init__()
@@ -258,7 +265,7 @@ class AssistantModel(nn.Module):
         last sliding layer's ring.  Returns logits (B, V), next hidden (B, Hb), argmax token (B,) int64."""
         fk, fv = full_k.index_select(2, full_slots), full_v.index_select(2, full_slots)  # (B, Hkv, L, D)
         full_ok = full_slots[None, :] < full_len[:, None]  # (B, L)
-        slot_pos = ring_positions(sliding_end - 1, ring_k.shape[2])  # (B, R)
+        slot_pos = _ring_positions(sliding_end - 1, ring_k.shape[2])  # (B, R)
         ring_ok = (slot_pos >= sliding_start[:, None]) & (slot_pos >= 0)
         x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1))  # (B, H)
         for layer in self.model.layers:
