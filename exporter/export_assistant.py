@@ -117,7 +117,7 @@ def export_graph(model: AssistantModel, target: ModelConfig, path: Path) -> None
         program = torch.onnx.export(
             _Step(model).eval(), args, dynamo=True, opset_version=OPSET, dynamic_shapes=dyn,
             input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
-            external_data=True, optimize=True, verbose=False,
+            external_data=True, optimize=False, verbose=False,  # ORT optimises at load
         )
     program.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)

@@ -60,14 +60,17 @@ def _inputs(model, target, batch, max_len, ring, seed):
 
 
 @pytest.mark.parametrize("name", sorted(ASSISTANT_PRESETS))
-def test_onnx_graph_equals_pytorch(pairs, name, tmp_path):
-    """ORT vs PyTorch (float64 reference) at batch 1 and 3, cache lengths and ring sizes unlike the export's."""
+def test_onnx_graph_equals_pytorch(pairs, name, tmp_path, tiny_with_assistant):
+    """ORT vs PyTorch (float64 reference) at batch 1 and 3, cache lengths and ring sizes unlike the export's (the
+    tiny assistant's graph is the one `export_assistant` put into the artifact)."""
     import onnxruntime as ort
 
     _, _, ours, _ = pairs(name)
     target = PRESETS[ASSISTANT_PRESETS[name][0]]
-    path = tmp_path / "assistant.onnx"
-    export_graph(ours, target, path)
+    path = tiny_with_assistant / "assistant" / "assistant.onnx"
+    if name != "tiny-assistant":
+        path = tmp_path / "assistant.onnx"
+        export_graph(ours, target, path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     wide = ours.double()
@@ -100,11 +103,15 @@ def test_export_records_the_assistant_in_the_manifest(tiny_with_assistant):
     assert [i["name"] for i in rec["inputs"]][-4:] == ["full_key", "full_value", "ring_key", "ring_value"]
 
 
-def test_export_and_runner_refusals(tiny_with_assistant, pairs, tmp_path):
-    _, _, deep, _ = pairs("tiny-deep-assistant")
-    with pytest.raises(ValueError, match="head_dim"):
-        export_assistant(deep, tiny_with_assistant, log=lambda *_: None)
-    read_manifest(tiny_with_assistant)  # the refused export changed nothing
+def test_export_and_runner_refusals(tiny_with_assistant, pairs, tmp_path, capsys):
+    from exporter.export_assistant import main
+
+    _, _, _, deep_ckpt = pairs("tiny-deep-assistant")
+    before = read_manifest(tiny_with_assistant)["files"]
+    assert main(["--assistant", str(deep_ckpt), "--artifact", str(tiny_with_assistant)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export-assistant: error:") and "head_dim" in err and err.count("\n") == 1
+    assert read_manifest(tiny_with_assistant)["files"] == before  # the refused export changed nothing
     bare = tmp_path / "bare"
     shutil.copytree(tiny_with_assistant, bare)
     manifest = json.loads((bare / "manifest.json").read_text())
