@@ -181,12 +181,13 @@ class QueryAttention(nn.Module):
         self.core = AttentionCore(cfg, layer)  # for its scale-1.0 GQA `attend`
 
     def forward(self, x, k, v, allowed, position, inv_freq):
-        """x (B, H); k, v (B, Hkv, T, D) RoPE'd/normed target entries; allowed (B, T); position (B,) -> (B, H)."""
+        """x (B, 1, H); k, v (B, Hkv, T, D) RoPE'd/normed target entries; allowed (B, T); position (B,) -> (B, 1, H).
+        Activations keep their length-1 sequence axis so the Linears export as MatMul (the form `calib` quantizes)."""
         b = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(b, 1, self.num_heads, self.head_dim))  # (B, 1, Hq, D)
         cos, sin = rope_tables(position[:, None], inv_freq, q.dtype)  # (B, 1, D)
         q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, Hq, 1, D)
-        return self.o_proj(self.core.attend(q, k, v, allowed[:, None, :])[:, 0])
+        return self.o_proj(self.core.attend(q, k, v, allowed[:, None, :]))  # (B, 1, H)
 
 
 class AssistantLayer(nn.Module):
@@ -267,19 +268,19 @@ class AssistantModel(nn.Module):
         full_ok = full_slots[None, :] < full_len[:, None]  # (B, L)
         slot_pos = _ring_positions(sliding_end - 1, ring_k.shape[2])  # (B, R)
         ring_ok = (slot_pos >= sliding_start[:, None]) & (slot_pos >= 0)
-        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1))  # (B, H)
+        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1)[:, None])  # (B, 1, H)
         for layer in self.model.layers:
             if layer.self_attn.sliding:
                 x = layer(x, ring_k, ring_v, ring_ok, position, self.rope_sliding.inv_freq)
             else:
                 x = layer(x, fk, fv, full_ok, position, self.rope_full.inv_freq)
-        h = self.model.norm(x)
+        h = self.model.norm(x)  # (B, 1, H)
         lm_head = self.model.embed_tokens.weight
         if self.masked_embedding is not None:
-            logits = self.masked_embedding(h, lm_head)
+            logits = self.masked_embedding(h[:, 0], lm_head)
         else:
-            logits = torch.matmul(h, lm_head.t())
-        return logits, self.post_projection(h), torch.argmax(logits, dim=-1)
+            logits = torch.matmul(h, lm_head.t())[:, 0]  # (B, V)
+        return logits, self.post_projection(h)[:, 0], torch.argmax(logits, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- weights

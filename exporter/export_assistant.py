@@ -12,7 +12,8 @@ row from the target's own table (memory-mapped from the target graph's external 
 12B's 1 GB (fp32: 4 GB) table is not stored twice, and it follows whatever form the target's table has (fp32, or
 fp16 after `calib.embedding`).  The assistant's LM head is its own (tied to its own small embedding).
 
-Not done: INT8/INT4 of the assistant's Linears (the graph is fp32), a TensorRT engine for it.
+INT4 weights: `python -m calib.assistant_int4` (the same export, its graph rewritten by `calib.int4`).
+Not done: INT8, activation-aware (AWQ) INT4 with calibration data, a TensorRT engine for the assistant.
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def export_graph(model: AssistantModel, target: ModelConfig, path: Path) -> None
         raise RuntimeError(f"{path.name}: exported graph I/O {got} differs from the contract")
 
 
-def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Path, *, log=print) -> dict[str, Any]:
+def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Path, *, rewrite=None,
+                     precision: str = "fp32", log=print) -> dict[str, Any]:
     """Export the assistant (a checkpoint directory or a model) into ``artifact``; returns the new manifest.
+    ``rewrite(path)`` rewrites the saved graph in place before it is checked (``calib.assistant_int4``: INT4
+    weights) and returns counts to log; ``precision`` is recorded.
 
     The artifact must be intact (every file matches its sha256) and hold no unlisted files; a previous assistant
     is replaced only once the new graph is written and loads in ONNX Runtime."""
@@ -153,6 +157,8 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
         log(f"[export-assistant] tracing the assistant step graph ({sum(p.numel() for p in model.parameters()):,} "
             "parameters) ...")
         export_graph(model, target, stage / Path(GRAPH).name)
+        if rewrite is not None:
+            log(f"[export-assistant] {precision}: {rewrite(stage / Path(GRAPH).name)}")
         _check_loads(stage / Path(GRAPH).name)
         replace_dir(stage, root / Path(GRAPH).parent, log=log)
     except BaseException:
@@ -166,7 +172,8 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
         "file": GRAPH, "inputs": inputs, "outputs": outputs, "target_caches": caches,
         "embedding": "token_embeds: the target's input embedding rows (graphs.decode's table, times "
                      "sqrt(hidden)), gathered by the runtime",
-        "config": model.cfg.to_json_dict(), "source": getattr(model, "source", {}), "precision": "fp32",
+        "config": model.cfg.to_json_dict(), "source": getattr(model, "source", {}),
+        "precision": precision,
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
     manifest = write_manifest(root, dict(manifest, assistant=record))

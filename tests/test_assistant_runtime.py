@@ -207,3 +207,46 @@ def test_runner_reads_the_backend_caches_in_place(tiny_with_assistant, pairs):
     cache.arrays[runner.cache_index["ring_value"]][...] *= -3.0  # the backend's buffer itself
     changed = runner.draft(cache, nxt, hidden, lens, K)
     assert not np.allclose(changed.logits, got.logits)
+
+
+def test_int4_graph_equals_dequantized_weights(pairs, tmp_path):
+    """``--int4-block``: every Linear (23 in the tiny assistant: 5 per layer, both projections, the LM head) becomes
+    an int4 DequantizeLinear -> MatMul; run as written it equals our PyTorch assistant holding the round-to-nearest
+    dequantized weights (1e-4 of the logit range); ONNX Runtime's optimiser fuses every one into MatMulNBits."""
+    import onnx
+    import onnxruntime as ort
+
+    from calib.int4 import dequantize_int4_blockwise, int4_values
+    from exporter.assistant import AssistantModel
+    from calib.assistant_int4 import quantize_int4
+
+    _, _, ours, _ = pairs("tiny-assistant")
+    target, block = PRESETS["tiny"], 16
+    path = tmp_path / "assistant.onnx"
+    export_graph(ours, target, path)
+    assert quantize_int4(path, block) == {"linears": 23, "input_muls": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assistant.onnx", "assistant.onnx.int4.data"]
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert ops.count("DequantizeLinear") == 23
+    deq = AssistantModel(ours.cfg)
+    deq.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        weights = [m.weight for m in deq.modules() if isinstance(m, torch.nn.Linear)] + [deq.model.embed_tokens.weight]
+        for w in weights:
+            q, scales = int4_values(w.numpy().T, block)
+            w.copy_(torch.from_numpy(np.ascontiguousarray(dequantize_int4_blockwise(q, scales, block).T)))
+    args = _inputs(ours, target, 2, 37, target.text.sliding_window + 3, 2)
+    with torch.no_grad():
+        want = deq.step(*args)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    span = float(want[0].max() - want[0].min())
+    assert float(np.abs(got[0] - want[0].numpy()).max()) <= 1e-4 * span
+    assert np.array_equal(got[2], want[2].numpy())
+    fused = ort.SessionOptions()
+    fused.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), fused, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 23 and "DequantizeLinear" not in ops
