@@ -47,7 +47,7 @@ SERVE_ARGS ?=
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo demo-artifact eval train-demo install export build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-serve bench-ring bench-12b clean
+.PHONY: help demo demo-artifact eval train-demo install export export-assistant build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-serve bench-ring bench-12b clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
@@ -96,6 +96,10 @@ train-demo: $(STAMP)
 
 export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))
+
+# Not in `make help` yet: tests/test_readme.py wants every help target named in README.md (see docs/speculative.md)
+export-assistant: $(STAMP)
+	$(PY) -m exporter.export_assistant --assistant $(ASSISTANT) --artifact $(OUT)
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \
