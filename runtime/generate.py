@@ -373,9 +373,13 @@ def generate(
     top_k = defaults["top_k"] if top_k is None else top_k
     top_p = defaults["top_p"] if top_p is None else top_p
     stop_ids = {*defaults["eos_token_ids"], *_stop_ids(stop)}
-    if draft is not None and temperature != 0:
-        raise InputError(f"draft={draft!r} with temperature={temperature}: speculative decoding is greedy only here "
-                         "(temperature=0); sampling with drafts is not implemented yet")
+    if draft is not None:
+        from runtime.speculative.verify import check_draft
+
+        check_draft(model.backend, draft, num_draft_tokens)
+        if temperature != 0:
+            raise InputError(f"draft={draft!r} with temperature={temperature}: speculative decoding is greedy only "
+                             "here (temperature=0); sampling with drafts is not implemented yet")
     results: list[GenerationResult] = []
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),

@@ -25,7 +25,7 @@ from runtime.errors import InputError
 from runtime.sampling import Greedy
 from runtime.speculative._local import accepted_greedy, prompt_lookup
 
-__all__ = ["DRAFTERS", "SpecStats", "greedy_speculative"]
+__all__ = ["DRAFTERS", "SpecStats", "check_draft", "greedy_speculative"]
 
 DRAFTERS: dict[str, Callable[[list[int], int], list[int]]] = {"prompt_lookup": prompt_lookup}
 
@@ -45,12 +45,8 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else None
 
 
-def greedy_speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[int]], *, num_draft_tokens: int,
-                       max_new_tokens: int, max_len: int, stop_ids: set[int], draft: str = "prompt_lookup",
-                       stats: SpecStats | None = None) -> Iterator[tuple[int, int, str | None]]:
-    """Generate greedily after a prefill whose logits are ``first_logits`` (B, V), each row's prompt ``contexts[i]``
-    (token ids as cached) on ``cache``; yields (row, token, "stop" or None) in each row's order, stopping a row as
-    `runtime.generate`'s plain loop does (a stop id, included; ``max_len``; ``max_new_tokens``)."""
+def check_draft(backend, draft: str, num_draft_tokens: int) -> None:
+    """Refuse an unknown drafter, a bad K, or an artifact that cannot verify K drafts, with the reason."""
     if draft not in DRAFTERS:
         raise InputError(f"draft={draft!r}; expected one of {', '.join(DRAFTERS)} or None")
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
@@ -63,6 +59,15 @@ def greedy_speculative(backend, cache, first_logits: np.ndarray, contexts: list[
     if num_draft_tokens > limit:
         raise InputError(f"num_draft_tokens={num_draft_tokens}; this artifact verifies at most {limit} draft tokens "
                          f"per call (exported with --speculative {limit})")
+
+
+def greedy_speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[int]], *, num_draft_tokens: int,
+                       max_new_tokens: int, max_len: int, stop_ids: set[int], draft: str = "prompt_lookup",
+                       stats: SpecStats | None = None) -> Iterator[tuple[int, int, str | None]]:
+    """Generate greedily after a prefill whose logits are ``first_logits`` (B, V), each row's prompt ``contexts[i]``
+    (token ids as cached) on ``cache``; yields (row, token, "stop" or None) in each row's order, stopping a row as
+    `runtime.generate`'s plain loop does (a stop id, included; ``max_len``; ``max_new_tokens``)."""
+    check_draft(backend, draft, num_draft_tokens)
     drafter, greedy = DRAFTERS[draft], Greedy()
     stats = stats if stats is not None else SpecStats()
     first = greedy.choose(np.asarray(first_logits), None).tolist()
