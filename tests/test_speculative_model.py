@@ -82,3 +82,42 @@ def test_verify_and_rollback_match_transformers(preset, name, reference_store):
                 expect, plain = model.decode(torch.tensor([[t]]), one(pos), plain)
                 assert_close(out[0].numpy(), expect[0].numpy(), f"{preset}/{name}: decode {j} after keeping {keep}",
                              rel=1e-9)
+
+
+def test_decode_geometry_with_slack_equals_the_general_one():
+    """Rings of R > W slots: the decode loop's few-call geometry (`decode_inputs`) equals the general
+    `attention_inputs` for one new token per row (mixed, filling, wrapped rings; the in-place branch's inputs too)."""
+    from runtime.ort_attention import attention_inputs, decode_inputs
+
+    rng = np.random.default_rng(0)
+    for w, r in ((1, 3), (4, 7), (8, 11), (16, 24)):
+        for trial in range(150):
+            b = int(rng.integers(1, 5))
+            past = rng.integers(0, 3 * r + 3, size=b)
+            if trial % 4 == 0:
+                past[:] = past[0]
+            want = attention_inputs(past, np.ones(b, np.int64), 1, window=w, slots=r)
+            got = decode_inputs(past, window=w, slots=r)
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} window {w} slots {r} past {past}")
+    with pytest.raises(ValueError, match="cannot hold"):
+        decode_inputs([3], window=8, slots=7)
+
+
+def test_window_verify_tokens_follows_onnxruntimes_layout():
+    """`window_verify_tokens` against ONNX Runtime's documented windowed-cache layout (GroupQueryAttention,
+    ``sliding_window_cache``): E(T) = 0 for T <= C, else G * ceil((T - C) / G), G = C - W + 1; dropping tokens from
+    a call is exact iff E is the same at every length the call can end at: the longest such call."""
+    from runtime.ort_attention import window_verify_tokens
+
+    def evicted(t, c, g):
+        return 0 if t <= c else g * -(-(t - c) // g)
+
+    for w, c in ((1, 1), (4, 4), (4, 6), (8, 12), (16, 272)):
+        g = c - w + 1
+        for past in range(0, 3 * c + 5):
+            n = window_verify_tokens(past, w, c)
+            ends = [evicted(past + i, c, g) for i in range(1, n + 2)]
+            assert n >= 1 and len(set(ends[:n])) == 1, (w, c, past, n)
+            assert ends[n] != ends[0], f"window {w} capacity {c} past {past}: {n} is not the longest call"
