@@ -1,4 +1,5 @@
-"""Speculative decoding: draft several tokens cheaply, let the target check them all in one pass.
+"""Speculative decoding: drafters propose tokens, one target pass verifies them (`runtime.speculative.verify`), and
+the caches drop what was rejected by the caller's lengths alone (`runtime.backend.Backend.verify`).  Torch-free.
 
 The backend-independent pieces are numpy-only modules, each tested alone:
 - `prompt_lookup`: the prompt-lookup drafter (n-gram match in the prompt and the output so far);
