@@ -53,9 +53,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_timeout: float = 600.0):
+def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_timeout: float = 600.0,
+           cwd: Path = ROOT):
     """``python -m runtime.serve ARTIFACT`` on 127.0.0.1 in a child process; yields its base URL once ``/health``
-    answers 200.  The process (its whole group) is terminated when the block ends, and killed if it lingers."""
+    answers 200.  The process (its whole group) is terminated when the block ends, and killed if it lingers.
+    ``cwd``: the source tree whose ``runtime`` package serves (another checkout, for a before/after)."""
     import httpx
 
     port = _free_port()
@@ -63,7 +65,7 @@ def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_ti
     cmd = [sys.executable, "-m", "runtime.serve", str(artifact), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--served-model-name", name, "--drain-timeout", "2"]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + start_timeout
