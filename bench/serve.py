@@ -119,11 +119,14 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
     baselines = not a.no_baselines
     out: dict = {"artifact": repo_path(artifact), "levels": {}, "baselines": {}, "records": {}}
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(server(artifact, name, WORK / "logs" / f"serve-{name}.log"))
+        threads = a.threads if a.server_threads == "same" else None if a.server_threads == "default" else int(
+            a.server_threads)
+        out["server_threads"] = threads or "ONNX Runtime's default (one per physical core, workers pinned)"
+        url = stack.enter_context(server(artifact, name, WORK / "logs" / f"serve-{name}.log", threads=threads))
         compare_url = None
         if a.compare_src is not None and 1 in levels:
             compare_url = stack.enter_context(server(artifact, name, WORK / "logs" / f"serve-{name}-compare.log",
-                                                     cwd=a.compare_src))
+                                                     cwd=a.compare_src, threads=threads))
             out["compare"] = {"src": a.compare_label or a.compare_src.name}
         _log(f"{name}: server up at {url}; loading it in this process too")
         model = Ours(artifact, a.threads).model
@@ -227,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: short prompts and answers, 30 s per level")
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the in-process stacks")
+    ap.add_argument("--server-threads", default="same", metavar="N|same|default",
+                    help="the server's --threads: same as --threads (default: the server and runtime.generate run "
+                         "ONNX Runtime alike), a number, or `default` (ONNX Runtime's own choice, workers pinned; "
+                         "needed with a --compare-src tree whose server has no --threads)")
     ap.add_argument("--precisions", default="fp32,int4", help="our engines to serve (fp32, int4, ...; default "
                     "fp32,int4), e.g. `--precisions int4 --no-window --concurrency 1,8` for the INT4 engine alone")
     ap.add_argument("--concurrency", type=_levels, default=LEVELS, metavar="LIST",
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="keep existing artifacts even if the code changed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
+    if a.server_threads not in ("same", "default") and not a.server_threads.isdigit():
+        ap.error(f"--server-threads {a.server_threads!r}: expected a number, `same` or `default`")
     t_start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not (a.checkpoint / "config.json").exists():
