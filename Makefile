@@ -92,7 +92,7 @@ eval: $(STAMP)
 	$(PY) -m demo.evaluate --artifact $(EVAL_OUT)
 
 train-demo: $(STAMP)
-	$(PY) -m demo.train --out demo/checkpoint --init demo/checkpoint --focus repeat,continue --steps 1300 --lr 1.5e-3
+	$(PY) -m demo.train --out demo/checkpoint --init demo/checkpoint --focus continue --steps 700 --lr 1e-3
 
 export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))

@@ -4,11 +4,11 @@
   one kind and colour; asked for the colour, the shape (one large shape), or how many there are;
 * audio: a 0.48 s tone (12 soft tokens) at a low, middle or high pitch, random phase and level; asked for the pitch;
 * text: the sum of two digits;
-* long, predictable answers (what speculative decoding is shown on): ``repeat`` a list of 4-28 distinct words the
-  prompt gives (every answer token is a copy from the prompt; at most 28 keep the copy inside the sliding window of
-  32), ``continue`` a sequence of numbers 0-18 that counts up by 1-4 and wraps around at 19 (``a, a+s, a+2s`` ->
-  the next terms up to and including the prompt's last term again: 19 terms joined by ``,``, 37 tokens; the end
-  copies the prompt, the rest is arithmetic).
+* a long, predictable answer (what speculative decoding is shown on): ``continue`` a sequence of the numbers 0-18
+  that counts up by 1-4 and wraps around at 19; the prompt gives its first 3-18 terms, the answer is the next
+  terms up to and including the prompt's last term again (one lap: 19 terms joined by ``,``, 37 tokens).  Its
+  last terms repeat the prompt's (as many as the prompt gives: prompt lookup can copy them), the first ones are
+  arithmetic (what a drafting model can learn).
 
 Prompts use Gemma 4's chat turns and one ``<|image|>`` / ``<|audio|>`` placeholder per item, like the real model.
 Train and held-out examples come from disjoint seed streams.  The ``calibration`` and ``report`` splits (the
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["COLOURS", "KINDS", "LIST_WORDS", "MODULUS", "Example", "PITCHES", "SHAPES", "examples", "prompt_text",
+__all__ = ["COLOURS", "KINDS", "MODULUS", "Example", "PITCHES", "SHAPES", "examples", "prompt_text",
            "vocabulary"]
 
 SIZE = 384
@@ -39,13 +39,11 @@ QUESTIONS = {
     "count": "<|image|> How many shapes are there ?",
     "pitch": "<|audio|> Is this tone low , middle or high ?",
     "sum": "What is {a} plus {b} ?",
-    "repeat": "Repeat this list : {items}",
     "continue": "Continue this sequence : {terms}",
 }
-KINDS = ("colour", "shape", "count", "pitch", "sum", "repeat", "continue")
+KINDS = ("colour", "shape", "count", "pitch", "sum", "continue")
 SHORT_KINDS = KINDS[:5]
 MODULUS = 19  # "continue" counts in the numbers 0..18, wrapping around
-LIST_WORDS = tuple(str(i) for i in range(MODULUS)) + tuple(COLOURS) + SHAPES + NUMBERS + tuple(PITCHES)
 
 
 @dataclass
@@ -100,13 +98,10 @@ def _tone(rng: np.random.Generator, pitch: str) -> np.ndarray:
 
 def _example(rng: np.random.Generator, kinds: tuple[str, ...]) -> Example:
     kind = kinds[int(rng.integers(0, len(kinds)))]
-    if kind == "repeat":
-        items = [LIST_WORDS[i] for i in rng.permutation(len(LIST_WORDS))[: int(rng.integers(4, 29))]]
-        return Example(kind, QUESTIONS[kind].format(items=" ".join(items)), " ".join(items))
     if kind == "continue":
-        start, step = int(rng.integers(0, MODULUS)), int(rng.integers(1, 5))
-        terms = [str((start + k * step) % MODULUS) for k in range(MODULUS + 3)]
-        return Example(kind, QUESTIONS[kind].format(terms=" , ".join(terms[:3])), " , ".join(terms[3:]))
+        start, step, given = int(rng.integers(0, MODULUS)), int(rng.integers(1, 5)), int(rng.integers(3, 19))
+        terms = [str((start + k * step) % MODULUS) for k in range(given + MODULUS)]
+        return Example(kind, QUESTIONS[kind].format(terms=" , ".join(terms[:given])), " , ".join(terms[given:]))
     if kind == "pitch":
         pitch = str(rng.choice(list(PITCHES)))
         return Example(kind, QUESTIONS[kind], pitch, audio=[_tone(rng, pitch)])
@@ -143,6 +138,6 @@ def vocabulary() -> list[str]:
     words = set("user model".split())
     for q in QUESTIONS.values():
         words |= set(q.replace("<|image|>", " ").replace("<|audio|>", " ").split())
-    words |= set(LIST_WORDS) | {str(i) for i in range(19)}
-    words -= {"{a}", "{b}", "{items}", "{terms}"}
+    words |= set(COLOURS) | set(SHAPES) | set(PITCHES) | set(NUMBERS) | {str(i) for i in range(MODULUS)}
+    words -= {"{a}", "{b}", "{terms}"}
     return sorted(words)

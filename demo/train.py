@@ -141,7 +141,7 @@ def train(out: Path, *, minutes: float, seed: int, steps: int, batch: int, lr: f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = (time.perf_counter() - t0) / 60
-        if step % eval_every == 0 or elapsed > minutes:
+        if step % eval_every == 0 or step == steps or elapsed > minutes:
             acc, per_kind = accuracy(model, tok, cfg, validation)
             history.append({"step": step, "minutes": round(elapsed, 2), "loss": round(loss.item(), 4), "validation": acc,
                             "per_kind": per_kind})
