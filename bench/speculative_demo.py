@@ -151,6 +151,9 @@ def main() -> int:
         "num_assistant_tokens": k, "prompt_lookup_num_tokens": a.prompt_lookup_k,
         "max_new_tokens": a.max_new_tokens, "reference": f"transformers {transformers.__version__} generate, torch CPU",
         "machine": f"{os.cpu_count()} CPU cores, shared; torch 1 thread", "minutes": round(minutes, 1),
+        "notes": ("accepted = the sum of transformers' num_matches, which leaves out an accepted draft that is the stop "
+                  "token; a one-word answer (word + stop) takes the prefill and one more pass with or without drafts, "
+                  "so the short kinds can save nothing"),
         "per_kind": {kind: summary(stats[kind]) for kind in sorted(stats)},
         "all": summary(total),
     }

@@ -1,7 +1,7 @@
 """``make eval [OUT=<artifact>]`` (default ``artifacts/demo``) and ``make demo``: answer held-out questions with `runtime.generate`.
 
 ``python -m demo.evaluate --artifact DIR [--n 150]`` prints per-kind accuracy and ends with the line
-``accuracy: 0.987 (148/150)`` for the fp32 demo artifact.  ``--show K`` prints K questions of each kind with the model's and the expected
+``accuracy: 0.993 (149/150)`` for the fp32 demo artifact.  ``--show K`` prints K questions of each kind with the model's and the expected
 answer (what ``make demo`` shows).  An answer is exact when the generated text, stop token excluded, equals it.
 Works with any artifact of the demo model, whatever its precision.
 """
