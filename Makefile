@@ -54,7 +54,7 @@ FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
 	@echo "make eval [OUT=<artifact>]        exact-answer accuracy of a demo artifact (default artifacts/demo) on the held-out split"
-	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
+	@echo "make train-demo                   train demo/checkpoint further on every task kind (how the shipped one was made; see demo/train.py); python -m demo.train --assistant: the demo assistant"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1] [SPECULATIVE=K]   export prefill.onnx + decode.onnx into an artifact (SPECULATIVE: verify K drafts per pass)"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32] [ORT_SLIDING=ring|window] [ORT_RING_DECODE=auto|in_place|copy]   build engines (DTYPE: TensorRT Linears; ORT_SLIDING=window: faster ONNX Runtime decode, text and audio only)"
@@ -94,7 +94,7 @@ eval: $(STAMP)
 	$(PY) -m demo.evaluate --artifact $(EVAL_OUT)
 
 train-demo: $(STAMP)
-	$(PY) -m demo.train --out demo/checkpoint
+	$(PY) -m demo.train --out demo/checkpoint --init demo/checkpoint --focus continue --steps 700 --lr 1e-3
 
 export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))$(if $(SPECULATIVE), --speculative $(SPECULATIVE))
