@@ -134,7 +134,7 @@ def test_verify_equals_decode_steps_and_rollback(form):
 
 def _replay(plain: list[int]):
     """A drafter proposing the plain greedy continuation with every third proposed token wrong."""
-    def draft(context: list[int], k: int) -> list[int]:
+    def draft(context: np.ndarray, k: int) -> list[int]:
         start = len(context) - draft.prompt
         out = plain[start:start + k]
         return [(t + 1) % 290 + 3 if (start + i) % 3 == 2 else t for i, t in enumerate(out)]
@@ -221,6 +221,7 @@ def test_plain_artifacts_unchanged_and_refuse_verify(artifact_store, spec_artifa
     spec_model = runtime.load(spec_artifact, backend="onnxruntime")
     with pytest.raises(InputError, match="at most 3"):
         runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=4)
-    with pytest.raises(InputError, match="greedy"):
-        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=2,
-                         temperature=0.7)
+    with pytest.raises(InputError, match="make export-assistant"):
+        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="assistant", num_draft_tokens=2)
+    with pytest.raises(InputError, match="'auto'"):
+        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=0)
