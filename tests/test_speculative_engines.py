@@ -173,6 +173,13 @@ def test_greedy_speculative_equals_plain(form, monkeypatch):
         assert stats.accepted < stats.drafted, f"{name}/{case_name}: no replay draft was rejected: {stats}"
 
 
+def test_assistant_drafts_refused_off_the_ring_engine(window_artifact):
+    """The assistant reads ring-layout caches in place: the window form (and TensorRT) refuse draft='assistant'."""
+    model = runtime.load(window_artifact, backend="onnxruntime")
+    with pytest.raises(InputError, match="ring engine only"):
+        spec.check_draft(model.backend, "assistant", 2)
+
+
 def test_window_engine_limits_verify_at_compaction(window_artifact):
     """GroupQueryAttention's windowed cache (C = W + 4 slots, G = 5) compacts at T = C + 1, C + 6, ...: a verify
     call crossing a compaction cannot be taken back by the lengths alone, so `verify_tokens` stops it at the

@@ -72,6 +72,13 @@ def check_draft(backend, draft: str, num_draft_tokens, manifest: dict | None = N
     if draft == ASSISTANT and manifest is not None and manifest.get("assistant") is None:
         raise InputError("draft='assistant': the artifact has no assistant; add one with `make export-assistant "
                          "ASSISTANT=<checkpoint dir> OUT=<artifact>`")
+    if draft == ASSISTANT and (getattr(backend, "name", None) != "onnxruntime"
+                               or getattr(backend, "sliding_slots", None) is not None):
+        raise InputError("draft='assistant' runs on the ONNX Runtime ring engine only (the assistant reads the "
+                         "target's cache buffers in place in the ring layout); this backend is "
+                         f"{getattr(backend, 'name', type(backend).__name__)!r}"
+                         f"{' with --ort-sliding window' if getattr(backend, 'sliding_slots', None) else ''}: "
+                         "rebuild with `make build-engine BACKEND=onnxruntime` or use draft='prompt_lookup'")
 
 
 def speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[int]], *, num_draft_tokens,
