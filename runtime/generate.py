@@ -12,7 +12,7 @@ Torch-free on the ONNX Runtime path.  Does not build engines or export (see `exp
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ class LoadedModel:
     manifest: dict[str, Any]
     backend: Any
     tokenizer: Tokenizer | None
+    _assistant: Any = field(default=None, repr=False, compare=False)
+
+    def assistant_runner(self):
+        """The artifact's assistant (`runtime.assistant.AssistantRunner`), loaded on first use and kept: its session
+        costs tens of ms to create, and one per request left extra ONNX Runtime thread pools competing with the
+        target's on the same cores.  It takes the target backend's thread count."""
+        if self._assistant is None:
+            from runtime.assistant import AssistantRunner
+
+            self._assistant = AssistantRunner(self.root, self.manifest, threads=getattr(self.backend, "threads", None))
+        return self._assistant
 
     @property
     def config(self) -> dict[str, Any]:
@@ -254,11 +265,7 @@ def _stream(
     if draft is not None:  # speculative decoding: the same tokens (greedy) or distribution, several per target pass
         from runtime.speculative.verify import ASSISTANT, speculative
 
-        helper = None
-        if draft == ASSISTANT:
-            from runtime.assistant import AssistantRunner
-
-            helper = AssistantRunner(model.root, model.manifest)
+        helper = model.assistant_runner() if draft == ASSISTANT else None
         for i, tok, finish in speculative(
                 model.backend, cache, logits, [p.ids for p in prepared], num_draft_tokens=num_draft_tokens,
                 max_new_tokens=max_new_tokens, max_len=max_len, stop_ids=stop_ids, draft=draft, sampler=sampler,

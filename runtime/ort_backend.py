@@ -199,7 +199,7 @@ class OrtBackend:
                 "MatMul. Export with --weight-dtype fp32 (or quantize: make calibrate) for the CPU")
         self._ort = ort
         self.root = Path(root)
-        self.manifest = manifest
+        self.manifest, self.threads = manifest, threads  # threads: also the artifact's assistant's (LoadedModel)
         engine = manifest.get("engines", {}).get("onnxruntime", {})
         opts = ort.SessionOptions()
         if threads:
