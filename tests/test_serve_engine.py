@@ -143,8 +143,8 @@ def test_disconnect_mid_stream_frees_the_slot(model):
     from runtime.serve import create_app
 
     engine = Engine(model, max_batch=2)
-    # on the demo model this prompt runs 200 tokens without an eos, each a text piece: a stream that lasts
-    body = {"model": MODEL, "prompt": [2, 20, 21, 22], "max_tokens": 200, "stream": True}
+    # on the demo model this prompt runs 200 tokens without an eos, 199 of them text pieces: a stream that lasts
+    body = {"model": MODEL, "prompt": [2, 26, 35, 40, 58, 71, 8], "max_tokens": 200, "stream": True}
     with running_server(create_app(engine, model_name=MODEL)) as port, httpx.Client(timeout=60) as http:
         decode = engine._runner.decode
         engine._runner.decode = lambda feed, idle: time.sleep(0.01) or decode(feed, idle)  # 2 s of tokens
@@ -191,7 +191,7 @@ def test_sigterm_drains_running_requests(demo_engine_artifact):
     with serve_process([str(demo_engine_artifact), "--drain-timeout", "60", "--max-batch", "2"], port=port) as proc:
         with httpx.Client(timeout=120) as http:
             with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
-                             json={"prompt": [2, 20, 21, 22], "max_tokens": 200, "stream": True}) as r:
+                             json={"prompt": [2, 26, 35, 40, 58, 71, 8], "max_tokens": 200, "stream": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: {"))
                 proc.send_signal(signal.SIGTERM)

@@ -33,7 +33,7 @@ from tests.serve_fakes import free_port, wait_until, serve_process  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo"
 CHAT = "<|turn>user\nWhat is 3 plus 4 ?<turn|>\n<|turn>model\n"
-LONG = [2, 20, 21, 22]  # on the demo model: no eos for 200 tokens, a stream that lasts
+LONG = [2, 26, 35, 40, 58, 71, 8]  # on the demo model: no eos for 200 tokens, a stream that lasts
 TIMEOUT = 30  # seconds any one request may take: nothing hangs
 
 
