@@ -18,9 +18,10 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
 * ring write: U = min(S, W) slots from slot ``first`` = (past_lens + seq_lens - U) mod W, and for each the index into
   concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
   own value (padded tokens never reach the ring);
-* the one-token branch (ring engines; a call of one new token in every row): one_token, R = min(W, max(past_lens) +
-  1) slots read after the write, whether R = W (the whole ring, read in place), and the bias (B, 1, 1, R): slot j
-  valid iff j <= past_lens (every slot once wrapped).  The ring path's inputs are then made for n = 1 (not used);
+* the one-token branch (ring engines; a call of one new token in every row; GroupQueryAttention over the ring after
+  the write): one_token, the last slot each row reads s = min(past_lens, W - 1) (int32, and as an int64 gather
+  index (B, 1, 1, 1)), T = max(s) + 1 and the bias (B, 1, 1, T) by the position each slot holds (`_one_token`).
+  The ring path's inputs are then made for n = 1 (not used);
 * full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
   for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
@@ -49,13 +50,17 @@ INPUTS = {
     "total_len": "attn_total_len",  # () int32
     "query_seqlens": "attn_query_seqlens",  # (B,) int32, engines whose attention skips right padding
     "one_token": "attn_one_token",  # () bool, ring engines: one new token in every row (the one-token branch)
-    "ring_read": "attn_ring_read",  # (1,) int64 R, slots the one-token branch reads after the write
-    "ring_full": "attn_ring_full",  # () bool R == W: the whole ring, read in place
-    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, R) float32
+    "ring_seqlens_k": "attn_ring_seqlens_k",  # (B,) int32, the last ring slot the one-token branch reads
+    "ring_total": "attn_ring_total",  # () int32 T, max(ring_seqlens_k) + 1
+    "ring_last": "attn_ring_last",  # (B, 1, 1, 1) int64, ring_seqlens_k again (a gather index)
+    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, T) float32
 }
-_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_read", "ring_full",
-            "ring_bias_read")
-_ONE_TOKEN = ("one_token", "ring_read", "ring_full", "ring_bias_read")
+_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_seqlens_k",
+            "ring_total", "ring_last", "ring_bias_read")
+_ONE_TOKEN = ("one_token", "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
+# the ring after a sliding layer's write leaves the one-token form's graph as an extra output named this prefix + the
+# cache output's name (`written_output`); the runtime binds it to that cache's buffer too (`written_outputs`)
+WRITTEN = "attn_ring_written_"
 NEG = np.finfo(np.float32).min
 
 
@@ -123,14 +128,36 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
     return {k: v for k, v in out.items() if k in want}
 
 
-def _one_token(past: np.ndarray, w: int, one: bool) -> dict[str, np.ndarray]:
-    """The one-token branch's inputs: after the write, slot j of row b holds a position within the window iff
-    j <= past_b (all W slots once the ring has wrapped); R = min(W, max(past) + 1) slots are read.  Not a one-token
-    call: one R = 1 slot (the branch does not run)."""
-    r = min(w, int(past.max(initial=0)) + 1) if one else 1
-    bias = np.where(np.arange(r)[None] <= past[:, None], np.float32(0), NEG).astype(np.float32)
-    return {"one_token": np.array(one), "ring_read": np.array([r], np.int64), "ring_full": np.array(one and r == w),
-            "ring_bias_read": bias.reshape(len(past), 1, 1, r)}
+def written_output(cache_output: str) -> str:
+    """The name of the extra graph output carrying a ring after its write (`WRITTEN`)."""
+    return WRITTEN + cache_output
+
+
+def written_outputs(output_names) -> dict[str, str]:
+    """cache output name -> the output holding its ring after the write, for the outputs of an engine that has them
+    (both must be bound to the same buffer: the write is then in place and the attention reads it there)."""
+    names = set(output_names)
+    return {n[len(WRITTEN):]: n for n in output_names if n.startswith(WRITTEN) and n[len(WRITTEN):] in names}
+
+
+def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) -> dict[str, np.ndarray]:
+    """The one-token branch's inputs (GroupQueryAttention over a ring of ``slots`` slots, default the window W, as
+    the write left it: `graphs.ort.attention._ring_gqa`): row b reads slots 0..s_b, s_b = min(past_b, R - 1), the
+    slots filled so far (all R once wrapped); slot j then holds position p_j = past_b - ((past_b - j) mod R) and is
+    masked unless past_b - W < p_j (always so when R = W; a ring with slack holds older positions too).  Not a
+    one-token call: s_b = R - 1 and no mask (the branch's output is not used, and GroupQueryAttention copies the
+    whole ring when the engine runs with its caches unbound)."""
+    r = w if slots is None else int(slots)
+    if r < w:
+        raise ValueError(f"attention inputs: a ring of {r} slots cannot hold a window of {w}")
+    b = len(past)
+    last = np.minimum(past, r - 1) if one else np.full(b, r - 1, np.int64)
+    t = int(last.max(initial=0)) + 1
+    held = past[:, None] - np.mod(past[:, None] - np.arange(t)[None], r)  # (B, T) position in slot j after the write
+    ok = ~np.asarray(one) | ((held > past[:, None] - w) & (np.arange(t)[None] <= last[:, None]))
+    return {"one_token": np.array(one), "ring_seqlens_k": last.astype(np.int32), "ring_total": np.array(t, np.int32),
+            "ring_last": last.reshape(b, 1, 1, 1).astype(np.int64),
+            "ring_bias_read": np.where(ok, np.float32(0), NEG).astype(np.float32).reshape(b, 1, 1, t)}
 
 
 def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys()) -> dict[str, np.ndarray]:

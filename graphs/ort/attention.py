@@ -187,8 +187,8 @@ class _Builder:
                 "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
                 "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
                 "total_len": (ty.INT32, []), "query_seqlens": (ty.INT32, [bdim]),
-                "one_token": (ty.BOOL, []), "ring_full": (ty.BOOL, []), "ring_read": (i64, [1]),
-                "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
+                "one_token": (ty.BOOL, []), "ring_seqlens_k": (ty.INT32, [bdim]), "ring_total": (ty.INT32, []),
+                "ring_last": (i64, [bdim, 1, 1, 1]), "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
             }[key]
             v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
             self.graph.inputs.append(v)
@@ -319,28 +319,51 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
         return out, present_k, present_v
     # one new token per row (a decode step): the ring is written first (the slot it replaces holds a position outside
-    # the new query's window) and attended where it lies, the first R slots, all W once wrapped: no copy of the ring
+    # the new query's window), then GroupQueryAttention reads it where it lies (`_ring_gqa`): no copy of the ring
     one = b.host_input("one_token")
     kv4 = b.ints([0, hkv, 1, d])
-    upd_k, upd_v, out_many = b.if_node(
-        one, before=before, outputs=3,
-        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [qr])),
-        orelse=ring_attention)
-    present_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
-    present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
-    read, full, bias_read = (b.host_input(key) for key in ("ring_read", "ring_full", "ring_bias_read"))
-
-    def one_token(emit):
-        q4 = emit("Reshape", [qr, b.ints([0, h, 1, d])])  # (B, H, 1, D)
-        o4 = b.if_node(full, emit=emit, outputs=1,  # the whole ring in place, or its first R slots (a copy of R)
-                       then=lambda e: (e("Attention", [q4, present_k, present_v, bias_read], attrs={"scale": 1.0}),),
-                       orelse=lambda e: (e("Attention", [q4, e("Slice", [present_k, zero1, read, axis2]),
-                                                        e("Slice", [present_v, zero1, read, axis2]), bias_read],
-                                           attrs={"scale": 1.0}),))
-        return (emit("Reshape", [o4, b.ints([0, 1, h * d])]),)
-
-    out = b.if_node(one, before=before, outputs=1, then=one_token, orelse=lambda emit: (emit("Identity", [out_many]),))
+    nothing = b.const(("zeros111",), np.zeros((1, 1, 1), np.float32), "ort_lower_zeros_1_1_1")
+    upd_k, upd_v, out_many, q_one = b.if_node(
+        one, before=before, outputs=4,
+        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [nothing]),
+                           emit("Identity", [qr])),
+        orelse=lambda emit: (*ring_attention(emit), emit("Slice", [qr, zero1, b.ints([1]), b.ints([1])])))
+    written_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
+    written_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
+    out_one, present_k, present_v = _ring_gqa(b, node, a, before, q_one, written_k, written_v)
+    out = b.node("Where", [one, out_one, out_many], before=before)  # (B, S, H * D): the branch's, or the ring path's
     return out, present_k, present_v
+
+
+def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
+    """GroupQueryAttention of one query per row over the ring as the ring write left it, in place.
+
+    GroupQueryAttention writes its new key at slot ``seqlens_k`` of a shared past/present buffer and attends slots
+    0..seqlens_k.  With ``seqlens_k = min(past_lens, R - 1)`` (R ring slots) those are the slots the query may see:
+    before the ring wraps, slots 0..past_lens (position j in slot j, the new token's included), once wrapped all R.
+    Its "new" key is slot seqlens_k of the written ring itself (gathered, B x Hkv x D values), so it writes back
+    what is there; the additive bias (B, 1, 1, T) masks slots by the position they hold (all zeros for a ring of
+    exactly W slots; a ring with slack masks its slots older than the window).  The host's values are
+    `runtime.ort_attention`'s one-token ones; a call of several tokens reads all R slots with a dummy query.
+
+    Two writers cannot share one graph output, so the ring write leaves as extra graph outputs
+    (`runtime.ort_attention.written_output`), bound to the same buffers as the caches: the write runs in place and
+    GroupQueryAttention sees past and present as one buffer.  Returns (out (B, 1, H * D), present_k, present_v)."""
+    from runtime.ort_attention import written_output
+
+    b.model.opset_imports.setdefault("com.microsoft", 1)
+    h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    for value, cache in ((written_k, node.outputs[1]), (written_v, node.outputs[2])):
+        value.name, value.shape, value.type = written_output(cache.name), cache.shape, cache.type
+        b.graph.outputs.append(value)
+    last = b.shared(("ring_last", hkv, d), lambda: b.node("Expand", [b.host_input("ring_last"), b.ints([1, hkv, 1, d])],
+                                                           before=before))  # (B, Hkv, 1, D): slot seqlens_k
+    own = [b.node("Reshape", [b.node("GatherElements", [c, last], before=before, attrs={"axis": 2}),
+                              b.ints([0, 1, hkv * d])], before=before) for c in (written_k, written_v)]
+    inputs = [q_one, *own, written_k, written_v, b.host_input("ring_seqlens_k"), b.host_input("ring_total"),
+              None, None, None, b.host_input("ring_bias_read")]
+    return b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3,
+                  attrs={"num_heads": h, "kv_num_heads": hkv, "scale": 1.0})
 
 
 def ring_decode_in_place(form: str, *, kv_heads: int, window: int, head_dim: int) -> bool:
