@@ -7,7 +7,8 @@ position (the same slot rewritten, the greedy tokens fed), one untimed step firs
 times are exclusive: a branch (``If``) counts without the nodes inside it, which count under their own kind.  A
 profiled step is slower than an unprofiled one (the profiler records every kernel): read the shares, not the times.
 
-    python bench/decode_profile.py ARTIFACT [--contexts 11,275,1000] [--batches 1,8] [--steps 12] [--out JSON]
+    python bench/decode_profile.py ARTIFACT [--contexts 11,275,1000] [--batches 1,8] [--steps 12] [--threads N]
+                                   [--label NAME] [--out JSON]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def kind(op: str) -> str:
     return "weights" if op in WEIGHTS else "attention" if op in ATTENTION else "other kernels"
 
 
-def profile(art: str, contexts: list[int], batches: list[int], steps: int) -> dict:
+def profile(art: str, contexts: list[int], batches: list[int], steps: int, threads: int | None = None) -> dict:
     import onnxruntime as ort
 
     options = ort.SessionOptions
@@ -69,7 +70,7 @@ def profile(art: str, contexts: list[int], batches: list[int], steps: int) -> di
         from runtime.prompt import expand_prompt, pack_batch
 
         (ROOT / "bench" / "work").mkdir(parents=True, exist_ok=True)
-        m = runtime.load(art)
+        m = runtime.load(art, threads=threads)
     finally:
         ort.SessionOptions = options
     cfg, tk = m.config, m.config["tokens"]
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="11,275,1000", help="tokens already in the cache")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--threads", type=int, help="ONNX Runtime's intra-op threads (default: one per core)")
     p.add_argument("--label", help="the record's name under runs (default: the artifact's directory name)")
     p.add_argument("--out", help="JSON to add the results to (runs.<label>; other entries are kept)")
     a = p.parse_args(argv)
@@ -139,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         runs[a.label or Path(art).name] = {
             "commit": commit, "date": time.strftime("%Y-%m-%d"), "onnxruntime": ort.__version__,
             "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores (shared)",
-            "precision": man.get("precision"),
+            "precision": man.get("precision"), "threads": a.threads or "onnxruntime's default",
             "ring_decode": man["engines"]["onnxruntime"]["lowering"]["prefill"]["attention"].get("ring_decode"),
             "steps": profile(art, [int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")],
-                             a.steps)}
+                             a.steps, a.threads)}
     if a.out:
         out = Path(a.out)
         record = json.loads(out.read_text()) if out.exists() else {"what": __doc__.split("\n\n")[0].replace("\n", " ")}

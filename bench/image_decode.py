@@ -40,7 +40,7 @@ def images() -> dict[str, np.ndarray]:
     return {"noise": noise, "smooth": smooth}
 
 
-def prepare(art: str, *, long: int = 0, fresh: bool = True) -> tuple[dict, dict]:
+def prepare(art: str, *, long: int = 0, fresh: bool = True, threads: int | None = None) -> tuple[dict, dict]:
     """The prompts prefilled into caches of their own: name -> (model, cache, greedy token, position); and the
     subnormal floats in each cache.  ``long``: also a text of that many tokens; ``fresh``: also the L-token text in
     a second session that never saw an image.  Uses the ``runtime`` first on ``sys.path`` (`main`, ``--code``)."""
@@ -48,7 +48,7 @@ def prepare(art: str, *, long: int = 0, fresh: bool = True) -> tuple[dict, dict]
     from runtime.generate import _prefill
     from runtime.prompt import expand_prompt, pack_batch
 
-    model = runtime.load(art)
+    model = runtime.load(art, threads=threads)
     cfg, tk = model.config, model.config["tokens"]
     ims = images()
     img_ids = [2, 105, 17, tk["image"], 42, 99, 106, 105]
@@ -63,7 +63,7 @@ def prepare(art: str, *, long: int = 0, fresh: bool = True) -> tuple[dict, dict]
         prompts[f"text_{long}"] = ([2, 105, *np.random.default_rng(2).integers(200, top, long - 4).tolist(), 106, 105],
                                    None, model)
     if fresh:
-        prompts[f"text_{n}_session_without_images"] = (long_text, None, runtime.load(art))
+        prompts[f"text_{n}_session_without_images"] = (long_text, None, runtime.load(art, threads=threads))
     tiny = np.finfo(np.float32).tiny
     state, subnormals = {}, {}
     for name, (ids, images_, m) in prompts.items():
@@ -92,13 +92,15 @@ def summary(times: dict[str, list[float]], tokens: dict[str, int], base: str) ->
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"prompt_tokens": tokens,
             "median_step_ms": {k: round(v * 1e3, 2) for k, v in med.items()},
+            # the fastest tenth: what a step costs when no other process got in its way (this machine is shared)
+            "p10_step_ms": {k: round(float(np.percentile(v, 10)) * 1e3, 2) for k, v in times.items()},
             "tok_s": {k: round(1 / v, 2) for k, v in med.items()},
             f"tok_s_ratio_to_{base}": {k: round(med[base] / v, 3) for k, v in med.items()},
             "steps_per_variant": len(times[base])}
 
 
-def measure(art: str, rounds: int) -> dict:
-    state, subnormals = prepare(art)
+def measure(art: str, rounds: int, threads: int | None = None) -> dict:
+    state, subnormals = prepare(art, threads=threads)
     times: dict[str, list[float]] = {k: [] for k in state}
     for r in range(rounds):
         for name in (list(state) if r % 2 == 0 else list(reversed(state))):
@@ -107,10 +109,10 @@ def measure(art: str, rounds: int) -> dict:
     return {**summary(times, {k: v[3] for k, v in state.items()}, base), "cache_subnormals_after_prefill": subnormals}
 
 
-def worker(art: str, code: str, long: int) -> int:
+def worker(art: str, code: str, long: int, threads: int | None) -> int:
     """``--worker``: prefill the prompts with the runtime of the checkout ``code``, then run one turn per prompt name
     read from stdin, one JSON line of step times each (an empty line ends)."""
-    state, _ = prepare(art, long=long, fresh=False)
+    state, _ = prepare(art, long=long, fresh=False, threads=threads)
     print(json.dumps({k: v[3] for k, v in state.items()}), flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -126,14 +128,14 @@ def _reply(proc, label: str):
     return json.loads(line)
 
 
-def ab(base_art: str, new_art: str, base_code: str, rounds: int, long: int) -> dict:
+def ab(base_art: str, new_art: str, base_code: str, rounds: int, long: int, threads: int | None) -> dict:
     """Two builds of an engine, each decoded by its own version of the code in a worker process; turns strictly
     one at a time, the order alternating between rounds (`worker`)."""
     procs = {}
     for label, art, code in (("base", base_art, base_code), ("new", new_art, str(ROOT))):
         procs[label] = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(art).resolve()), "--code", code,
-             "--long", str(long)],
+             "--long", str(long), *(["--threads", str(threads)] if threads else [])],
             cwd=code, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         tokens = {label: _reply(p, label) for label, p in procs.items()}
@@ -156,8 +158,9 @@ def ab(base_art: str, new_art: str, base_code: str, rounds: int, long: int) -> d
     for label in procs:
         med = res[label]["median_step_ms"]
         res[label]["image_over_text_11_tok_s"] = {k: round(med["text_11"] / med[k], 3) for k in med}
-    res["new_over_base_tok_s"] = {k: round(res["base"]["median_step_ms"][k] / res["new"]["median_step_ms"][k], 3)
-                                  for k in names}
+    for stat in ("median", "p10"):
+        res[f"new_over_base_tok_s_{stat}"] = {
+            k: round(res["base"][f"{stat}_step_ms"][k] / res["new"][f"{stat}_step_ms"][k], 3) for k in names}
     return res
 
 
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                    "code, NEW by this checkout's")
     p.add_argument("--base-code", help="a checkout of the code that built --ab's BASE")
     p.add_argument("--long", type=int, default=1000, help="--ab: also a text prompt of this many tokens (0: none)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime's intra-op threads (default: its own choice, one per "
+                   "core); 1 keeps a parallel kernel from waiting on a thread another process has preempted")
     p.add_argument("--label", help="the record's name under runs (default: the artifact's directory name)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--code", help=argparse.SUPPRESS)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         sys.path.insert(0, a.code)
-        return worker(a.worker, a.code, a.long)
+        return worker(a.worker, a.code, a.long, a.threads)
     if bool(a.ab) == bool(a.artifact) or bool(a.ab) != bool(a.base_code):
         p.error("give ARTIFACT..., or --ab BASE NEW with --base-code DIR")
     sys.path.insert(0, str(ROOT))
@@ -188,17 +193,18 @@ def main(argv: list[str] | None = None) -> int:
                            text=True, check=False).stdout.strip()
     meta = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores (shared)",
             "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"),
-            "commit": commit + ("+uncommitted" if dirty else ""), "rounds": a.rounds}
+            "commit": commit + ("+uncommitted" if dirty else ""), "rounds": a.rounds,
+            "threads": a.threads or "onnxruntime's default"}
     runs = {}
     if a.ab:
         base_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=a.base_code, capture_output=True,
                                      text=True, check=False).stdout.strip()
         res = {**meta, "base_commit": base_commit or f"(not a git checkout: {a.base_code})",
-               "base": _engine(a.ab[0]), "new": _engine(a.ab[1]), **ab(*a.ab, a.base_code, a.rounds, a.long)}
+               "base": _engine(a.ab[0]), "new": _engine(a.ab[1]), **ab(*a.ab, a.base_code, a.rounds, a.long, a.threads)}
         runs[a.label or Path(a.ab[1]).name] = res
         print(json.dumps(res), flush=True)
     for art in a.artifact:
-        res = {**meta, **_engine(art), **measure(art, a.rounds)}
+        res = {**meta, **_engine(art), **measure(art, a.rounds, a.threads)}
         print(Path(art).name, json.dumps(res), flush=True)
         runs[a.label or Path(art).name] = res
     if a.out:

@@ -106,7 +106,7 @@ def test_lowered_engine_matches_plugin_graph(artifact_store, graph, batch, seq, 
 
 @pytest.fixture(scope="module")
 def copy_decode_artifact(artifact_store, tmp_path_factory):
-    """The tiny artifact's engine rebuilt with ``ort_ring_decode="copy"`` (the form ``auto`` gives small rings)."""
+    """The tiny artifact's engine rebuilt with ``ort_ring_decode="copy"`` (the ring path at one token too)."""
     import shutil
 
     from graphs.build import build_engine
@@ -130,17 +130,13 @@ def test_copying_ring_decode_matches_plugin_graph(copy_decode_artifact, graph, b
     _check_case(copy_decode_artifact, graph, batch, seq, past_lens, seq_lens, images)
 
 
-def test_ring_decode_form_by_ring_size():
+def test_ring_decode_forms():
     from graphs.ort.attention import ring_decode_in_place
 
-    t12 = PRESETS["gemma4-12b"].text  # 8 KV heads x 1024 slots x 256 x 4 B x 2 = 16 MiB per sliding layer
-    assert ring_decode_in_place("auto", kv_heads=t12.num_kv_heads, window=t12.sliding_window, head_dim=t12.head_dim)
-    assert not ring_decode_in_place("auto", kv_heads=2, window=512, head_dim=128)  # the bench model: 1 MiB
-    assert ring_decode_in_place("auto", kv_heads=4, window=1024, head_dim=128)  # exactly 4 MiB
-    assert ring_decode_in_place("in_place", kv_heads=1, window=8, head_dim=4)
-    assert not ring_decode_in_place("copy", kv_heads=8, window=1024, head_dim=256)
+    assert ring_decode_in_place("auto") and ring_decode_in_place("in_place")  # every ring size: the branch
+    assert not ring_decode_in_place("copy")
     with pytest.raises(ValueError, match="ring decode form 'inplace'"):
-        ring_decode_in_place("inplace", kv_heads=1, window=8, head_dim=4)
+        ring_decode_in_place("inplace")
 
 
 def _check_case(art, graph, batch, seq, past_lens, seq_lens, images):

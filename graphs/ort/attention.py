@@ -43,18 +43,16 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["RING_DECODE_FORMS", "RING_IN_PLACE_MIN_BYTES", "SLIDING_FORMS", "WINDOW_SLACK", "lower_attention",
+__all__ = ["RING_DECODE_FORMS", "SLIDING_FORMS", "WINDOW_SLACK", "lower_attention",
            "ring_decode_in_place", "rope_tables", "window_slots"]
 
 SLIDING_FORMS = ("ring", "window")
-# a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies),
-# "copy" (the prefill path at one token: the slots read are copied twice per layer), "auto" (in place when a sliding
-# layer's ring, K and V in fp32, holds at least RING_IN_PLACE_MIN_BYTES: the branch's three If nodes cost a fixed
-# ~70 us per layer per step with the CPU caches cold after the weights (the INT4 bench model: ~0.7 ms of ~11 ms), the
-# copies it saves grow with the ring; 12B 16 MiB, the 234 M bench model 1 MiB; bench/results/ring_step.json and the
-# README's Design notes have the measurements)
+# a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies by
+# GroupQueryAttention, `_ring_gqa`), "copy" (the prefill path at one token: the slots read are copied twice per
+# layer), "auto" = in_place: as fast as the copy on the 234 M bench model's 1 MiB rings, faster on the 12B's 16 MiB
+# ones, and each row's attention reads its own slots only, so its logits do not depend on its neighbours' lengths
+# (bench/results/image_decode.json, docs/speed.md)
 RING_DECODE_FORMS = ("auto", "in_place", "copy")
-RING_IN_PLACE_MIN_BYTES = 4 << 20
 # slots a windowed sliding cache holds beyond the window (`window_slots`): GroupQueryAttention compacts the cache
 # (moves ~window rows) once every WINDOW_SLACK + 1 tokens; 12B: 256 x 8 KV heads x 256 x 4 B x 2 = 16 MiB per layer
 WINDOW_SLACK = 256
@@ -366,13 +364,11 @@ def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
                   attrs={"num_heads": h, "kv_num_heads": hkv, "scale": 1.0})
 
 
-def ring_decode_in_place(form: str, *, kv_heads: int, window: int, head_dim: int) -> bool:
-    """Whether a ring sliding layer of these dimensions gets the one-token branch (``form``: `RING_DECODE_FORMS`)."""
+def ring_decode_in_place(form: str) -> bool:
+    """Whether ring sliding layers get the one-token branch (``form``: `RING_DECODE_FORMS`)."""
     if form not in RING_DECODE_FORMS:
         raise ValueError(f"ring decode form {form!r}; expected one of {', '.join(RING_DECODE_FORMS)}")
-    if form != "auto":
-        return form == "in_place"
-    return 2 * kv_heads * window * head_dim * 4 >= RING_IN_PLACE_MIN_BYTES
+    return form != "copy"
 
 
 def window_slots(window: int, max_len: int, slack: int = WINDOW_SLACK) -> int:
@@ -432,8 +428,7 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
             new = _gqa(b, node, a, node, window=True)
             counts["GroupQueryAttention"] += 1
         elif a["sliding"] and not decode:
-            b.one_token_branch = ring_decode_in_place(ring_decode, kv_heads=a["num_kv_heads"], window=a["window"],
-                                                      head_dim=a["head_dim"])
+            b.one_token_branch = ring_decode_in_place(ring_decode)
             new = _sliding_prefill(b, node, a, node)
             counts["Attention"] += 1
         elif a["sliding"]:
