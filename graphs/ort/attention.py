@@ -15,16 +15,24 @@ Rewrite:
   `runtime.ort_backend` runs it one sequence at a time on views of the cache rows.  (An ``If`` holding the plugin
   node's body for that case cost more than it saved: outputs leaving an ``If`` are copies, so every step copied
   each full layer's whole cache, ~2 ms per full layer per step on the bench model at max_len 512.)
-* sliding layers, decode: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter`` circular, in place) and one
-  ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled iff j <= past_lens: a ring
-  slot holds a position within the window whenever it is filled, and attention does not depend on key order).
+* sliding layers, the two-graph form's decode graph: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter``
+  circular, in place) and one ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled
+  iff j <= past_lens: a ring slot holds a position within the window whenever it is filled, and attention does not
+  depend on key order).
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
   written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).  A call of
-  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``): the new token
-  is written first (the slot it replaces holds a position outside its window), then one ``Attention`` reads the
-  ring where it lies (all W slots once wrapped; before that its first R slots, a copy of R): the ring path copies
-  the slots it reads twice (a ``Slice``, then the concat) per layer, for K and V (2.5 GiB per step for the 12B).
+  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``, which gives
+  the scatter the new token itself): the new token is written first (the slot it replaces holds a position outside
+  its window), then ``com.microsoft.GroupQueryAttention`` reads the ring where it lies, each row its own filled
+  slots (`_ring_gqa`).  Before it, the branch ran an opset-23 ``Attention`` over a ``Slice`` of the ring's first
+  max(past_lens) + 1 slots: profiled on a 6-layer slice with the 12B's dimensions (INT4, one thread), the
+  ``Slice`` copies and that ``Attention`` took 1.5 ms per sliding layer per step at 275 cached tokens and 4.5 ms at
+  1000 (the copy, then each KV head read once per query head, every row as long as the longest); the
+  GroupQueryAttention reads 0.58 and 1.6 ms, about what reading those slots from memory takes, and a row's result
+  no longer depends on its neighbours' lengths.  The ring path itself copies the slots it reads twice (a ``Slice``,
+  then the concat) per layer, for K and V (2.5 GiB per step for the 12B): ``ring_decode="copy"`` keeps it for
+  decode too.
 * sliding layers, ``sliding="window"`` (build-engine ``--ort-sliding window``): GroupQueryAttention over ONNX
   Runtime's windowed cache instead of the ring, for text and audio (no bidirectional image blocks): `lower_attention`.
 * the geometry every layer of a kind shares (sliding: positions, slots read, the mask, ring-write indices; full:
