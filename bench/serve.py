@@ -27,6 +27,7 @@ one run.  Timing is never asserted here; ``tests/test_bench_serve.py`` covers th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -66,8 +67,9 @@ def _log(msg: str) -> None:
     print(f"[bench-serve] {msg}", flush=True)
 
 
-def _level_requests(conc: int, s: dict):
-    return make_requests(max(4, 2 * conc), conc, s["prompt_lens"], s["answer_lens"])
+def _level_requests(conc: int, s: dict, conc1_requests: int = 4):
+    n = conc1_requests if conc == 1 else max(4, 2 * conc)
+    return make_requests(n, conc, s["prompt_lens"], s["answer_lens"])
 
 
 def _chunk_ms(model, length: int, repeats: int = 3) -> float:
@@ -83,46 +85,87 @@ def _chunk_ms(model, length: int, repeats: int = 3) -> float:
     return round(1000 * best, 2)
 
 
+def _rows(recs) -> list[dict]:
+    return [{k: v for k, v in r.as_dict().items() if k != "itl"} for r in recs]
+
+
+def _paired_median(recs, gens) -> float | None:
+    pairs = [x.decode_tok_s / y.decode_tok_s for x, y in zip(recs, gens) if x.decode_tok_s and y.decode_tok_s]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
+def _conc1(url: str, name: str, model, reqs, compare_url: str | None) -> dict:
+    """Concurrency 1: each request through the server, the same through `runtime.generate` and (``compare_url``)
+    the comparison server, one after the other, the order rotating per request.  Returns kind -> (records, wall)."""
+    runs = {"server": ([], 0.0), "generate": ([], 0.0), **({"compare": ([], 0.0)} if compare_url else {})}
+    order = list(runs)
+    for i, req in enumerate(reqs):
+        for kind in order[i % len(order):] + order[:i % len(order)]:
+            if kind == "generate":
+                recs, wall = generate_sequential(model, [req])
+            else:
+                recs, wall = run_level(url if kind == "server" else compare_url, name, [req], 1)
+            runs[kind] = (runs[kind][0] + recs, runs[kind][1] + wall)
+    return runs
+
+
 def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *, full: bool) -> dict:
-    """One of our artifacts: the server at every level, the baselines on the concurrency-8 requests (``full``),
-    the ratios.  ``full=False`` (window engines): levels 1 and 8, idle TTFT and the in-process engine only."""
-    levels = LEVELS if full else (1, 8)
-    reqs = {c: _level_requests(c, s) for c in levels}
-    set8 = reqs[8]
+    """One of our artifacts: the server at each level of ``a.concurrency`` (``full=False``, window engines: 1 and 8
+    at most), the baselines on the concurrency-8 requests (``full``, unless ``a.no_baselines``), the ratios; with
+    ``a.compare_src``, a second server from that source tree interleaved at concurrency 1."""
+    levels = tuple(c for c in a.concurrency if full or c in (1, 8))
+    reqs = {c: _level_requests(c, s, a.conc1_requests) for c in levels}
+    set8 = reqs.get(8) or _level_requests(8, s)
+    baselines = not a.no_baselines
     out: dict = {"artifact": repo_path(artifact), "levels": {}, "baselines": {}, "records": {}}
-    with server(artifact, name, WORK / "logs" / f"serve-{name}.log") as url:
+    with contextlib.ExitStack() as stack:
+        threads = a.threads if a.server_threads == "same" else None if a.server_threads == "default" else int(
+            a.server_threads)
+        out["server_threads"] = threads or "ONNX Runtime's default (one per physical core, workers pinned)"
+        url = stack.enter_context(server(artifact, name, WORK / "logs" / f"serve-{name}.log", threads=threads))
+        compare_url = None
+        if a.compare_src is not None and 1 in levels:
+            compare_url = stack.enter_context(server(artifact, name, WORK / "logs" / f"serve-{name}-compare.log",
+                                                     cwd=a.compare_src, threads=threads))
+            out["compare"] = {"src": a.compare_label or a.compare_src.name}
         _log(f"{name}: server up at {url}; loading it in this process too")
         model = Ours(artifact, a.threads).model
         warm = make_requests(2, 99, (16, 64), (4, 4))
-        run_level(url, name, warm, 1)
+        for u in filter(None, (url, compare_url)):
+            run_level(u, name, warm, 1)
         generate_sequential(model, warm)
-        idle = idle_ttft(url, name, set8)
-        out["idle_ttft_ms"] = {"per_request": [round(1000 * x, 2) for x in idle],
-                               "p50": round(1000 * percentile(idle, 50), 2), "p99": round(1000 * percentile(idle, 99), 2)}
+        idle = idle_ttft(url, name, set8) if 8 in levels else []
+        if idle:
+            out["idle_ttft_ms"] = {"per_request": [round(1000 * x, 2) for x in idle],
+                                   "p50": round(1000 * percentile(idle, 50), 2),
+                                   "p99": round(1000 * percentile(idle, 99), 2)}
         for conc in levels:
             _log(f"{name}: concurrency {conc}, {len(reqs[conc])} requests")
             if conc == 1:  # each request through the server, then the same through runtime.generate, alternating
-                recs, gens, wall, gwall = [], [], 0.0, 0.0
-                for req in reqs[1]:
-                    r, w = run_level(url, name, [req], 1)
-                    g, gw = generate_sequential(model, [req])
-                    recs += r
-                    gens += g
-                    wall, gwall = wall + w, gwall + gw
+                runs = _conc1(url, name, model, reqs[1], compare_url)
+                (recs, wall), (gens, gwall) = runs["server"], runs["generate"]
                 out["baselines"]["generate_conc1"] = summarize(gens, gwall)
-                pairs = [x.decode_tok_s / y.decode_tok_s for x, y in zip(recs, gens) if x.decode_tok_s and y.decode_tok_s]
-                out["conc1_vs_generate_decode_paired_median"] = round(statistics.median(pairs), 3) if pairs else None
+                out["conc1_vs_generate_decode_paired_median"] = _paired_median(recs, gens)
+                if compare_url:
+                    crecs, cwall = runs["compare"]
+                    level1, gen = summarize(crecs, cwall), out["baselines"]["generate_conc1"]
+                    out["compare"].update(
+                        level1=level1, records=_rows(crecs),
+                        conc1_vs_generate_decode=ratios({1: level1}, {"generate_seq": gen}, None)[
+                            "conc1_vs_generate_decode"],
+                        conc1_vs_generate_decode_paired_median=_paired_median(crecs, gens))
             else:
                 recs, wall = run_level(url, name, reqs[conc], conc, seed=conc, time_limit_s=s["time_limit_s"])
             out["levels"][conc] = summarize(recs, wall)
             out["levels"][conc]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)  # outside load shows here
-            out["records"][conc] = [{k: v for k, v in r.as_dict().items() if k != "itl"} for r in recs]
+            out["records"][conc] = _rows(recs)
             _log(f"{name}: concurrency {conc}: {out['levels'][conc]['tok_s']} tok/s, "
                  f"TTFT p99 {out['levels'][conc]['ttft_p99_ms']} ms, errors {out['levels'][conc]['errors']}")
-        c8 = out["records"][8]
+        c8 = out["records"].get(8, [])
         per = [r["ttft"] / i for r, i in zip(c8, idle) if r.get("ttft") is not None and i < float("inf")]
         out["ttft_conc8_over_idle_same_prompt"] = {"p50": round(percentile(per, 50), 3), "max": round(max(per), 3)} \
             if per else None
+        full = full and baselines and 8 in levels
         if full:  # the peer's engine batches only equal prompt lengths on CPU: both on one such set
             same_len = [Request(make_prompt(s["same_len"], 500 + i), r.max_tokens) for i, r in enumerate(set8)]
             _log(f"{name}: concurrency 8, prompts all {s['same_len']} tokens (for the onnxruntime-genai comparison)")
@@ -133,13 +176,14 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
             _log(f"{name}: runtime.generate one at a time, static batches of 8")
             out["baselines"]["generate_seq"] = summarize(*generate_sequential(model, set8))
             out["baselines"]["static8"] = summarize(*static_batches(model, set8))
-        _log(f"{name}: our Engine in this process (no HTTP)")
-        recs, wall, prof = engine_closed_loop(model, set8, 8, seed=8)
-        out["baselines"]["engine8"] = summarize(recs, wall)
-        out["engine8_profile"] = prof
-        out["decode_step_ms_by_batch"] = decode_step_ms(model)
-        out["prefill_chunk_ms"] = _chunk_ms(model, max(len(r.prompt) for r in set8))
-        out["prefill_chunk_tokens"] = max(len(r.prompt) for r in set8)
+        if baselines:
+            _log(f"{name}: our Engine in this process (no HTTP)")
+            recs, wall, prof = engine_closed_loop(model, set8, 8, seed=8)
+            out["baselines"]["engine8"] = summarize(recs, wall)
+            out["engine8_profile"] = prof
+            out["decode_step_ms_by_batch"] = decode_step_ms(model)
+            out["prefill_chunk_ms"] = _chunk_ms(model, max(len(r.prompt) for r in set8))
+            out["prefill_chunk_tokens"] = max(len(r.prompt) for r in set8)
         if full:
             others = [r.prompt for r in make_requests(7, 77, s["prompt_lens"], (1, 1))]
             out["logit_movement"] = logit_movement(model, make_prompt(64, 7), others, steps=32)
@@ -156,17 +200,29 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
                     out["baselines"][key]["model"] = repo_path(genai)
                 except Exception as e:  # noqa: BLE001 - recorded; the rest of the run stands
                     out["baselines"][key] = {"skipped": repo_paths_in(f"{type(e).__name__}: {e}")}
-    c8 = out["levels"][8]
-    step_ms = out["engine8_profile"]["decode_ms_per_call"] or 0.0
-    out["max_itl_vs_chunk"] = {
-        "itl_max_ms": c8["itl_max_ms"], "prefill_chunk_ms": out["prefill_chunk_ms"], "decode_step_ms": step_ms,
-        "ratio_to_chunk_plus_step": round(c8["itl_max_ms"] / (out["prefill_chunk_ms"] + step_ms), 3)
-        if c8["itl_max_ms"] else None}
-    out["ratios"] = ratios(out["levels"], {**out["baselines"], "generate_seq": out["baselines"]["generate_conc1"]},
-                           out["idle_ttft_ms"]["p99"])
-    out["ratios"]["conc1_vs_generate_decode_paired_median"] = out.pop("conc1_vs_generate_decode_paired_median")
+    c8 = out["levels"].get(8)
+    if c8 and "engine8_profile" in out:
+        step_ms = out["engine8_profile"]["decode_ms_per_call"] or 0.0
+        out["max_itl_vs_chunk"] = {
+            "itl_max_ms": c8["itl_max_ms"], "prefill_chunk_ms": out["prefill_chunk_ms"], "decode_step_ms": step_ms,
+            "ratio_to_chunk_plus_step": round(c8["itl_max_ms"] / (out["prefill_chunk_ms"] + step_ms), 3)
+            if c8["itl_max_ms"] else None}
+    out["ratios"] = ratios(out["levels"], {**out["baselines"],
+                                           "generate_seq": out["baselines"].get("generate_conc1")},
+                           out.get("idle_ttft_ms", {}).get("p99"))
+    out["ratios"]["conc1_vs_generate_decode_paired_median"] = out.pop("conc1_vs_generate_decode_paired_median", None)
     out["verdicts"] = verdicts(out["ratios"])  # n/a where a window engine has no such baseline
     return out
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected concurrency levels >= 1 separated by commas, e.g. 1,8")
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,11 +230,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: short prompts and answers, 30 s per level")
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the in-process stacks")
-    ap.add_argument("--precisions", default="fp32,int4")
+    ap.add_argument("--server-threads", default="same", metavar="N|same|default",
+                    help="the server's --threads: same as --threads (default: the server and runtime.generate run "
+                         "ONNX Runtime alike), a number, or `default` (ONNX Runtime's own choice, workers pinned; "
+                         "needed with a --compare-src tree whose server has no --threads)")
+    ap.add_argument("--precisions", default="fp32,int4", help="our engines to serve (fp32, int4, ...; default "
+                    "fp32,int4), e.g. `--precisions int4 --no-window --concurrency 1,8` for the INT4 engine alone")
+    ap.add_argument("--concurrency", type=_levels, default=LEVELS, metavar="LIST",
+                    help="concurrency levels, e.g. 1,8 (default 1,2,4,8,16; window engines run 1 and 8 of them); the "
+                         "baselines on the concurrency-8 requests need 8 among them")
+    ap.add_argument("--conc1-requests", type=int, default=4, metavar="N",
+                    help="requests at concurrency 1, each followed by the same through runtime.generate (default 4)")
+    ap.add_argument("--no-baselines", action="store_true", help="only the levels and, at concurrency 1, "
+                    "runtime.generate: no static batches, in-process engine, onnxruntime-genai, logit movement")
+    ap.add_argument("--compare-src", type=Path, default=None, metavar="DIR",
+                    help="also serve each engine from the source tree DIR (e.g. `git worktree add DIR BASE`) and "
+                         "interleave its concurrency-1 requests with ours and runtime.generate: a serving change's "
+                         "before/after in one run (results under `compare`)")
+    ap.add_argument("--compare-label", default=None, help="what --compare-src holds (e.g. its commit)")
     ap.add_argument("--no-window", action="store_true", help="leave out the --ort-sliding window engines")
     ap.add_argument("--reuse", action="store_true", help="keep existing artifacts even if the code changed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
+    if a.server_threads not in ("same", "default") and not a.server_threads.isdigit():
+        ap.error(f"--server-threads {a.server_threads!r}: expected a number, `same` or `default`")
     t_start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not (a.checkpoint / "config.json").exists():
@@ -190,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_names = {p: "ours-fp32-512" if p == "fp32" else f"ours-{p}" for p in precisions}
     windows = () if a.no_window or a.quick else tuple(ours_names.values())  # sources of the -win copies
     ours, skipped = build_ours(a.checkpoint, calibrated, a.reuse, 2, max_lens=(512,), windows=windows)
-    genai, genai_skipped = build_genai(a.checkpoint, precisions)
+    genai, genai_skipped = build_genai(a.checkpoint, precisions) if not a.no_baselines else ({}, {})
     skipped.update(genai_skipped)
     s = SETTINGS["quick" if a.quick else "full"]
     run: dict = {
@@ -198,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False,
                               text=True).stdout.strip(),
         "versions": versions(), "quick": a.quick, "threads_in_process": a.threads,
-        "settings": {**s, "levels": LEVELS, "requests_per_level": "max(4, 2 x concurrency)", "max_batch": 8,
+        "settings": {**s, "levels": a.concurrency, "requests_per_level": "max(4, 2 x concurrency); "
+                     f"{a.conc1_requests} at concurrency 1", "max_batch": 8, "baselines": not a.no_baselines,
                      "arrivals": "closed-loop clients, first arrivals Poisson with 0.2 s mean gap", "greedy": True},
         "skipped": {k: repo_paths_in(v) for k, v in skipped.items()}, "engines": {},
     }

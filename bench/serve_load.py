@@ -53,17 +53,22 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_timeout: float = 600.0):
+def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_timeout: float = 600.0,
+           cwd: Path = ROOT, threads: int | None = None, info: dict | None = None):
     """``python -m runtime.serve ARTIFACT`` on 127.0.0.1 in a child process; yields its base URL once ``/health``
-    answers 200.  The process (its whole group) is terminated when the block ends, and killed if it lingers."""
+    answers 200.  The process (its whole group) is terminated when the block ends, and killed if it lingers.
+    ``cwd``: the source tree whose ``runtime`` package serves (another checkout, for a before/after); ``threads``:
+    its ONNX Runtime intra-op threads (``--threads``; None: ONNX Runtime's default, workers pinned to cores);
+    ``info`` (a dict) gets the server's ``pid``."""
     import httpx
 
     port = _free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "runtime.serve", str(artifact), "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(max_batch), "--served-model-name", name, "--drain-timeout", "2"]
+           "--max-batch", str(max_batch), "--served-model-name", name, "--drain-timeout", "2",
+           *(["--threads", str(threads)] if threads else [])]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + start_timeout
@@ -77,6 +82,8 @@ def server(artifact: Path, name: str, log: Path, *, max_batch: int = 8, start_ti
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
+        if info is not None:
+            info["pid"] = proc.pid
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

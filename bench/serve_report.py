@@ -152,6 +152,21 @@ def markdown(run: dict) -> str:
                              f"{_f(s.get('itl_p99_ms'), '{:.0f}')} |")
             else:
                 lines.append(f"| {name} | {base} | skipped: {(s or {}).get('skipped', 'not run')} | | |")
+    compared = [(name, eng["compare"]) for name, eng in run.get("engines", {}).items() if "compare" in eng]
+    if compared:
+        lines += ["", "| engine | served from | conc 1 decode tok/s p50 | vs runtime.generate (paired median) |",
+                  "|---|---|---|---|"]
+        for name, eng in run.get("engines", {}).items():
+            if "levels" in eng and 1 in eng["levels"]:
+                r = eng.get("ratios", {})
+                lines.append(f"| {name} | {run.get('git', 'this tree')} | "
+                             f"{_f(eng['levels'][1]['stream_decode_tok_s_p50'])} | "
+                             f"{_f(r.get('conc1_vs_generate_decode'), '{:.3f}')} "
+                             f"({_f(r.get('conc1_vs_generate_decode_paired_median'), '{:.3f}')}) |")
+        for name, c in compared:
+            lines.append(f"| {name} | {c['src']} | {_f(c.get('level1', {}).get('stream_decode_tok_s_p50'))} | "
+                         f"{_f(c.get('conc1_vs_generate_decode'), '{:.3f}')} "
+                         f"({_f(c.get('conc1_vs_generate_decode_paired_median'), '{:.3f}')}) |")
     lines += ["", "| engine | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
     for name, eng in run.get("engines", {}).items():
         cells = []

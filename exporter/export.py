@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from exporter.config import ModelConfig, PRESETS, load_config
-from exporter.model import Gemma4Model, cache_shapes
+from exporter.model import Gemma4Model, cache_shapes, ring_slots
 from exporter.share_weights import share_external_data
 from runtime.manifest import write_manifest
 from runtime.staging import check_output, error_message, staged_artifact
@@ -44,8 +44,13 @@ def _cache_names(cfg: ModelConfig, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(cfg.text.num_layers) for kind in ("key", "value")]
 
 
-def graph_io(cfg: ModelConfig, graph: str) -> tuple[list[dict], list[dict]]:
-    """Input and output specs (name, dtype, shape with named dynamic dims) of the prefill or decode graph."""
+def graph_io(cfg: ModelConfig, graph: str, speculative: int = 0) -> tuple[list[dict], list[dict]]:
+    """Input and output specs (name, dtype, shape with named dynamic dims) of the prefill or decode graph.
+
+    ``speculative`` K > 0 (a speculative export): sliding rings of window + K slots, and the prefill graph takes
+    ``logits_index`` (batch, n_logits) (indices into the call's new tokens) and returns ``logits`` (batch, n_logits,
+    vocab) and ``hidden`` (batch, n_logits, hidden: after the final norm) at those tokens; a plain call passes
+    ``seq_lens - 1`` (n_logits 1), a verify call of K + 1 tokens 0..K."""
     t = cfg.text
     seq = "seq" if graph == "prefill" else 1
     inputs = [
@@ -59,14 +64,21 @@ def graph_io(cfg: ModelConfig, graph: str) -> tuple[list[dict], list[dict]]:
             inputs.append({"name": "image_positions", "dtype": "int64", "shape": ["image_tokens", 2]})
         if cfg.audio is not None:
             inputs.append({"name": "audio_frames", "dtype": "float32", "shape": ["audio_tokens", cfg.audio.samples_per_token]})
+    verify = graph == "prefill" and speculative > 0
+    if verify:
+        inputs.append({"name": "logits_index", "dtype": "int64", "shape": ["batch", "n_logits"]})
     shapes = cache_shapes(t, 1, 1)
     cache_specs = []
     for i, shape in enumerate(shapes):
         layer = i // 2
-        length = t.sliding_window if t.is_sliding(layer) else "max_len"
+        length = ring_slots(t, speculative) if t.is_sliding(layer) else "max_len"
         cache_specs.append(["batch", shape[1], length, shape[3]])
     inputs += [{"name": n, "dtype": "float32", "shape": s} for n, s in zip(_cache_names(cfg, "past"), cache_specs)]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", t.vocab_size]}]
+    if verify:
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "n_logits", t.vocab_size]},
+                   {"name": "hidden", "dtype": "float32", "shape": ["batch", "n_logits", t.hidden_size]}]
+    else:
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", t.vocab_size]}]
     outputs += [{"name": n, "dtype": "float32", "shape": s} for n, s in zip(_cache_names(cfg, "present"), cache_specs)]
     return inputs, outputs
 
@@ -83,6 +95,22 @@ class _Prefill(nn.Module):
         return (logits, *present)
 
 
+class _PrefillVerify(nn.Module):
+    """The prefill of a speculative export: logits and final-normed hidden states at ``logits_index``."""
+
+    def __init__(self, model: Gemma4Model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_lens, seq_lens, image_patches, image_positions, audio_frames, logits_index,
+                caches):
+        logits, hidden, present = self.m.prefill(
+            input_ids, past_lens, seq_lens, list(caches), image_patches, image_positions, audio_frames,
+            logits_index=logits_index,
+        )
+        return (logits, hidden, *present)
+
+
 class _Decode(nn.Module):
     def __init__(self, model: Gemma4Model):
         super().__init__()
@@ -93,14 +121,15 @@ class _Decode(nn.Module):
         return (logits, *present)
 
 
-def _example(cfg: ModelConfig, graph: str):
+def _example(cfg: ModelConfig, graph: str, speculative: int = 0):
     """Tracing inputs whose sizes differ from each other and from every static dim, so nothing specialises."""
     from torch.export import Dim
 
     tk = cfg.tokens
     batch, seq, max_len, n_img, n_aud = 2, 11, 37, 3, 2
     d_batch, d_seq, d_len = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=1 << 20), Dim("max_len", min=2, max=1 << 22)
-    caches = tuple(torch.zeros(s) for s in cache_shapes(cfg.text, batch, max_len))
+    slots = ring_slots(cfg.text, speculative)
+    caches = tuple(torch.zeros(s) for s in cache_shapes(cfg.text, batch, max_len, slots))
     cache_dyn = tuple(
         {0: d_batch, 2: d_len} if not cfg.text.is_sliding(i // 2) else {0: d_batch} for i in range(len(caches))
     )
@@ -124,20 +153,24 @@ def _example(cfg: ModelConfig, graph: str):
         dyn |= {"audio_frames": {0: Dim("audio_tokens", min=0, max=1 << 20)}}
     else:
         dyn |= {"audio_frames": None}
-    args = (ids, torch.tensor([0, 5]), torch.tensor([seq, seq - 3]), image_patches, image_positions, audio_frames, caches)
+    args = (ids, torch.tensor([0, 5]), torch.tensor([seq, seq - 3]), image_patches, image_positions, audio_frames)
+    if speculative:  # 5 indices: a size no other input has
+        args += (torch.tensor([[0, 2, 4, 6, 10], [1, 3, 5, 7, 7]]),)
+        dyn["logits_index"] = {0: d_batch, 1: Dim("n_logits", min=1, max=1 << 20)}
     dyn["caches"] = cache_dyn
-    return args, dyn
+    return args + (caches,), dyn
 
 
 def _export_graph(model: Gemma4Model, graph: str, path: Path, weights_from, log, rewrite=None,
-                  share_with: Path | None = None) -> None:
+                  share_with: Path | None = None, speculative: int = 0) -> None:
     """Trace one graph and save it; with ``weights_from`` the model is fake and weights stream from there."""
     import onnx
 
     cfg = model.cfg
-    module = (_Prefill(model) if graph == "prefill" else _Decode(model)).eval()
-    args, dyn = _example(cfg, graph)
-    inputs, outputs = graph_io(cfg, graph)
+    prefill = _PrefillVerify if speculative else _Prefill
+    module = (prefill(model) if graph == "prefill" else _Decode(model)).eval()
+    args, dyn = _example(cfg, graph, speculative)
+    inputs, outputs = graph_io(cfg, graph, speculative)
     with warnings.catch_warnings(), _quiet_torch_logs():
         # torch.onnx reports benign renames of shared dynamic axes and missing torchvision ops; keep output readable
         warnings.simplefilter("ignore")
@@ -229,6 +262,7 @@ def export_artifact(
     rewrite=None,
     manifest_extra: dict | None = None,
     add_files=None,
+    speculative: int = 0,
     log=print,
 ) -> dict:
     """Export both graphs of ``model`` into the artifact directory ``out`` (replaced only on success).
@@ -240,10 +274,15 @@ def export_artifact(
     weights are streamed from the checkpoint into external data instead of taken from the model.
     ``add_files(stage)`` writes more files into the staged artifact after the graphs (a quantizing rewrite's scales);
     they are listed in the manifest like the rest.
+    ``speculative`` K > 0: graphs for speculative decoding with up to K draft tokens per verify call (`graph_io`:
+    rings of window + K slots, the prefill graph's ``logits_index`` input and ``hidden`` output), recorded in the
+    manifest as ``speculative``; 0 (default) exports the plain graphs, unchanged.
     """
     cfg = model.cfg
     if max_len is None:
         max_len = min(cfg.text.max_position_embeddings, 8192)
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or not 0 <= speculative <= 64:
+        raise ValueError(f"speculative={speculative!r}; expected 0 (plain graphs) or 1..64 draft tokens per verify")
     if max_len < 2 or max_len > cfg.text.max_position_embeddings:
         raise ValueError(f"max_len={max_len} must be in [2, {cfg.text.max_position_embeddings}] for this model")
     tokenizer_files = [n for n in TOKENIZER_FILES if tokenizer_dir and (Path(tokenizer_dir) / n).is_file()]
@@ -269,7 +308,8 @@ def export_artifact(
             t0 = time.perf_counter()
             with torch.no_grad():
                 _export_graph(model, graph, stage / f"{graph}.onnx", stream, log, rewrite,
-                              share_with=stage / "prefill.onnx" if graph == "decode" else None)
+                              share_with=stage / "prefill.onnx" if graph == "decode" else None,
+                              speculative=speculative)
             timings[graph] = round(time.perf_counter() - t0, 2)
             log(f"[export] {graph}.onnx written in {timings[graph]} s")
         if share_external_data(stage, log=log):
@@ -286,15 +326,19 @@ def export_artifact(
             "max_len": max_len,
             "opset": OPSET,
             "graphs": {
-                g: {"file": f"{g}.onnx", "inputs": graph_io(cfg, g)[0], "outputs": graph_io(cfg, g)[1]}
+                g: {"file": f"{g}.onnx", "inputs": graph_io(cfg, g, speculative)[0],
+                    "outputs": graph_io(cfg, g, speculative)[1]}
                 for g in ("prefill", "decode")
             },
             "kv_cache": {
-                "layout": "flat [key_0, value_0, key_1, ...]; sliding layers are ring buffers of window slots "
-                "(position p in slot p % window), full layers hold position p in slot p",
+                "layout": "flat [key_0, value_0, key_1, ...]; sliding layers are ring buffers of R slots (position p "
+                "in slot p % R; R = the window, plus the draft tokens in a speculative export), full layers hold "
+                "position p in slot p",
                 "layer_types": list(cfg.text.layer_types),
                 "in_place": "present_* aliases past_* (TensorScatter) except sliding layers in prefill",
             },
+            **({"speculative": {"max_draft_tokens": speculative, "ring_slots": ring_slots(cfg.text, speculative)}}
+               if speculative else {}),
             "tokenizer": tokenizer_files,
             **({"generation_config": GENERATION_CONFIG} if has_generation_config else {}),
             "engines": {},
@@ -321,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=_max_len, default=None,
                    help="maximum total tokens per sequence (KV cache length, >= 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="graphs for speculative decoding with up to K draft tokens per verify call (sliding rings "
+                        "of window + K slots, logits and hidden states at chosen positions); 0: plain graphs")
     p.add_argument("--weight-dtype", default="fp32", choices=WEIGHT_DTYPES,
                    help="decoder Linear weights: fp32 (ONNX Runtime CPU) or bf16/fp16 (GPU engines: no fp32 copy)")
     a = p.parse_args(argv)
@@ -357,7 +404,7 @@ def _run(a) -> None:
         print(f"[export] preset {a.model!r}: seeded random weights (seed {a.seed})")
         source = {"preset": a.model, "seed": a.seed, "generator": "exporter.stream.SeededWeights"}
         export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, force=a.force,
-                        weights=SeededWeights(cfg, a.seed), weight_dtype=a.weight_dtype)
+                        weights=SeededWeights(cfg, a.seed), weight_dtype=a.weight_dtype, speculative=a.speculative)
     else:
         ckpt = Path(a.model)
         cfg = load_config(ckpt)
@@ -365,7 +412,7 @@ def _run(a) -> None:
         print(f"[export] checkpoint {ckpt}: tracing without weights, streaming them into external data")
         source = {"checkpoint": str(ckpt.resolve())}
         export_artifact(fake_model(cfg), a.out, max_len=a.max_len, source=source, tokenizer_dir=ckpt, weights_from=ckpt,
-                        force=a.force, weight_dtype=a.weight_dtype)
+                        force=a.force, weight_dtype=a.weight_dtype, speculative=a.speculative)
     print(f"[export] total {time.perf_counter() - t0:.1f} s")
 
 

@@ -4,9 +4,11 @@ Faithful to transformers' ``gemma4_unified`` (the tests compare against it), wit
 
 * ``prefill(...)`` takes S new tokens per sequence after ``past_lens`` cached ones, with ``seq_lens`` valid
   (right padding), plus the soft tokens of every image and audio clip in the batch in prompt order; it returns the
-  logits of each sequence's last valid token (``all_logits=True`` returns every position, for tests).
+  logits of each sequence's last valid token (``all_logits=True`` returns every position, for tests;
+  ``logits_index`` the logits and final-normed hidden states of chosen positions: speculative verification).
 * ``decode(...)`` takes one token per sequence.
-* Caches are a flat list ``[k_0, v_0, k_1, v_1, ...]``: sliding layers (B, Hkv, window, D) ring buffers, full layers
+* Caches are a flat list ``[k_0, v_0, k_1, v_1, ...]``: sliding layers (B, Hkv, R, D) ring buffers (R = window, or
+  window + K for speculative decoding: `ring_slots`; positions from R, masks from the window), full layers
   (B, 1, max_len, 512) linear buffers.  See `exporter.kv` for how they are written.
 
 Masks (as the reference builds them for generation): full layers are causal; sliding layers allow key position
@@ -28,14 +30,25 @@ from torch import nn
 from exporter.config import ModelConfig, TextConfig, VisionConfig
 from exporter.kv import ring_positions, ring_write_prefill, tensor_scatter
 
-__all__ = ["Gemma4Model", "cache_shapes"]
+__all__ = ["Gemma4Model", "cache_shapes", "ring_slots"]
 
 
-def cache_shapes(cfg: TextConfig, batch: int, max_len: int) -> list[tuple[int, int, int, int]]:
-    """Shapes of the flat cache list [k_0, v_0, ...] for a batch and a maximum total length."""
+def ring_slots(cfg: TextConfig, speculative: int = 0) -> int:
+    """Slots of a sliding layer's ring: the window, plus ``speculative`` (the most draft tokens one verify call
+    checks) so that a rejected write never lands on a position the next query still sees.  A verify call writes
+    K + 1 tokens at positions L..L+K over the slots of positions L-R..L+K-R; with R = W + K those are <= L - W, and
+    every later query (position >= L + 1, the call's first token is always kept) sees only keys > L + 1 - W."""
+    if speculative < 0:
+        raise ValueError(f"speculative={speculative}; expected >= 0 draft tokens")
+    return cfg.sliding_window + int(speculative)
+
+
+def cache_shapes(cfg: TextConfig, batch: int, max_len: int, ring_slots: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Shapes of the flat cache list [k_0, v_0, ...] for a batch and a maximum total length; sliding rings hold
+    ``ring_slots`` slots (default: the window; a speculative artifact's rings have slack: `ring_slots`)."""
     shapes = []
     for i in range(cfg.num_layers):
-        length = cfg.sliding_window if cfg.is_sliding(i) else max_len
+        length = (ring_slots or cfg.sliding_window) if cfg.is_sliding(i) else max_len
         shape = (batch, cfg.layer_kv_heads(i), length, cfg.layer_head_dim(i))
         shapes += [shape, shape]
     return shapes
@@ -118,10 +131,11 @@ class AttentionCore(nn.Module):
             v_new = tensor_scatter(past_v, v, past_lens, circular=False)
             slots = torch.arange(k_new.shape[2], device=k.device)
             return k_new, v_new, slots[None, None, :] <= qp, k_new, v_new
-        # sliding: attend over [ring before the write, new tokens]; the ring is rebuilt from both
+        # sliding: attend over [ring before the write, new tokens]; the ring is rebuilt from both.  The ring has R
+        # >= window slots (slack for taking back rejected draft tokens): positions from R, the mask from the window
         window, s = self.window, k.shape[2]
         valid = torch.arange(s, device=k.device)[None] < seq_lens[:, None]  # (B, S)
-        ring_pos = ring_positions(past_lens - 1, window)  # (B, R)
+        ring_pos = ring_positions(past_lens - 1, past_k.shape[2])  # (B, R)
         k_pos = torch.cat([ring_pos, pos], 1)  # (B, R + S)
         k_ok = torch.cat([ring_pos >= 0, valid], 1)
         k_block = torch.cat([torch.full_like(ring_pos, -1), block], 1)
@@ -331,7 +345,10 @@ class Gemma4Model(nn.Module):
         return self.model.embed_audio(frames)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.language_model.norm(h)
+        return self._head(self.model.language_model.norm(h))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied LM head and final softcap on the final-normed hidden state."""
         logits = torch.matmul(h, self.model.language_model.embed_tokens.weight.t())
         cap = self.cfg.text.final_logit_softcapping
         if cap is not None:
@@ -362,8 +379,14 @@ class Gemma4Model(nn.Module):
         image_positions: torch.Tensor | None = None,
         audio_frames: torch.Tensor | None = None,
         all_logits: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids (B, S) int64 with one image/audio token per soft token; past_lens, seq_lens (B,) int64."""
+        logits_index: torch.Tensor | None = None,
+    ):
+        """input_ids (B, S) int64 with one image/audio token per soft token; past_lens, seq_lens (B,) int64.
+
+        Returns (logits, caches): logits (B, V) of each row's last valid token, (B, S, V) with ``all_logits``.
+        ``logits_index`` (B, N) int64 (indices into the S new tokens; a speculative graph's verify input) returns
+        (logits (B, N, V), hidden (B, N, hidden), caches) at those tokens, ``hidden`` after the final norm: what
+        transformers' ``hidden_states[-1]`` is and the Gemma 4 assistant reads."""
         tk = self.cfg.tokens
         b = input_ids.shape[0]
         h = self._embed_text(input_ids)
@@ -373,6 +396,11 @@ class Gemma4Model(nn.Module):
             h = _place(h, input_ids == tk.audio, self.embed_audio(audio_frames))
         block = _image_blocks(input_ids == tk.image)  # (B, S)
         h, present = self._run_layers(h, past_lens, seq_lens, block, caches, decode=False)
+        if logits_index is not None:
+            n = logits_index.shape[1]
+            h = torch.gather(h, 1, logits_index[:, :, None].expand(b, n, h.shape[-1]))  # (B, N, hidden)
+            hidden = self.model.language_model.norm(h)
+            return self._head(hidden), hidden, present
         if not all_logits:
             last = (seq_lens - 1).clamp(min=0)
             h = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]  # (B, hidden)
@@ -390,6 +418,7 @@ class Gemma4Model(nn.Module):
         return self._logits(h[:, 0]), present
 
     # ------------------------------------------------------------------ helpers
-    def empty_caches(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-        return [torch.zeros(s, dtype=dtype) for s in cache_shapes(self.cfg.text, batch, max_len)]
+    def empty_caches(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                     ring_slots: int | None = None) -> list[torch.Tensor]:
+        return [torch.zeros(s, dtype=dtype) for s in cache_shapes(self.cfg.text, batch, max_len, ring_slots)]
 

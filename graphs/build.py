@@ -172,11 +172,13 @@ def _build_onnxruntime(root: Path, manifest: dict, log, sources: dict[str, str],
         **({"attention_inputs": {"window": lowering["prefill"]["attention"]["window"],
                                  **({"sliding": "window",
                                      "sliding_slots": lowering["prefill"]["attention"].get("sliding_slots")}
-                                    if sliding == "window" else {})}} if "prefill" in lowering
+                                    if sliding == "window" else {}),
+                                 **({"ring_slots": lowering["prefill"]["attention"]["ring_slots"]}
+                                    if "ring_slots" in lowering["prefill"]["attention"] else {})}} if "prefill" in lowering
            and lowering["prefill"]["attention"]["GroupQueryAttention"] + lowering["prefill"]["attention"]["Attention"]
            else {}),
         "lowering": {g: {"attention": {k: v for k, v in r["attention"].items()
-                                       if k not in ("refused", "window", "sliding", "sliding_slots")},
+                                       if k not in ("refused", "window", "sliding", "sliding_slots", "ring_slots")},
                          "norms": r["norms"]["SimplifiedLayerNormalization"]} for g, r in lowering.items()},
         "onnxruntime": ort.__version__,
         "providers": ["CPUExecutionProvider"],

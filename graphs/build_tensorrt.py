@@ -42,8 +42,9 @@ PROFILES = ("prefill", "decode")  # the engine's optimization profiles, in index
 ENGINE_FILE = "engines/model.engine"  # the one engine, both profiles
 
 
-def _dims(spec: dict, batch: int, max_len: int, seq: int, tokens: int) -> tuple[int, ...]:
-    named = {"batch": batch, "max_len": max_len, "seq": seq, "image_tokens": tokens, "audio_tokens": tokens}
+def _dims(spec: dict, batch: int, max_len: int, seq: int, tokens: int, logits: int = 1) -> tuple[int, ...]:
+    named = {"batch": batch, "max_len": max_len, "seq": seq, "image_tokens": tokens, "audio_tokens": tokens,
+             "n_logits": logits}
     return tuple(named[d] if isinstance(d, str) else int(d) for d in spec["shape"])
 
 
@@ -51,7 +52,8 @@ def profiles_for(manifest: dict, graph: str, *, max_batch: int, opt_seq: int, ma
                  prefill_chunk: int = PREFILL_CHUNK, step: str | None = None) -> dict:
     """input name -> (min, opt, max) shapes of ``graph``'s inputs for ``step`` (default: the graph's own):
     prefill takes up to ``prefill_chunk`` tokens per sequence and the media; decode one token, no media rows (the
-    prefill graph's decode profile, or the decode graph)."""
+    prefill graph's decode profile, or the decode graph).  A speculative artifact's ``logits_index`` takes 1..K + 1
+    positions per row in prefill (a verify call), 1 in decode."""
     max_len = int(manifest["max_len"])
     top = min(prefill_chunk, max_len)
     step = step or graph
@@ -59,10 +61,12 @@ def profiles_for(manifest: dict, graph: str, *, max_batch: int, opt_seq: int, ma
         raise ValueError(f"profile {step!r}; expected one of {PROFILES}")
     seq = (1, min(opt_seq, top), top) if step == "prefill" else (1, 1, 1)
     media = (0, min(max_soft_tokens, 280), max_soft_tokens) if step == "prefill" else (0, 0, 0)
+    k = int((manifest.get("speculative") or {}).get("max_draft_tokens", 0))
+    logits = (1, 1, min(k + 1, top)) if step == "prefill" else (1, 1, 1)
     out = {}
     for spec in manifest["graphs"][graph]["inputs"]:
-        out[spec["name"]] = tuple(_dims(spec, batch, max_len, n, m)
-                                  for batch, n, m in zip((1, 1, max_batch), seq, media))
+        out[spec["name"]] = tuple(_dims(spec, batch, max_len, n, m, g)
+                                  for batch, n, m, g in zip((1, 1, max_batch), seq, media, logits))
     return out
 
 

@@ -130,6 +130,9 @@ _POSITIVE = _int(1)
 _IO = _list(_obj({"name": _str, "dtype": _str, "shape": _list(_dim)}), min_len=1)
 _GRAPH = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO})
 _ENGINE = _obj({"prefill": _relpath, "decode": _relpath})
+_ASSISTANT_CACHES = ("full_key", "full_value", "ring_key", "ring_value")
+_ASSISTANT = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO,
+                   "target_caches": _obj({k: _str for k in _ASSISTANT_CACHES})})
 _MODEL_CONFIG = _obj(
     {
         "text": _obj({
@@ -157,6 +160,7 @@ _MANIFEST = _obj(
         "engines": _obj({}, {"onnxruntime": _ENGINE, "tensorrt": _ENGINE}),
         "plugin_graphs": _obj({}, {"prefill": _obj({"file": _relpath}), "decode": _obj({"file": _relpath})}),
         "quantization": _obj({}, {"scales": _relpath, "stats": _relpath}),
+        "assistant": _ASSISTANT,
     },
 )
 
@@ -178,6 +182,8 @@ def opened_paths(manifest: dict[str, Any]) -> dict[str, str]:
     for key in ("scales", "stats"):
         if key in manifest.get("quantization", {}):
             out[f"quantization.{key}"] = manifest["quantization"][key]
+    if "assistant" in manifest:
+        out["assistant.file"] = manifest["assistant"]["file"]
     return out
 
 
@@ -200,6 +206,10 @@ def validate(manifest: Any) -> None:
         for needed in ("input_ids", "past_lens"):
             if needed not in names:
                 raise SchemaError(f"graphs.{g}.inputs", f"no input named {needed!r}")
+        if g == "decode" and "assistant" in manifest:
+            for key, name in manifest["assistant"]["target_caches"].items():
+                if name not in names:
+                    raise SchemaError(f"assistant.target_caches.{key}", f"{name!r} is not an input of graphs.decode")
         caches = sum(n.startswith(("past_key_", "past_value_")) for n in names)
         if caches != 2 * layers:
             raise SchemaError(f"graphs.{g}.inputs", f"{caches} past_key_*/past_value_* inputs, expected 2 per layer "

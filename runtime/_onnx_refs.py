@@ -9,7 +9,7 @@ shapes, types or weights.  Field numbers are those of onnx.proto (ONNX IR versio
 
 from __future__ import annotations
 
-__all__ = ["OnnxParseError", "external_data_locations"]
+__all__ = ["OnnxParseError", "external_data_locations", "initializer_record"]
 
 # Field numbers from onnx.proto.  Messages not listed here (types, value infos, metadata) are skipped whole.
 _MODEL_GRAPH, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 20, 25
@@ -142,4 +142,53 @@ def external_data_locations(data: bytes) -> list[tuple[str, str | None]]:
             for f2, w2, v2 in _fields(buf, *_sub(buf, field, wire, value)):
                 if f2 in _TRAINING_GRAPHS:
                     _graph(buf, _sub(buf, f2, w2, v2), out, 0)
+    return out
+
+
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_RAW_DATA = 1, 2, 9
+
+
+def initializer_record(data: bytes, suffixes: tuple[str, ...]) -> dict | None:
+    """Where the main graph's first initializer whose name ends with one of ``suffixes`` keeps its bytes, without
+    reading them: ``{"name", "data_type", "dims", "location", "offset", "length"}``; ``location`` None means the
+    bytes are the tensor's ``raw_data`` inside ``data`` itself (``offset`` into it).  None if there is no such
+    initializer (or it keeps its values in typed fields instead of raw bytes)."""
+    buf = memoryview(data)
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field != _MODEL_GRAPH:
+            continue
+        for f2, w2, v2 in _fields(buf, *_sub(buf, field, wire, value)):
+            if f2 == _GRAPH_INITIALIZER:
+                record = _tensor_record(buf, _sub(buf, f2, w2, v2))
+                if record["name"].endswith(suffixes) and (record["length"] is not None or record["location"]):
+                    return record
+    return None
+
+
+def _tensor_record(buf: memoryview, span: tuple[int, int]) -> dict:
+    out = {"name": "", "data_type": 0, "dims": [], "location": None, "offset": 0, "length": None}
+    for field, wire, value in _fields(buf, *span):
+        if field == _TENSOR_NAME and wire == 2:
+            out["name"] = bytes(buf[value[0] : value[1]]).decode("utf-8", "replace")
+        elif field == _TENSOR_DATA_TYPE and wire == 0:
+            out["data_type"] = value
+        elif field == _TENSOR_DIMS and wire == 0:
+            out["dims"].append(value)
+        elif field == _TENSOR_DIMS and wire == 2:  # packed
+            pos = value[0]
+            while pos < value[1]:
+                dim, pos = _varint(buf, pos, value[1])
+                out["dims"].append(dim)
+        elif field == _TENSOR_RAW_DATA and wire == 2:
+            out["offset"], out["length"] = value[0], value[1] - value[0]
+        elif field == _TENSOR_EXTERNAL_DATA:
+            entry = {}
+            for f2, w2, v2 in _fields(buf, *_sub(buf, field, wire, value)):
+                if w2 == 2 and f2 in (_ENTRY_KEY, _ENTRY_VALUE):
+                    entry[f2] = bytes(buf[v2[0] : v2[1]]).decode("utf-8", "replace")
+            key, val = entry.get(_ENTRY_KEY), entry.get(_ENTRY_VALUE)
+            if key == "location":
+                out["location"] = val
+            elif key in ("offset", "length") and val is not None and val.isdigit():
+                out[key] = int(val)
     return out

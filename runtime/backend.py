@@ -10,6 +10,12 @@ manifest's decode graph, in that order, rows = sequences); the caller never look
 back, or a `Backend.rows` view of it.  Steps update the cache in place (a backend may also replace a list entry,
 but then `rows` views are refused).
 
+Speculative decoding (`runtime.speculative.verify`) needs an artifact exported with ``--speculative K``: its
+graphs return logits and hidden states at chosen new tokens, and its sliding rings hold window + K slots, so a
+verify call's rejected tokens are taken back by the caller's lengths alone: the next call at a shorter
+``past_lens`` overwrites them before anything reads them (full layers) or masks them by position (rings: a rejected
+write only replaced positions outside every later window).  Nothing else is needed to roll back.
+
 Deliberately absent: tokenization, sampling, stopping and scheduling (`runtime.generate`, `runtime.engine`).
 """
 
@@ -46,6 +52,25 @@ class Backend(Protocol):
     def decode(self, input_ids: Any, past_lens: Any, cache: Any, *, copy: bool = True) -> np.ndarray:
         """One token per row (``input_ids``: B ints or a (B, 1) array) at positions ``past_lens`` (B ints) ->
         (B, vocab) logits.  ``copy=False`` allows a view of a buffer the next step overwrites."""
+        ...
+
+    max_draft_tokens: int
+    """K of a speculative artifact (``manifest.speculative.max_draft_tokens``): `verify` takes up to K + 1 tokens per
+    row; 0 for an artifact exported without ``--speculative`` (no `verify`)."""
+
+    def verify(self, input_ids: Any, past_lens: Any, cache: Any, seq_lens: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """A verify call: ``input_ids`` (B, n) (the last accepted token, then the drafts) at positions ``past_lens``
+        (B,) .. on ``cache``, n <= `verify_tokens` (``seq_lens``: rows of fewer valid tokens, right-padded) ->
+        logits (B, n, vocab) and the final-normed hidden states (B, n, hidden) after every new token (float32;
+        transformers' ``hidden_states[-1]``, what the Gemma 4 assistant reads); their keys and values are written.
+        Taking tokens back is the caller's: continue at a shorter ``past_lens``.  A backend may run rows one by one
+        (ONNX Runtime's ring engines: GroupQueryAttention takes several tokens with past context at batch 1 only)."""
+        ...
+
+    def verify_tokens(self, past_lens: Any) -> int:
+        """The most tokens per row one `verify` call may take now (at least 1) such that any of them but the first
+        can be taken back by the lengths alone: ``max_draft_tokens + 1``, or fewer where the cache layout needs it
+        (ONNX Runtime's windowed sliding caches just before they compact)."""
         ...
 
     def rows(self, cache: Any, start: int, stop: int) -> Any:

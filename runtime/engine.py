@@ -20,6 +20,7 @@ threads and streaming.  No HTTP here (`runtime.serve`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import threading
@@ -92,7 +93,7 @@ class RequestHandle:
         self._result: GenerationResult | None = None
         self._error: RequestFailed | None = None
         self._cond = threading.Condition()
-        self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._async: list[_Waiter] = []
         self._seq: Seq | None = None  # the scheduler's record, set by `Engine.submit`
 
     # ------------------------------------------------------------------ engine side
@@ -106,10 +107,12 @@ class RequestHandle:
             if error is not None:
                 self._error = error
             self._cond.notify_all()
-            waiters = list(self._async)
-        for loop, event in waiters:
+            wake = [w for w in self._async if not w.pending]  # one wake per reader until it has looked again
+            for w in wake:
+                w.pending = True
+        for w in wake:
             try:
-                loop.call_soon_threadsafe(event.set)
+                w.loop.call_soon_threadsafe(w.event.set)
             except RuntimeError:  # that loop is closed: its reader is gone
                 pass
 
@@ -142,29 +145,38 @@ class RequestHandle:
         if self._error is not None:
             raise self._error
 
-    async def astream(self) -> AsyncIterator[Piece]:
-        """The pieces in an asyncio task (no thread per request: the engine thread wakes the loop)."""
-        event = asyncio.Event()
+    async def abatches(self) -> AsyncIterator[list[Piece]]:
+        """The pieces in an asyncio task, as lists: each list is what arrived since the task last looked (no thread
+        per request: the engine thread wakes the loop, once however many pieces it pushes meanwhile), so a reader
+        that fell behind catches up in one go (the HTTP layer sends such a list in one write)."""
+        waiter = _Waiter(asyncio.get_running_loop(), asyncio.Event())
         with self._cond:
-            self._async.append((asyncio.get_running_loop(), event))
+            self._async.append(waiter)
         try:
             i = 0
             while True:
-                event.clear()
+                waiter.event.clear()
                 with self._cond:
+                    waiter.pending = False  # a push from now on wakes the loop again
                     new, finished = self._pieces[i:], self.done
-                for piece in new:
-                    yield piece
-                i += len(new)
-                if finished and i >= len(self._pieces):
+                if new:
+                    i += len(new)
+                    yield new
+                if finished:  # nothing is pushed after the result or the error
                     break
-                if not new:
-                    await event.wait()
+                await waiter.event.wait()
         finally:
             with self._cond:
-                self._async = [(lp, ev) for lp, ev in self._async if ev is not event]
+                self._async.remove(waiter)
         if self._error is not None:
             raise self._error
+
+    async def astream(self) -> AsyncIterator[Piece]:
+        """The pieces one by one in an asyncio task (`abatches`, flattened)."""
+        async with contextlib.aclosing(self.abatches()) as batches:
+            async for batch in batches:
+                for piece in batch:
+                    yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """The finished request's `GenerationResult` (waits up to ``timeout`` seconds: `TimeoutError` after)."""
@@ -174,6 +186,15 @@ class RequestHandle:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """An asyncio reader of a handle: its loop, the event that wakes it, whether a wake is already on its way."""
+
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event
+    pending: bool = False
 
 
 @dataclass(eq=False)

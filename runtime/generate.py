@@ -233,6 +233,9 @@ def _stream(
     max_soft_tokens: int,
     results: list[GenerationResult],
     detokenize: bool = True,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
+    spec_stats=None,
 ) -> Iterator[Piece]:
     cfg, tk = model.config, model.config["tokens"]
     prepared = [
@@ -248,6 +251,18 @@ def _stream(
     decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer and detokenize else None for _ in prepared]
     cache = model.backend.new_cache(len(prepared), max_len)
     logits = _prefill(model, prepared, batch, cache)
+    if draft is not None:  # greedy speculative decoding: the same tokens, several per target pass
+        from runtime.speculative.verify import greedy_speculative
+
+        for i, tok, finish in greedy_speculative(
+                model.backend, cache, logits, [p.ids for p in prepared], num_draft_tokens=num_draft_tokens,
+                max_new_tokens=max_new_tokens, max_len=max_len, stop_ids=stop_ids, draft=draft, stats=spec_stats):
+            results[i].tokens.append(tok)
+            yield Piece(i, tok, decoders[i].feed(tok) if decoders[i] and finish is None else "")
+            if finish:
+                results[i].finish_reason = finish
+        yield from _finish(results, decoders)
+        return
     # The loop between two decode steps runs while the CPU caches hold the weights ONNX Runtime just streamed, not
     # the interpreter's data: it works on Python ints and lists, and makes one numpy call (the sampler's argmax).
     lens = batch.seq_lens.tolist()
@@ -275,6 +290,11 @@ def _stream(
         feed = [pad if d else t for t, d in zip(chosen, done)]
         logits = decode(feed, lens, cache, copy=False)  # lists of ints; the logits are consumed before the next step
         lens = [min(n + 1, last) for n in lens]
+    yield from _finish(results, decoders)
+
+
+def _finish(results: list[GenerationResult], decoders: list) -> Iterator[Piece]:
+    """Each row's detokenizer tail as a last piece, and its text."""
     for i, res in enumerate(results):
         if decoders[i]:
             tail = decoders[i].finish()
@@ -313,6 +333,9 @@ def generate(
     stream: bool = False,
     max_soft_tokens: int = 280,
     detokenize: bool = True,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
+    spec_stats=None,
 ):
     """Generate from one prompt (returns a `GenerationResult`) or a batch (returns a list of them).
 
@@ -324,6 +347,9 @@ def generate(
     (`runtime.generation_config`: greedy unless it says ``do_sample``), and its eos ids stop generation besides
     ``<turn|>``, eos and ``stop``.  ``detokenize=False``: token ids only (each `Piece`'s text is empty, the results' ``text`` None), no tokenizer
     work per step, for callers that detokenize themselves (and for speed comparisons with stacks that return ids).
+    ``draft="prompt_lookup"``: speculative decoding (`runtime.speculative.verify`) with up to ``num_draft_tokens``
+    drafts per target pass, greedy only, same tokens as without it; needs an artifact exported with
+    ``--speculative K`` (K >= num_draft_tokens).  ``spec_stats``: a `runtime.speculative.verify.SpecStats` to fill.
     """
     model = model_or_dir if isinstance(model_or_dir, LoadedModel) else load(model_or_dir)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -347,11 +373,18 @@ def generate(
     top_k = defaults["top_k"] if top_k is None else top_k
     top_p = defaults["top_p"] if top_p is None else top_p
     stop_ids = {*defaults["eos_token_ids"], *_stop_ids(stop)}
+    if draft is not None:
+        from runtime.speculative.verify import check_draft
+
+        check_draft(model.backend, draft, num_draft_tokens)
+        if temperature != 0:
+            raise InputError(f"draft={draft!r} with temperature={temperature}: speculative decoding is greedy only "
+                             "here (temperature=0); sampling with drafts is not implemented yet")
     results: list[GenerationResult] = []
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),
         rng=np.random.default_rng(seed), stop_ids=stop_ids, max_soft_tokens=max_soft_tokens, results=results,
-        detokenize=bool(detokenize),
+        detokenize=bool(detokenize), draft=draft, num_draft_tokens=num_draft_tokens, spec_stats=spec_stats,
     )
     if stream:
         return _Streamer(pieces, results, batched)

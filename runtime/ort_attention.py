@@ -19,12 +19,17 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
   concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
   own value (padded tokens never reach the ring);
 * the one-token branch (ring engines; a call of one new token in every row; GroupQueryAttention over the ring after
-  the write): one_token, the last slot each row reads s = min(past_lens, W - 1) (int32, and as an int64 gather
+  the write): one_token, the last slot each row reads s = min(past_lens, R - 1) (int32, and as an int64 gather
   index (B, 1, 1, 1)), T = max(s) + 1 and the bias (B, 1, 1, T) by the position each slot holds (`_one_token`).
   The ring path's inputs are then made for n = 1 (not used);
 * full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
   for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
+
+Rings of R > W slots (a speculative artifact's, `exporter.model.ring_slots`: slack to take back rejected draft
+tokens) use R wherever a slot or a position modulo the ring appears (n, p_j, U, ``first``, the gather, the one-token
+branch's last slot read) and W only in the window test; a slot's position is then checked against the window in the
+one-token branch's bias too (p_j = past - ((past - j) mod R) > past - W).  ``slots`` None means R = W.
 
 Image blocks are contiguous runs of the image token, numbered per row, only when the call has image rows (a decode
 step that generates the image token id embeds it as text: `graphs.ort.lower.gate_soft_token_slots`).
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "decode_inputs", "image_blocks"]
+__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "decode_inputs", "image_blocks", "window_verify_tokens"]
 
 # graph input name per value
 INPUTS = {
@@ -73,9 +78,10 @@ def image_blocks(is_image: np.ndarray) -> np.ndarray:
 
 
 def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks: np.ndarray | None = None,
-                     want=INPUTS.keys()) -> dict[str, np.ndarray]:
+                     want=INPUTS.keys(), slots: int | None = None) -> dict[str, np.ndarray]:
     """The values named in ``want`` (keys of `INPUTS`) for a call of ``s`` new tokens per row; ``blocks`` (B, S)
-    image block ids (`image_blocks`), None for no image tokens; ``window`` is needed for the sliding values."""
+    image block ids (`image_blocks`), None for no image tokens; ``window`` is needed for the sliding values,
+    ``slots`` is the rings' slot count R when it is not the window."""
     past = np.asarray(past_lens, np.int64).reshape(-1)
     lens = np.asarray(seq_lens, np.int64).reshape(-1)
     if len(past) != len(lens):
@@ -91,22 +97,20 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
         out["total_len"] = np.array(int((past + s).max(initial=s)), np.int32)
     if not want & set(_SLIDING):
         return out
-    if not window or window < 1:
-        raise ValueError(f"attention inputs: the sliding layers need the window, got {window!r}")
-    w = int(window)
+    w, r = _ring(window, slots)
     ar = np.arange(s, dtype=np.int64)
     pos = past[:, None] + ar[None]  # (B, S)
     one = bool(want & set(_ONE_TOKEN)) and s == 1 and bool((lens == 1).all())
     # the one-token branch writes, then reads the ring in place: the prefill path's inputs are fed but not used, so
     # they are made for n = 1 (small and of fixed shape)
-    n = 1 if one else max(1, min(w, int(past.max(initial=0))))
+    n = 1 if one else max(1, min(r, int(past.max(initial=0))))
     out["positions"] = pos
     out["ring_used"] = np.array([n], np.int64)
     if want & set(_ONE_TOKEN):
-        out.update(_one_token(past, w, one))
+        out.update(_one_token(past, w, one, r))
     if "ring_bias" in want:
         last = past[:, None] - 1
-        ring_pos = last - np.mod(last - np.arange(n)[None], w)  # (B, n)
+        ring_pos = last - np.mod(last - np.arange(n)[None], r)  # (B, n)
         k_pos = np.concatenate([ring_pos, pos], 1)  # (B, n + S)
         k_ok = np.concatenate([ring_pos >= 0, ar[None] < lens[:, None]], 1)
         qp, kp = pos[:, :, None], k_pos[:, None, :]
@@ -118,14 +122,24 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
             causal = causal | ((blk[:, :, None] == k_blk[:, None, :]) & (blk[:, :, None] >= 0))
         out["ring_bias"] = np.where(ok & causal, np.float32(0), NEG).astype(np.float32)[:, None]
     if want & {"ring_first", "ring_gather"}:
-        u = min(s, w)
+        u = min(s, r)
         start = past + lens - u  # (B,) may be < 0
-        out["ring_first"] = np.mod(start, w)
+        out["ring_first"] = np.mod(start, r)
         p = start[:, None] + np.arange(u)[None]  # (B, U) the positions written
         idx = np.where(p >= past[:, None], p - past[:, None] + n,  # new token i sits at n + i after the n slots
-                       np.minimum(np.mod(p, w), n - 1))  # old slots: < n unless p < 0 (never valid: any slot)
+                       np.minimum(np.mod(p, r), n - 1))  # old slots: < n unless p < 0 (never valid: any slot)
         out["ring_gather"] = idx[:, None, :, None].astype(np.int64)
     return {k: v for k, v in out.items() if k in want}
+
+
+def _ring(window, slots) -> tuple[int, int]:
+    """(W, R) checked: the window and the rings' slot count (>= W; None: W)."""
+    if not window or window < 1:
+        raise ValueError(f"attention inputs: the sliding layers need the window, got {window!r}")
+    r = int(window) if slots is None else int(slots)
+    if r < window:
+        raise ValueError(f"attention inputs: rings of {r} slots cannot hold a window of {window}")
+    return int(window), r
 
 
 def written_output(cache_output: str) -> str:
@@ -160,7 +174,8 @@ def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) ->
             "ring_bias_read": np.where(ok, np.float32(0), NEG).astype(np.float32).reshape(b, 1, 1, t)}
 
 
-def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys()) -> dict[str, np.ndarray]:
+def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys(),
+                  slots: int | None = None) -> dict[str, np.ndarray]:
     """`attention_inputs` for a decode step (one new token in every row, no image tokens), in a few numpy calls.
 
     The decode loop calls this between two ONNX Runtime runs, when the interpreter's and numpy's code and data are
@@ -168,7 +183,8 @@ def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys
     step).  With S = 1 the formulas reduce to: positions = past; n = max(1, min(W, max(past))); ring slot j of row b
     valid iff j < past_b, except the slot the new token replaces once the ring has wrapped (j = past_b mod W, its
     position past_b - W is outside the window); the new key always valid; the ring written at slot past_b mod W from
-    the new token (index n of the concat).  Equal to `attention_inputs(past, 1, 1, window=...)` (tested)."""
+    the new token (index n of the concat).  Rings of R > W slots: slot j holds p_j = (past_b - 1) - ((past_b - 1 - j)
+    mod R), valid iff p_j >= 0 and p_j > past_b - W.  Equal to `attention_inputs(past, 1, 1, window=...)` (tested)."""
     past = np.asarray(past_lens, np.int64).reshape(-1)
     want = set(want)
     out: dict[str, np.ndarray] = {}
@@ -180,20 +196,23 @@ def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys
         out["total_len"] = np.array(int(past.max(initial=0)) + 1, np.int32)
     if not want & set(_SLIDING):
         return out
-    if not window or window < 1:
-        raise ValueError(f"attention inputs: the sliding layers need the window, got {window!r}")
-    w, b = int(window), len(past)
+    (w, r), b = _ring(window, slots), len(past)
     one = bool(want & set(_ONE_TOKEN))
-    n = 1 if one else max(1, min(w, int(past.max(initial=0))))
+    n = 1 if one else max(1, min(r, int(past.max(initial=0))))
     out["positions"] = past.reshape(b, 1).copy()
     out["ring_used"] = np.array([n], np.int64)
     if one:
-        out.update(_one_token(past, w, True))
-    slot = past % w
+        out.update(_one_token(past, w, True, r))
+    slot = past % r
     if "ring_bias" in want:
         bias = np.zeros((b, 1, 1, n + 1), np.float32)
         j = np.arange(n)
-        bad = (j[None] >= past[:, None]) | ((past >= w)[:, None] & (j[None] == slot[:, None]))
+        if r == w:
+            bad = (j[None] >= past[:, None]) | ((past >= w)[:, None] & (j[None] == slot[:, None]))
+        else:
+            last = past[:, None] - 1
+            p_j = last - np.mod(last - j[None], r)
+            bad = (p_j < 0) | (p_j <= past[:, None] - w)
         bias[:, 0, 0, :n][bad] = NEG
         out["ring_bias"] = bias
     if "ring_first" in want:
@@ -217,7 +236,22 @@ def attention_feeds(input_names, feeds: dict[str, Any], engine: dict[str, Any],
     patches = feeds.get("image_patches")
     if "ring_bias" in want and "image" in tokens and patches is not None and len(patches):
         blocks = image_blocks(ids == tokens["image"])
-    window = (engine.get("attention_inputs") or {}).get("window")
-    values = attention_inputs(feeds["past_lens"], feeds["seq_lens"], ids.shape[1], window=window, blocks=blocks,
-                              want=want)
+    record = engine.get("attention_inputs") or {}
+    values = attention_inputs(feeds["past_lens"], feeds["seq_lens"], ids.shape[1], window=record.get("window"),
+                              blocks=blocks, want=want, slots=record.get("ring_slots"))
     return {INPUTS[k]: v for k, v in values.items()}
+
+
+def window_verify_tokens(past_len: int, window: int, capacity: int) -> int:
+    """The most new tokens (>= 1) one call may bring to a windowed GroupQueryAttention cache (``--ort-sliding
+    window``: ``capacity`` C slots, window W) of ``past_len`` tokens such that dropping any of them but the first
+    afterwards is exact by the lengths alone.  ONNX Runtime's contract: after T tokens the cache holds the last
+    L(T) = T - E(T) positions from row 0, E(T) = 0 for T <= C, else G * ceil((T - C) / G) with G = C - W + 1; taking
+    back k tokens is exact iff E(T - k) = E(T).  E is constant on (C + (m - 1) G, C + m G], so a call may run up to
+    the end of the interval that holds its first token."""
+    g = capacity - window + 1
+    if g < 1:
+        raise ValueError(f"a windowed cache of {capacity} slots cannot hold the window {window}")
+    first = past_len + 1
+    end = capacity if first <= capacity else capacity + g * -(-(first - capacity) // g)
+    return max(1, end - past_len)

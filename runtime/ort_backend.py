@@ -17,7 +17,6 @@ Torch-free.  Does not tokenize, sample or loop: see `runtime.generate`.
 
 from __future__ import annotations
 
-import functools
 import operator
 from array import array
 from pathlib import Path
@@ -25,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from runtime._int8_probe import cpu_has_vnni, int8_dot_products_exact  # noqa: F401  (used by graphs.ort.qdq, tests)
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
-from runtime.ort_attention import attention_feeds, decode_inputs, written_outputs
+from runtime.ort_attention import attention_feeds, decode_inputs, window_verify_tokens, written_outputs
 from runtime.prompt import PrefillInputs
 
-__all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "prefill_feeds", "sliding_slots", "zero_cache"]
+__all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "logits_index", "prefill_feeds", "sliding_slots",
+           "speculative_record", "zero_cache"]
 
 
 def is_cache(name: str) -> bool:
@@ -60,11 +61,25 @@ def sliding_slots(manifest: dict[str, Any]) -> int | None:
     return slots
 
 
-def _spec_dim(manifest: dict[str, Any], name: str, axis: int) -> int | None:
+def _spec_dim(manifest: dict[str, Any], name: str, axis: int) -> int | str | None:
     for spec in manifest["graphs"]["prefill"]["inputs"]:
         if spec["name"] == name:
-            return int(spec["shape"][axis])
+            dim = spec["shape"][axis]
+            return dim if isinstance(dim, str) else int(dim)
     return None
+
+
+def speculative_record(root, manifest: dict[str, Any]) -> int:
+    """The draft tokens one verify call may check (the artifact's ``speculative.max_draft_tokens``; 0 for an
+    artifact exported without ``--speculative``), checked against its graphs."""
+    record = manifest.get("speculative")
+    if record is None:
+        return 0
+    k = record.get("max_draft_tokens") if isinstance(record, dict) else None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or _spec_dim(manifest, "logits_index", 1) is None:
+        raise ArtifactError(f"{root}: manifest.json: speculative is {record!r}; expected max_draft_tokens >= 1 with a "
+                            "prefill graph taking logits_index (re-export with --speculative K)")
+    return k
 
 
 def prefill_feeds(inputs: PrefillInputs, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -89,7 +104,26 @@ def prefill_feeds(inputs: PrefillInputs, manifest: dict[str, Any]) -> dict[str, 
         feeds["audio_frames"] = inputs.audio_frames.astype(np.float32) if n_aud else np.zeros((0, frame_dim), np.float32)
     elif inputs.audio_frames is not None and len(inputs.audio_frames):
         raise ValueError("this model has no audio embedder (no audio_config); it cannot take audio")
+    if _spec_dim(manifest, "logits_index", 0) is not None or inputs.logits_index is not None:
+        feeds["logits_index"] = logits_index(inputs, manifest)
     return feeds
+
+
+def logits_index(inputs: PrefillInputs, manifest: dict[str, Any]) -> np.ndarray:
+    """The ``logits_index`` input of a speculative prefill graph (`exporter.export.graph_io`): the call's own, else
+    each row's last valid token (B, 1)."""
+    if not any(spec["name"] == "logits_index" for spec in manifest["graphs"]["prefill"]["inputs"]):
+        raise InputError("logits at chosen positions need an artifact exported with --speculative K (its prefill graph "
+                         "takes logits_index); this one was exported without it")
+    if inputs.logits_index is not None:
+        index = np.asarray(inputs.logits_index, np.int64)
+        if index.ndim != 2 or len(index) != len(inputs.input_ids):
+            raise InputError(f"logits_index of shape {index.shape}; expected (batch {len(inputs.input_ids)}, N)")
+        if index.size and (index.min() < 0 or index.max() >= inputs.input_ids.shape[1]):
+            raise InputError(f"logits_index holds {int(index.min())}..{int(index.max())}; expected indices into the "
+                             f"call's {inputs.input_ids.shape[1]} new tokens")
+        return index
+    return np.maximum(np.asarray(inputs.seq_lens, np.int64) - 1, 0).reshape(-1, 1)
 
 
 def engine_feeds(session, feeds: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -113,57 +147,6 @@ def zero_cache(manifest: dict[str, Any], graph: str, batch: int, max_len: int, *
         if is_cache(spec["name"]):
             out[spec["name"]] = np.zeros(cache_shape(spec, batch, max_len, slots), dtype=np.float32)
     return out
-
-
-def cpu_has_vnni() -> bool:
-    """x86 with AVX-VNNI or AVX512-VNNI (int8 dot products accumulated in 32 bits), from /proc/cpuinfo."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
-
-
-@functools.lru_cache(maxsize=1)
-def int8_dot_products_exact() -> bool:
-    """Whether ONNX Runtime's 8-bit ``MatMulNBits`` (int8 compute, what build-engine runs INT8 Linears on) is exact on
-    this CPU: x86 CPUs without VNNI add pairs of u8 x s8 products in saturating int16 in some int8 kernels, which
-    full-range int8 weights and activations overflow.  Not decided from the CPU's flags but measured: the kernel is
-    run once per process on worst-case inputs (weights of +-127, activations quantized to +-127, and a random
-    full-range pair) and compared with the exact result; a saturating kernel is off by tens of percent there, an
-    exact one by float rounding.  (Found exact on AVX-512 VNNI and on AVX2 without VNNI, ONNX Runtime 1.32.)"""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return False
-    k, n, block = 256, 8, 128
-    rng = np.random.default_rng(0)
-    cases = [(np.full((n, k), 127, np.int8), np.ones((1, k), np.float32)),
-             (np.full((n, k), -127, np.int8), np.ones((1, k), np.float32)),
-             (np.tile(np.array([127, -127], np.int8), (n, k // 2)), np.tile(np.array([-1, 1], np.float32), (1, k // 2))),
-             (rng.integers(-127, 128, (n, k)).astype(np.int8), rng.choice([-1.0, 1.0], (2, k)).astype(np.float32))]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    for q, x in cases:
-        node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
-                                block_size=block, accuracy_level=4)
-        graph = helper.make_graph(
-            [node], "int8_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            [numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // block, block), "B"),
-             numpy_helper.from_array(np.full((n, k // block), 1 / 64, np.float32), "S")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        try:
-            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-            got = sess.run(None, {"x": x})[0]
-        except Exception:  # noqa: BLE001 - an ONNX Runtime without the kernel: not usable, so not exact
-            return False
-        want = x.astype(np.float64) @ q.T.astype(np.float64) / 64  # |x| = 1 quantizes to +-127 exactly
-        if np.abs(got - want).max() > 1e-5 * max(1.0, np.abs(want).max()):
-            return False
-    return True
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -272,6 +255,8 @@ class OrtBackend:
             raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes {sorted(stale)}, inputs of an earlier "
                                 "lowering of the sliding layers' decode step; rebuild it with `make build-engine "
                                 "BACKEND=onnxruntime`")
+        self.ring_slots = (engine.get("attention_inputs") or {}).get("ring_slots")  # rings with slack: speculative
+        self.max_draft_tokens = speculative_record(self.root, manifest)
         sliding = {ATTENTION_INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")}
         if any(sliding & set(names) for names, _ in self.io.values()) and not self.window:
             raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
@@ -319,7 +304,9 @@ class OrtBackend:
         return self.layer_types[cache_index // 2] == "sliding_attention"
 
     # ------------------------------------------------------------------ steps
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], cache: list, in_place: list[bool]) -> np.ndarray:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], cache: list, in_place: list[bool]):
+        """One call -> (logits, hidden or None): (B, V) logits, or (B, N, V) and the hidden states (B, N, hidden)
+        from a speculative prefill graph."""
         if graph == "decode" and self.one_graph and "seq_lens" not in feeds:  # a prefill of one token per sequence
             ids = np.asarray(feeds["input_ids"], np.int64).reshape(-1, 1)
             feeds = prefill_feeds(PrefillInputs(input_ids=ids, past_lens=np.asarray(feeds["past_lens"], np.int64),
@@ -333,7 +320,9 @@ class OrtBackend:
                 binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         past = [n for n in names_in if is_cache(n)]
         present = [n for n in names_out if is_cache(n)]
-        binding.bind_output("logits", "cpu")
+        heads = [n for n in ("logits", "hidden") if n in names_out]
+        for name in heads:
+            binding.bind_output(name, "cpu")
         for i, (p_in, p_out) in enumerate(zip(past, present)):
             binding.bind_ortvalue_input(p_in, cache[i])
             if in_place[i]:
@@ -342,11 +331,11 @@ class OrtBackend:
                 binding.bind_output(p_out, "cpu")
         _bind_written(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
         sess.run_with_iobinding(binding)
-        outs = dict(zip(["logits", *present], binding.get_outputs()))  # get_outputs follows binding order
+        outs = dict(zip([*heads, *present], binding.get_outputs()))  # get_outputs follows binding order
         for i, p_out in enumerate(present):
             if not in_place[i]:
                 cache[i] = outs[p_out]
-        return outs["logits"].numpy()
+        return outs["logits"].numpy(), outs["hidden"].numpy() if "hidden" in outs else None
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
         if not self.takes_images and inputs.image_patches is not None and len(inputs.image_patches):
@@ -355,6 +344,10 @@ class OrtBackend:
                 "sliding layers cannot attend both ways inside an image); rebuild it with `make build-engine "
                 "BACKEND=onnxruntime` (the default ring form) to give it images")
         ids = inputs.input_ids
+        return self._prefill(inputs, cache)[0].reshape(len(ids), -1)  # (B, V): a speculative graph's N is 1 here
+
+    def _prefill(self, inputs: PrefillInputs, cache: list):
+        ids = inputs.input_ids
         if (self.per_sequence_continuation and len(ids) > 1 and ids.shape[1] > 1
                 and (np.asarray(inputs.past_lens) > 0).any()):
             return self._prefill_per_sequence(inputs, cache)
@@ -362,10 +355,39 @@ class OrtBackend:
         in_place = [self.one_graph or not self._is_sliding(i) for i in range(len(cache))]
         return self._run("prefill", feeds, cache, in_place)
 
-    def _prefill_per_sequence(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+    def verify(self, input_ids, past_lens, cache: list, seq_lens=None) -> tuple[np.ndarray, np.ndarray]:
+        """`runtime.backend.Backend.verify`: (B, n) tokens -> logits (B, n, V), final-normed hidden (B, n, H)."""
+        ids = np.asarray(input_ids, np.int64)
+        if ids.ndim != 2 or not ids.shape[1]:
+            raise InputError(f"verify: input_ids of shape {ids.shape}; expected (batch, n >= 1)")
+        b, n = ids.shape
+        if not self.max_draft_tokens:
+            raise InputError(f"{self.root}: verify needs an artifact exported with --speculative K (logits at every "
+                             "new token, rings with slack); this one was exported without it")
+        if n > self.verify_tokens(past_lens):
+            raise InputError(f"verify: {n} tokens per row; this engine verifies at most "
+                             f"{self.verify_tokens(past_lens)} here (the artifact's speculative.max_draft_tokens "
+                             f"{self.max_draft_tokens} + 1, less where the cache cannot take them back)")
+        lens = np.full(b, n, np.int64) if seq_lens is None else np.asarray(seq_lens, np.int64).reshape(-1)
+        index = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
+        inputs = PrefillInputs(ids, np.asarray(past_lens, np.int64).reshape(-1), lens, logits_index=index)
+        return self._prefill(inputs, cache)
+
+    def verify_tokens(self, past_lens) -> int:
+        """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1, on windowed engines (--ort-sliding window)
+        fewer just before GroupQueryAttention compacts its cache (`runtime.ort_attention.window_verify_tokens`)."""
+        if not self.max_draft_tokens:
+            return 1
+        n = self.max_draft_tokens + 1
+        if self.sliding_slots is not None:
+            n = min(n, *(window_verify_tokens(int(p), self.window, self.sliding_slots)
+                         for p in np.asarray(past_lens).reshape(-1)))
+        return n
+
+    def _prefill_per_sequence(self, inputs: PrefillInputs, cache: list):
         """The prefill of ``inputs`` one sequence per call (batch 1: GroupQueryAttention takes past context), each
         on OrtValues viewing its rows of the cache arrays in place; rows with no new tokens are not run (their
-        logits are zeros: nothing was computed for them)."""
+        logits are zeros: nothing was computed for them).  Returns (logits, hidden or None) as `_run`."""
         if not self.one_graph:  # rings rebuilt out of place: row views cannot take them
             raise ArtifactError(f"{self.root}: this ONNX Runtime engine takes no prefill with past context at batch > 1 "
                                 "(GroupQueryAttention) and does not write every cache in place; rebuild it with "
@@ -376,7 +398,8 @@ class OrtBackend:
         aud = (ids == tk["audio"]) & (np.arange(ids.shape[1])[None] < lens[:, None]) if "audio" in tk else None
         n_img = np.concatenate([[0], np.cumsum(img.sum(1))]) if img is not None else None
         n_aud = np.concatenate([[0], np.cumsum(aud.sum(1))]) if aud is not None else None
-        out = None
+        out = hidden = None
+        index = inputs.logits_index
         for b in range(len(ids)):
             n = int(lens[b])
             if n == 0:
@@ -385,15 +408,18 @@ class OrtBackend:
             # the full padded width, as a batched call would have it (its padded writes to full layers included)
             row = PrefillInputs(ids[b:b + 1], past[b:b + 1], lens[b:b + 1],
                                 take(inputs.image_patches, n_img), take(inputs.image_positions, n_img),
-                                take(inputs.audio_frames, n_aud))
+                                take(inputs.audio_frames, n_aud), None if index is None else index[b:b + 1])
             views = self.rows(cache, b, b + 1)
-            logits = self._run("prefill", prefill_feeds(row, self.manifest), views, [True] * len(views))
+            logits, h = self._run("prefill", prefill_feeds(row, self.manifest), views, [True] * len(views))
             if out is None:
                 out = np.zeros((len(ids), *logits.shape[1:]), logits.dtype)
+                hidden = None if h is None else np.zeros((len(ids), *h.shape[1:]), h.dtype)
             out[b] = logits[0]
+            if h is not None:
+                hidden[b] = h[0]
         if out is None:
             raise ValueError("a prefill call with no new tokens in any sequence")
-        return out
+        return out, hidden
 
     def decode(self, input_ids, past_lens, cache: list, *, copy: bool = True) -> np.ndarray:
         """One step: (B, 1) token ids at positions ``past_lens`` -> (B, V) logits.  The ids and lengths may also be
@@ -434,7 +460,7 @@ class OrtBackend:
         elif bound["attention"]:  # this step's geometry: written into the bound arrays, bound anew where the shape
             # changed (the ring mask grows while the rings fill)
             for key, value in decode_inputs(np.array(lens, np.int64), window=self.window,
-                                            want=bound["attention"]).items():
+                                            want=bound["attention"], slots=self.ring_slots).items():
                 arr = bound["arrays"].get(key)
                 if arr is not None and arr.shape == value.shape:
                     arr[...] = value
@@ -443,9 +469,11 @@ class OrtBackend:
                 bound["binding"].bind_ortvalue_input(ATTENTION_INPUTS[key], self._ort.OrtValue.ortvalue_from_numpy(arr))
         self.sessions["decode"].run_with_iobinding(bound["binding"])
         if bound["logits"] is None:  # first step: keep ORT's logits buffer and write every later step into it
-            value = bound["binding"].get_outputs()[0]
-            bound["binding"].bind_ortvalue_output("logits", value)
-            bound["logits"] = value.numpy()  # a view of that buffer
+            values = bound["binding"].get_outputs()
+            bound["binding"].bind_ortvalue_output("logits", values[0])
+            if "hidden" in self.io["decode"][1]:
+                bound["binding"].bind_ortvalue_output("hidden", values[1])
+            bound["logits"] = values[0].numpy().reshape(len(ids), -1)  # a view of that buffer, (B, V)
         return bound["logits"].copy() if copy else bound["logits"]
 
     def _bind_decode(self, cache: list, batch: int) -> dict:
@@ -467,6 +495,8 @@ class OrtBackend:
             raise ValueError(f"decode: the engine has {len(past)} cache inputs and {len(present)} cache outputs, "
                              f"the cache {len(cache)} buffers")
         binding.bind_output("logits", "cpu")  # first in the binding: get_outputs()[0]
+        if "hidden" in names_out:  # a speculative graph: second (kept like the logits after the first step)
+            binding.bind_output("hidden", "cpu")
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)

@@ -30,6 +30,9 @@ class PrefillInputs:
     image_patches: np.ndarray | None = None  # (N, patch_dim) float32, all images in prompt order
     image_positions: np.ndarray | None = None  # (N, 2) int64
     audio_frames: np.ndarray | None = None  # (M, 640) float32
+    # (B, N) int64, speculative graphs only: the new tokens whose logits and hidden states to return (default: each
+    # row's last valid token, N = 1)
+    logits_index: np.ndarray | None = None
 
 
 @dataclass

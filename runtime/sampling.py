@@ -83,7 +83,20 @@ class Sample:
             raise ValueError("The logits contain +inf; a probability distribution cannot be formed from them.")
         return np.array([self._choose_row(row, rng) for row in logits], dtype=np.int64)
 
-    def _choose_row(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(V,) logits of one row -> (ids, probs): the candidates `choose` draws from and their probabilities
+        (float64, summing to 1 up to rounding; every other token has probability 0). Speculative sampling
+        (`runtime.speculative.accept`) verifies drafts against exactly this distribution."""
+        logits = np.asarray(logits)
+        _check_logits(logits[None])
+        if np.isposinf(logits).any():
+            raise ValueError("The logits contain +inf; a probability distribution cannot be formed from them.")
+        ids, probs = self._distribution(logits)
+        return ids, probs / probs.sum()
+
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates and their weights: probabilities before the nucleus cut, not renormalised after it
+        (`_choose_row` scales its uniform draw by the total instead)."""
         scores = logits.astype(np.float64) / self.temperature  # (V,)
         ids = np.flatnonzero(scores > -np.inf)
         if ids.size == 0:
@@ -94,6 +107,10 @@ class Sample:
         probs /= probs.sum()
         if self.top_p is not None and self.top_p < 1:
             ids, probs = _nucleus(ids, probs, self.top_p)
+        return ids, probs
+
+    def _choose_row(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        ids, probs = self._distribution(logits)
         cdf = np.cumsum(probs)
         index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
         if index >= ids.size:  # u * total rounded up to total: take the last token that has any probability

@@ -166,8 +166,8 @@ class Scheduler:
     # ------------------------------------------------------------------ facts
     @property
     def busy(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return self.max_batch - self.slots.count(None)
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and self.busy == 0
+        return not self.waiting and self.slots.count(None) == self.max_batch

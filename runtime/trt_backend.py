@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from runtime.manifest import ArtifactError
-from runtime.ort_backend import cache_shape, is_cache, prefill_feeds
+from runtime.errors import InputError
+from runtime.ort_backend import cache_shape, is_cache, prefill_feeds, speculative_record
 from runtime.prompt import PrefillInputs
 
 __all__ = ["STEPS", "TrtBackend", "engine_layout"]
@@ -129,6 +130,8 @@ class TrtBackend:
         self.cache_index = {spec["name"]: i for i, spec in enumerate(self.cache_specs)}
         self.prefill_chunk = record.get("prefill_chunk")
         self.vocab = int(manifest["model_config"]["text"]["vocab_size"])
+        self.hidden_size = int(manifest["model_config"]["text"]["hidden_size"])
+        self.max_draft_tokens = speculative_record(self.root, manifest)  # verify: the prefill profile, N <= K + 1
         self.aliased = {g: self._aliases(g) for g in self.engines}
         self._graph: tuple | None = None  # (batch, CUDAGraph, device inputs by name, logits, cache)
 
@@ -228,10 +231,13 @@ class TrtBackend:
             self._check(ctx.set_input_shape(name, shape),
                         f"shape {shape} for {graph} input {name!r} (outside the engine's profile?)")
             self._check(ctx.set_tensor_address(name, buf.data_ptr()), f"the address of {graph} input {name!r}")
+        batch = int(feeds["input_ids"].shape[0])
+        heads = (batch, *feeds["logits_index"].shape[1:]) if "logits_index" in feeds else (batch,)
         for name in outputs:
-            if name == "logits":
-                batch = int(feeds["input_ids"].shape[0])
-                buf = keep["logits"] = self._empty((batch, self.vocab))
+            if name == "logits":  # (B, V), or (B, N, V) from a speculative graph
+                buf = keep["logits"] = self._empty((*heads, self.vocab))
+            elif name == "hidden":  # a speculative graph's final-normed hidden states (B, N, hidden)
+                buf = keep["hidden"] = self._empty((*heads, self.hidden_size))
             elif is_cache(name):
                 past = name.replace("present_", "past_", 1)
                 i = self.cache_index[past]
@@ -248,16 +254,39 @@ class TrtBackend:
                     f"to run the {graph} engine (execute_async_v3 returned False; see TensorRT's log above)")
 
     def prefill(self, inputs: PrefillInputs, cache: list) -> np.ndarray:
+        return self._prefill(inputs, cache)[0].reshape(len(inputs.input_ids), -1)  # a speculative graph's N is 1
+
+    def _prefill(self, inputs: PrefillInputs, cache: list):
         feeds = prefill_feeds(inputs, self.manifest)
         with self._on_stream():
-            logits, new_cache, _keep = self._bind("prefill", feeds, cache)
+            logits, new_cache, keep = self._bind("prefill", feeds, cache)
             self._execute("prefill")
             out = logits.to("cpu", non_blocking=False)
+            hidden = keep["hidden"].to("cpu", non_blocking=False) if "hidden" in keep else None
         self.stream.synchronize()
         if any(n is not c for n, c in zip(new_cache, cache)):
             self._graph = None  # the prefill replaced cache buffers the captured decode graph points at
         cache[:] = new_cache
-        return out.numpy()
+        return out.numpy(), None if hidden is None else hidden.numpy()
+
+    def verify(self, input_ids, past_lens, cache: list, seq_lens=None) -> tuple[np.ndarray, np.ndarray]:
+        """`runtime.backend.Backend.verify` on the prefill profile (the plugin takes any batch with past context):
+        (B, n) tokens -> logits (B, n, V) and final-normed hidden states (B, n, hidden)."""
+        ids = np.asarray(input_ids, np.int64)
+        if ids.ndim != 2 or not ids.shape[1]:
+            raise InputError(f"verify: input_ids of shape {ids.shape}; expected (batch, n >= 1)")
+        b, n = ids.shape
+        if n > self.verify_tokens(past_lens):
+            raise InputError(f"verify: {n} tokens per row; this artifact verifies at most {self.verify_tokens(past_lens)}"
+                             " (exported with --speculative K: K + 1; without it none)")
+        lens = np.full(b, n, np.int64) if seq_lens is None else np.asarray(seq_lens, np.int64).reshape(-1)
+        index = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
+        return self._prefill(PrefillInputs(ids, np.asarray(past_lens, np.int64).reshape(-1), lens,
+                                           logits_index=index), cache)
+
+    def verify_tokens(self, past_lens) -> int:
+        """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1 (rings of window + K slots), 1 without."""
+        return self.max_draft_tokens + 1 if self.max_draft_tokens else 1
 
     def _decode_feeds(self, ids: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:
         """The decode context's inputs: the decode graph's, or (one engine) a prefill of one token per sequence."""
@@ -290,6 +319,7 @@ class TrtBackend:
         self._graph = None  # re-binding the context invalidates a graph captured for another batch size
         with self._on_stream():
             logits, new_cache, keep = self._bind("decode", self._decode_feeds(ids, lens), cache)
+            logits = logits.view(batch, self.vocab)  # (B, V), also from a speculative graph's (B, 1, V)
             self._execute("decode")  # eager step (also warms up)
             out = logits.to("cpu")
         self.stream.synchronize()

@@ -74,3 +74,16 @@ def reference_generate(ref, inputs: dict, max_new_tokens: int, stop_ids: list[in
         if t in stop_ids:
             return new[: i + 1]
     return new
+
+
+@torch.no_grad()
+def reference_hidden(ref, inputs: dict) -> np.ndarray:
+    """(S, hidden) last hidden states of one prompt (after the final norm: ``hidden_states[-1]``, what
+    transformers' Gemma 4 assistant candidate generator passes on), masks as in generation."""
+    ids = inputs["input_ids"]
+    s = ids.shape[1]
+    masks = ref.create_masks_for_generate(
+        ref.config, torch.zeros(1, s, ref.config.text_config.hidden_size), None, None, torch.arange(s)[None],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
+    return ref(**inputs, attention_mask=masks, output_hidden_states=True).hidden_states[-1][0].numpy()

@@ -1,10 +1,10 @@
 """A deterministic fake of `runtime.engine.Engine` for testing the HTTP layer alone, and a loopback uvicorn runner.
 
-`FakeEngine` has the engine's interface (submit/start/shutdown/stats/ready/model; handles with astream, iteration,
-result, cancel, finish_reason) and records what it was given.  It validates like the real engine where the HTTP layer
-depends on it: media must decode (Pillow for images, the wave module for audio), placeholders must match the media,
-token ids must be in the vocabulary, prompts must fit ``max_len``.  Its reply is a fixed list of pieces followed by the
-eos token, cut to ``max_tokens`` (then ``finish_reason == "length"``).
+`FakeEngine` has the engine's interface (submit/start/shutdown/stats/ready/model; handles with astream, abatches,
+iteration, result, cancel, finish_reason) and records what it was given.  It validates like the real engine where
+the HTTP layer depends on it: media must decode (Pillow for images, the wave module for audio), placeholders must match
+the media, token ids must be in the vocabulary, prompts must fit ``max_len``.  Its reply is a fixed list of pieces
+followed by the eos token, cut to ``max_tokens`` (then ``finish_reason == "length"``).
 
 The fake uses the real engine's types (`runtime.engine`: `Overloaded`, `RequestFailed`, `SamplingParams`).
 """
@@ -95,6 +95,10 @@ class FakeHandle:
             yield piece
             await asyncio.sleep(self._engine.delay)
             i += 1
+
+    async def abatches(self):
+        async for piece in self.astream():
+            yield [piece]
 
     def result(self, timeout=None) -> GenerationResult:
         if self.finish_reason is None:

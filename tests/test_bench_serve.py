@@ -67,3 +67,22 @@ def test_ratios_and_verdicts_against_the_targets():
 def test_make_help_lists_bench_serve():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert any(line.startswith("make bench-serve") for line in out.splitlines())
+
+
+def test_concurrency_option_and_the_before_after_table():
+    import argparse
+
+    from bench.serve import _levels
+
+    assert _levels("8,1,8") == (1, 8)
+    for bad in ("0,8", "", "one"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _levels(bad)
+    one = summarize([Record(16, 3, itl=[0.01, 0.01], tokens=3, chunks=3, finish="length")], 1.0)
+    run = {"git": "abc1234", "engines": {"ours-int4": {
+        "levels": {1: one}, "ratios": {"conc1_vs_generate_decode": 0.912, "conc1_vs_generate_decode_paired_median": 0.9},
+        "compare": {"src": "76af01c", "level1": one, "conc1_vs_generate_decode": 0.85,
+                    "conc1_vs_generate_decode_paired_median": 0.84}}}}
+    table = markdown(run)
+    assert "| ours-int4 | abc1234 | 100.0 | 0.912 (0.900) |" in table
+    assert "| ours-int4 | 76af01c | 100.0 | 0.850 (0.840) |" in table

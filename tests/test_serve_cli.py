@@ -23,8 +23,9 @@ def launched(monkeypatch, tmp_path):
     artifact = tmp_path / "my-gemma"
     artifact.mkdir()
 
-    def fake_load(path, backend="auto"):
+    def fake_load(path, backend="auto", *, threads=None):
         seen["load"] = (path, backend)
+        seen["threads"] = threads
         return FakeModel(tmp_path)
 
     class Engine(FakeEngine):
@@ -54,7 +55,7 @@ def test_defaults_bind_the_loopback(launched):
     server = seen["server"]
     assert server.config.host == "127.0.0.1" and server.config.port == 8000
     assert seen["engine_kwargs"] == {"max_batch": 8, "max_queue": 64}
-    assert seen["load"][1] == "auto"
+    assert seen["load"][1] == "auto" and seen["threads"] is None  # ONNX Runtime's own choice
     state = server.config.app.state.serve
     assert state.ctx.model_name == "my-gemma" and state.ctx.max_soft_tokens == 280
 
@@ -63,10 +64,10 @@ def test_flags_reach_the_engine_app_and_uvicorn(launched, monkeypatch, tmp_path)
     monkeypatch.setenv("GEMMA4_API_KEY", "from-env")
     seen = launched("--port", "9123", "--max-batch", "4", "--max-queue", "10", "--max-soft-tokens", "70",
                     "--served-model-name", "g4", "--drain-timeout", "3", "--backend", "onnxruntime",
-                    "--allow-media-dir", str(tmp_path), "--max-body-bytes", "1000")
+                    "--allow-media-dir", str(tmp_path), "--max-body-bytes", "1000", "--threads", "3")
     server = seen["server"]
     assert seen["engine_kwargs"] == {"max_batch": 4, "max_queue": 10}
-    assert seen["load"][1] == "onnxruntime"
+    assert seen["load"][1] == "onnxruntime" and seen["threads"] == 3
     assert server.config.port == 9123 and server.config.timeout_graceful_shutdown == 3
     state = server.config.app.state.serve
     assert (state.ctx.model_name, state.ctx.max_soft_tokens, state.drain_timeout) == ("g4", 70, 3.0)
@@ -86,10 +87,11 @@ def test_sigterm_marks_draining(launched):
     assert state.draining and server.should_exit
 
 
-def test_bad_flags_exit_2(launched, capsys):
+@pytest.mark.parametrize("flag", ["--max-batch", "--threads"])
+def test_bad_flags_exit_2(launched, capsys, flag):
     with pytest.raises(SystemExit) as e:
-        launched("--max-batch", "0")
-    assert e.value.code == 2 and "--max-batch" in capsys.readouterr().err
+        launched(flag, "0")
+    assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_ray_flags_reach_serve_forever(launched, monkeypatch, capsys):
@@ -99,9 +101,10 @@ def test_ray_flags_reach_serve_forever(launched, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(ray_app, "serve_forever", lambda config, **kw: calls.append((config, kw)) or 0)
     launched("--ray", "--replicas", "3", "--ray-num-cpus", "6", "--host", "0.0.0.0", "--max-batch", "4",
-             "--ray-actor-options", '{"num_gpus": 1}', "--backend", "tensorrt")
+             "--ray-actor-options", '{"num_gpus": 1}', "--backend", "tensorrt", "--threads", "2")
     config, kw = calls[0]
     assert (config.max_batch, config.backend, config.artifact.endswith("my-gemma")) == (4, "tensorrt", True)
+    assert config.threads == 2
     assert kw == {"host": "0.0.0.0", "port": 8000, "replicas": 3, "num_cpus": 6, "autoscaling_config": None,
                   "ray_actor_options": {"num_gpus": 1}}
     assert "without an API key" in capsys.readouterr().err  # the plain server's warning, with --ray too

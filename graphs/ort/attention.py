@@ -2,7 +2,9 @@
 
 Pattern: a ``FusedAttention`` node of the plugin graphs (`plugins.fused_attention` is the contract).
 Check: scale 1.0, whole heads per KV head, an even ``rotary_dim`` <= ``head_dim``, cache inputs of static
-``(Hkv, T, D)`` matching the attributes, sliding rings of exactly ``window`` slots, decode with one new token.
+``(Hkv, T, D)`` matching the attributes, sliding rings of at least ``window`` slots (more in a speculative
+artifact: the geometry takes the slot count, ``ring_slots``; the two-graph decode form only exactly ``window``),
+decode with one new token.
 Rewrite:
 
 * full layers (prefill and decode): one ``com.microsoft.GroupQueryAttention`` over the shared past/present buffer
@@ -104,8 +106,9 @@ def _check(node, decode: bool) -> dict:
         dims = None if shape is None else [x if isinstance(x, int) else None for x in shape]
         if dims is None or len(dims) != 4 or dims[1] != hkv or dims[3] != d:
             raise Refused(f"{name} has shape {shape}; expected (B, {hkv}, T, {d})")
-        if a["sliding"] and dims[2] != a["window"]:
-            raise Refused(f"{name} has {dims[2]} slots; a sliding ring has window={a['window']}")
+        if a["sliding"] and (dims[2] is None or dims[2] < a["window"] or (decode and dims[2] != a["window"])):
+            raise Refused(f"{name} has {dims[2]} slots; a sliding ring has {'' if decode else 'at least '}"
+                          f"window={a['window']}")
     if decode:
         qs = node.inputs[0].shape
         if qs is None or len(qs) != 4 or qs[1] != 1:
@@ -436,6 +439,7 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
             new = _gqa(b, node, a, node, window=True)
             counts["GroupQueryAttention"] += 1
         elif a["sliding"] and not decode:
+            b.cache.setdefault("ring_slots", node.inputs[3].shape[2])  # every layer's ring has the same slots
             b.one_token_branch = ring_decode_in_place(ring_decode)
             new = _sliding_prefill(b, node, a, node)
             counts["Attention"] += 1
@@ -463,4 +467,7 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
     return {**counts, "refused": refused, "window": b.cache.get("window"), "sliding": sliding,
             **({"ring_decode": "in_place" if b.one_token_branch else "copy"} if counts["Attention"] and not decode
                else {}),
-            **({"sliding_slots": slots} if slots else {})}
+            **({"sliding_slots": slots} if slots else {}),
+            # rings with slack beyond the window (a speculative artifact): the runtime's geometry needs the count
+            **({"ring_slots": b.cache["ring_slots"]} if b.cache.get("ring_slots", b.cache.get("window"))
+               != b.cache.get("window") else {})}

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on shutdown (default 30)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per physical core with "
+                        "each worker pinned to its core; a number leaves placement to the OS: docs/speed.md)")
     ray = p.add_argument_group("scale-out on Ray Serve (pip install '.[ray]'; see docs/serving-ray.md)")
     ray.add_argument("--ray", action="store_true", help="serve N replicas behind Ray Serve's proxy on --host/--port")
     ray.add_argument("--replicas", type=int, default=None, help="replicas, each one engine (default 1)")
@@ -79,7 +82,7 @@ def _serve_on_ray(a: argparse.Namespace, api_key: str | None) -> int:
     config = ReplicaConfig(artifact=a.artifact, backend=a.backend, max_batch=a.max_batch, max_queue=a.max_queue,
                            served_model_name=a.served_model_name, api_key=api_key, max_soft_tokens=a.max_soft_tokens,
                            allow_media_dir=a.allow_media_dir, max_body_bytes=a.max_body_bytes,
-                           drain_timeout=a.drain_timeout)
+                           drain_timeout=a.drain_timeout, threads=a.threads)
     try:
         return serve_forever(config, host=a.host, port=a.port, replicas=a.replicas, num_cpus=a.ray_num_cpus,
                              autoscaling_config=_json_object("--autoscaling-config", a.autoscaling_config),
@@ -93,7 +96,8 @@ def _serve_on_ray(a: argparse.Namespace, api_key: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
-                             ("--max-body-bytes", a.max_body_bytes, 1), ("--drain-timeout", a.drain_timeout, 0)):
+                             ("--max-body-bytes", a.max_body_bytes, 1), ("--drain-timeout", a.drain_timeout, 0),
+                             *((("--threads", a.threads, 1),) if a.threads is not None else ())):
         if value < low:
             _fail(f"{flag} {value}: expected at least {low}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.serve.app import create_app
 
     try:
-        model = load(a.artifact, a.backend)
+        model = load(a.artifact, a.backend, threads=a.threads)
         engine = Engine(model, max_batch=a.max_batch, max_queue=a.max_queue)
         app = create_app(engine, model_name=a.served_model_name or Path(a.artifact).resolve().name, api_key=api_key,
                          max_soft_tokens=a.max_soft_tokens, allow_media_dir=a.allow_media_dir,

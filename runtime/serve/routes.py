@@ -1,8 +1,10 @@
 """The HTTP routes: chat and text completions (JSON or server-sent events), models, health, metrics.
 
 A completion request is translated (`runtime.serve.translate`), submitted to the engine in a worker thread (submit
-validates synchronously: tokenizing, decoding media), then followed with ``handle.astream()`` on the event loop (no
-thread per request).  A client that goes away, while streaming or while waiting for a whole answer, has its request
+validates synchronously: tokenizing, decoding media), then followed with ``handle.abatches()`` on the event loop (no
+thread per request).  A stream's content events are its chunk rendered once per request through the pydantic
+model with each piece's JSON string put in (`_text_events`), and the pieces the loop finds ready at one wake go out
+in one write.  A client that goes away, while streaming or while waiting for a whole answer, has its request
 cancelled (``handle.cancel()``): the server listens for the ASGI ``http.disconnect`` next to the generation, and a
 stream closed for any other reason cancels too.  Engine failures become errors for that request only: before the first
 byte as a JSON error (`runtime.serve.errors`), after it as an SSE ``data: {"error": ...}`` event.
@@ -16,8 +18,8 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -118,18 +120,21 @@ async def _submit(state, sub: Submission):
         raise APIError(503, f"the engine is not accepting requests ({e})", code="unavailable") from None
 
 
-async def _pieces(state, handle, t_submit: float) -> AsyncIterator[Any]:
-    """``handle.astream()``, timing the first token and the gaps between tokens."""
+async def _batches(state, handle, t_submit: float) -> AsyncIterator[list[Any]]:
+    """``handle.abatches()`` (the pieces that arrived since the loop last looked), timing the first token and the
+    gaps between tokens as this loop sees them."""
     metrics, last = state.metrics, None
-    async for piece in handle.astream():
-        now = time.monotonic()
-        if piece.token >= 0:
-            if last is None:
-                metrics.ttft.observe(now - t_submit)
-            else:
-                metrics.itl.observe(now - last)
-            last = now
-        yield piece
+    async with aclosing(handle.abatches()) as batches:
+        async for batch in batches:
+            now = time.monotonic()
+            for piece in batch:
+                if piece.token >= 0:
+                    if last is None:
+                        metrics.ttft.observe(now - t_submit)
+                    else:
+                        metrics.itl.observe(now - last)
+                    last = now
+            yield batch
 
 
 async def _result(state, handle):
@@ -157,6 +162,20 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False).encode  # a str's JSON literal as `_sse`'s json.dumps writes it
+_MARK = "\x00piece\x00"  # a text no piece has: a NUL is written as \u0000
+
+
+def _text_events(chunk) -> Callable[[str], str]:
+    """``text -> _sse(chunk(text=text))`` without a model per token: the request's content chunk is built, validated
+    and dumped once through its pydantic model with a marker for the text; each piece's event is then that event's
+    two halves around the piece's JSON string (the same bytes; ``tests/test_serve_http.py`` compares them)."""
+    head, mark, tail = _sse(chunk(text=_MARK)).partition(_json_str(_MARK))
+    if not mark or _json_str(_MARK) in tail:
+        raise RuntimeError(f"the content chunk does not carry its text once: {head}{mark}{tail!r}")
+    return lambda text: f"{head}{_json_str(text)}{tail}"
+
+
 async def _events(state, handle, sub: Submission, t_submit: float, chunk) -> AsyncIterator[str]:
     """The SSE events of one request; ``chunk(text=..., finish=..., usage=..., first=...)`` makes each event's object.
     Leaving early (client gone, server cancelling the task) cancels the request."""
@@ -165,9 +184,11 @@ async def _events(state, handle, sub: Submission, t_submit: float, chunk) -> Asy
     try:
         if (head := chunk(first=True)) is not None:
             yield _sse(head)
-        async for piece in _pieces(state, handle, t_submit):
-            if piece.text:
-                yield _sse(chunk(text=piece.text))
+        text_event = _text_events(chunk)
+        async with aclosing(_batches(state, handle, t_submit)) as batches:
+            async for batch in batches:  # the pieces ready at one wake of the loop: one write
+                if events := [text_event(p.text) for p in batch if p.text]:
+                    yield "".join(events)
         result = await _result(state, handle)
         yield _sse(chunk(finish=result.finish_reason))
         if sub.include_usage:
@@ -196,8 +217,9 @@ async def _run(request: Request, sub: Submission, respond, chunk) -> Response:
     try:
         async with _cancel_on_disconnect(request, handle):
             try:
-                async for _ in _pieces(state, handle, t_submit):
-                    pass
+                async with aclosing(_batches(state, handle, t_submit)) as batches:
+                    async for _ in batches:
+                        pass
                 outcome = await _result(state, handle)
             except Exception as e:  # noqa: BLE001 - raised below, outside the task group (no ExceptionGroup)
                 outcome = e
@@ -216,6 +238,34 @@ def _ids(kind: str) -> tuple[str, int]:
     return f"{kind}-{uuid.uuid4().hex}", int(time.time())
 
 
+def _chat_chunks(rid: str, created: int, name: str):
+    """``chunk(text=..., finish=..., usage=..., first=...)`` -> one `ChatCompletionChunk` of this request."""
+
+    def chunk(text=None, finish=None, usage=None, first=False) -> ChatCompletionChunk:
+        if usage is not None:
+            return ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
+        delta = Delta(role="assistant", content="") if first else Delta(content=text)
+        return ChatCompletionChunk(id=rid, created=created, model=name,
+                                   choices=[ChunkChoice(index=0, delta=Delta() if finish else delta,
+                                                        finish_reason=finish)])
+
+    return chunk
+
+
+def _completion_chunks(rid: str, created: int, name: str):
+    """The same for text completions (streamed as `Completion` objects; no role chunk)."""
+
+    def chunk(text=None, finish=None, usage=None, first=False) -> Completion | None:
+        if first:
+            return None
+        if usage is not None:
+            return Completion(id=rid, created=created, model=name, choices=[], usage=usage)
+        return Completion(id=rid, created=created, model=name,
+                          choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)])
+
+    return chunk
+
+
 @router.post("/v1/chat/completions", response_model=None, responses=_completion_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI chat completions (text, images as data: URLs, WAV audio), streamed as server-sent events on request."""
@@ -232,15 +282,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                             finish_reason=result.finish_reason)
         return ChatCompletion(id=rid, created=created, model=name, choices=[choice], usage=_usage(result))
 
-    def chunk(text=None, finish=None, usage=None, first=False) -> ChatCompletionChunk:
-        if usage is not None:
-            return ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
-        delta = Delta(role="assistant", content="") if first else Delta(content=text)
-        return ChatCompletionChunk(id=rid, created=created, model=name,
-                                   choices=[ChunkChoice(index=0, delta=Delta() if finish else delta,
-                                                        finish_reason=finish)])
-
-    return await _run(request, sub, respond, chunk)
+    return await _run(request, sub, respond, _chat_chunks(rid, created, name))
 
 
 @router.post("/v1/completions", response_model=None, responses=_completion_responses(Completion))
@@ -255,15 +297,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         choice = CompletionChoice(index=0, text=result.text or "", finish_reason=result.finish_reason)
         return Completion(id=rid, created=created, model=name, choices=[choice], usage=_usage(result))
 
-    def chunk(text=None, finish=None, usage=None, first=False) -> Completion | None:
-        if first:
-            return None  # text completions have no role chunk
-        if usage is not None:
-            return Completion(id=rid, created=created, model=name, choices=[], usage=usage)
-        return Completion(id=rid, created=created, model=name,
-                          choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)])
-
-    return await _run(request, sub, respond, chunk)
+    return await _run(request, sub, respond, _completion_chunks(rid, created, name))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)

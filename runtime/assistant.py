@@ -1,0 +1,164 @@
+"""Draft tokens with the artifact's assistant graph (`exporter.export_assistant`) on ONNX Runtime, reading the
+target's caches in place.
+
+`AssistantRunner.draft` runs K steps of the assistant for every row: step 1 takes the target's input embedding of
+the row's last token and the target's last hidden state (its final norm's output, the LM head's input) at that
+token's predecessor; step i + 1 takes the embedding of draft i and the hidden state step i returned.  All steps of a
+round query at the same ``position`` (the last token's) and read the same target entries:
+
+* full layer: slots ``[0, full_len)``;
+* sliding layer: ring slots (position p in slot p % R) holding positions ``[sliding_start, sliding_end)``.
+
+By default (`clean_ranges`) a row reads what the target has *accepted* before its last token, ``[0, position)``,
+and on the sliding layer the last ``window + 1`` of those positions (the reference's ``|q - k| <= window``), as far
+as the ring still holds them: a ring of R slots into which the target wrote up to position ``written - 1``
+(rejected drafts included) holds ``[written - R, written)``.  transformers' candidate generator reads the same in
+the first round after a prefill, and afterwards also the keys and values of rejected drafts (it cuts the shared
+tensors to the sequence length): pass ``ranges`` to reproduce it (tests/assistant_ref.py `reference_ranges`).
+
+The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_backend.OrtBackend.new_cache`, or
+numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own
+table, memory-mapped from the decode graph's external data (`TargetEmbedding`): no second copy of it in memory.
+Not here: verification, acceptance and the generate loop; TensorRT caches (device buffers) are not read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime._onnx_refs import OnnxParseError, initializer_record
+from runtime.errors import InputError
+from runtime.manifest import ArtifactError, check_external_data
+
+__all__ = ["AssistantRunner", "Drafts", "TargetEmbedding", "clean_ranges"]
+
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "embed_tokens.weight_fp16")  # fp32, or calib.embedding's fp16
+_NUMPY_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto data types
+
+
+class TargetEmbedding:
+    """The target's scaled input embedding of token ids: rows of its table times sqrt(hidden) in fp32, as the
+    target graph computes them.  The table is memory-mapped (only the rows read are paged in)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        rel = manifest["graphs"]["decode"]["file"]
+        graph = check_external_data(root, manifest, rel)
+        try:
+            rec = initializer_record(graph.read_bytes(), _EMBEDDING_SUFFIXES)
+        except OnnxParseError as e:
+            raise ArtifactError(f"{graph}: not a valid ONNX model ({e})") from None
+        if rec is None:
+            raise ArtifactError(f"{graph}: no embedding table initializer (*{_EMBEDDING_SUFFIXES[0]}) stored as raw "
+                                "bytes; the assistant needs the target's token embedding rows")
+        dtype = _NUMPY_DTYPES.get(rec["data_type"])
+        if dtype is None or len(rec["dims"]) != 2:
+            raise ArtifactError(f"{graph}: embedding table {rec['name']!r} has data type {rec['data_type']} and dims "
+                                f"{rec['dims']}; expected a 2-D float32 or float16 table")
+        nbytes = math.prod(rec["dims"]) * np.dtype(dtype).itemsize
+        path = graph if rec["location"] is None else graph.parent / rec["location"]
+        if rec["length"] not in (None, nbytes) or path.stat().st_size < rec["offset"] + nbytes:
+            raise ArtifactError(f"{path}: embedding table {rec['name']!r} ({rec['dims']}) does not fit its recorded "
+                                f"bytes (offset {rec['offset']}, length {rec['length']}); the artifact is damaged")
+        self.table = np.memmap(path, dtype=dtype, mode="r", offset=rec["offset"], shape=tuple(rec["dims"]))
+        self.scale = np.float32(math.sqrt(manifest["model_config"]["text"]["hidden_size"]))
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """(B,) token ids -> (B, hidden) float32."""
+        return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32) * self.scale
+
+
+def clean_ranges(position: np.ndarray, written: np.ndarray, window: int, ring: int) -> dict[str, np.ndarray]:
+    """The default target entries of a round (see the module docstring), (B,) int64 each."""
+    position = np.asarray(position, np.int64)
+    start = np.maximum(np.maximum(position - window - 1, np.asarray(written, np.int64) - ring), 0)
+    return {"full_len": position, "sliding_start": start, "sliding_end": position}
+
+
+@dataclass(frozen=True)
+class Drafts:
+    tokens: np.ndarray  # (B, K) int64
+    logits: np.ndarray  # (B, K, vocab) float32: the assistant's (for speculative sampling)
+    hidden: np.ndarray  # (B, hidden) float32: the last step's next hidden state
+
+
+class AssistantRunner:
+    """The assistant graph of an artifact, run with ONNX Runtime on the target's cache buffers."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any], *, threads: int | None = None,
+                 embedding: TargetEmbedding | None = None):
+        import onnxruntime as ort
+
+        root = Path(root)
+        record = manifest.get("assistant")
+        if record is None:
+            raise ArtifactError(f"{root}: the artifact has no assistant; add one with "
+                                f"`make export-assistant ASSISTANT=<checkpoint dir> OUT={root}`")
+        graph = check_external_data(root, manifest, record["file"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT's own exception types; reported with the file
+            raise ArtifactError(f"{graph}: ONNX Runtime cannot load the assistant graph ({e})") from None
+        self._ort = ort
+        self.window = int(record["config"]["text"]["sliding_window"])
+        names = [s["name"] for s in manifest["graphs"]["decode"]["inputs"]
+                 if s["name"].startswith(("past_key_", "past_value_"))]
+        self.cache_index = {k: names.index(v) for k, v in record["target_caches"].items()}
+        self.embedding = embedding or TargetEmbedding(root, manifest)
+
+    def _value(self, buf):
+        if isinstance(buf, np.ndarray):
+            if buf.dtype != np.float32 or not buf.flags.c_contiguous:
+                raise InputError("assistant: target cache arrays must be C-contiguous float32")
+            return self._ort.OrtValue.ortvalue_from_numpy(buf)
+        return buf
+
+    def draft(self, cache: Sequence[Any], tokens, hidden, position, num_tokens: int, *, written=None,
+              ranges: dict[str, Any] | None = None) -> Drafts:
+        """``num_tokens`` drafts per row.  ``cache``: the target cache list (decode graph ``past_*`` order; OrtValues
+        or float32 arrays); ``tokens`` (B,) each row's last token, at ``position`` (B,); ``hidden`` (B, hidden) the
+        target's last hidden state before it; ``written`` (B,) positions the target has written (default
+        ``position``); ``ranges``: explicit ``full_len``/``sliding_start``/``sliding_end`` (B,) instead."""
+        if num_tokens < 1:
+            raise InputError(f"num_tokens={num_tokens}: expected at least 1 draft")
+        position = np.asarray(position, np.int64).reshape(-1)
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        b = position.shape[0]
+        if tokens.shape[0] != b or hidden.shape[0] != b:
+            raise InputError(f"assistant: {tokens.shape[0]} tokens, {hidden.shape[0]} hidden rows and {b} positions; "
+                             "expected one of each per row")
+        values = {k: self._value(cache[i]) for k, i in self.cache_index.items()}
+        ring = int(values["ring_key"].shape()[2])
+        if ranges is None:
+            ranges = clean_ranges(position, position if written is None else written, self.window, ring)
+        ranges = {k: np.asarray(ranges[k], np.int64).reshape(b) for k in ("full_len", "sliding_start", "sliding_end")}
+        if np.any(ranges["sliding_end"] - ranges["sliding_start"] > ring):
+            raise InputError(f"assistant: a sliding range is longer than the ring ({ring} slots)")
+        binding = self.session.io_binding()
+        for key, value in values.items():
+            binding.bind_ortvalue_input(key, value)
+        fixed = {"position": position, "full_slots": np.arange(max(1, int(ranges["full_len"].max())), dtype=np.int64),
+                 **ranges}
+        for key, arr in fixed.items():
+            binding.bind_cpu_input(key, arr)
+        out_tokens, out_logits = [], []
+        token = tokens
+        for _ in range(num_tokens):
+            embeds = np.ascontiguousarray(self.embedding(token))  # kept alive until the run (bound, not copied)
+            binding.bind_cpu_input("token_embeds", embeds)
+            binding.bind_cpu_input("hidden", hidden)
+            for name in ("logits", "next_hidden", "token"):
+                binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            logits, hidden, token = binding.copy_outputs_to_cpu()
+            out_tokens.append(token)
+            out_logits.append(logits)
+        return Drafts(np.stack(out_tokens, 1), np.stack(out_logits, 1), hidden)

@@ -1,0 +1,142 @@
+"""How many tokens to draft next: the k that maximises expected tokens per unit time, from what was seen so far.
+
+`AdaptiveK.next_k()` picks k in [0, max_k] maximising E(a, k) / cost(k) (`throughput.expected_tokens`), where
+- a is the per-draft acceptance rate: accepted drafts over examined drafts (a round with n of k accepted examined
+  n + 1 drafts, or k if all were accepted), starting from a prior (`prior_acceptance` worth `prior_weight` drafts)
+  and forgetting the prior and old rounds alike, geometrically (`memory` per round);
+- cost(k) is the time of a round with k drafts (drafting plus the verify pass), measured: the caller reports each
+  round's seconds (averaged per k; the first timed round of each k is taken as its warm-up, such as a backend
+  planning a new shape, and not counted). A k never measured lies on the line between the measured k on either side of
+  it, or, beyond the measured ones, follows the prior costs (`verify_cost`, `draft_cost`, in decode steps) from the
+  nearest measured k; with nothing measured the prior is the cost.
+k = 0 is plain decode (E = 1 at the cost of one step): it wins whenever speculation would not pay. Two kinds of
+probe keep the estimates current: after `probe_every` plain rounds in a row one round drafts a single token (plain
+rounds teach nothing about acceptance; a probe costs at most a verify over 2 tokens and one drafted token, spread
+over `probe_every` steps), and while speculating with timed rounds, one round in `4 * probe_every` (in
+`probe_every` until it is measured) is a plain step so the cost being beaten stays measured (prompt lookup's rounds
+without a match measure it for free).
+
+transformers' `num_assistant_tokens_schedule="heuristic"` (k + 2 after a fully accepted round, else k - 1, at least
+1) needs no costs but never stops speculating; this rule stops when the measured costs say so. It deliberately
+keeps one state per sequence and knows nothing of drafters or backends: the caller drafts at most `next_k()`
+tokens, verifies, and reports the round with `observe`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+from runtime.speculative.throughput import expected_tokens
+
+__all__ = ["AdaptiveK"]
+
+
+class AdaptiveK:
+    """Per-sequence choice of the number of drafts; `next_k()` then `observe(...)` once per round."""
+
+    def __init__(
+        self,
+        max_k: int,
+        verify_cost: Sequence[float] | None = None,
+        draft_cost: float = 0.0,
+        prior_acceptance: float = 0.5,
+        prior_weight: float = 4.0,
+        memory: float = 0.95,
+        probe_every: int = 16,
+    ) -> None:
+        """`verify_cost[k]`: a target pass over k + 1 tokens in decode steps, k = 0..max_k (default 1 everywhere:
+        the weight-read bound); `draft_cost`: drafting one token, in decode steps."""
+        if isinstance(max_k, bool) or not isinstance(max_k, numbers.Integral) or max_k < 0:
+            raise ValueError(f"AdaptiveK(max_k={max_k!r}): expected an integer >= 0 (0: never speculate).")
+        self.max_k = int(max_k)
+        costs = [1.0] * (self.max_k + 1) if verify_cost is None else list(verify_cost)
+        if len(costs) != self.max_k + 1 or not all(_positive(c) for c in costs):
+            raise ValueError(
+                f"AdaptiveK(verify_cost={verify_cost!r}): expected {self.max_k + 1} numbers > 0, the time of a target "
+                f"pass over k + 1 tokens for k = 0..{self.max_k} in decode steps."
+            )
+        if not (_positive(draft_cost) or draft_cost == 0) or isinstance(draft_cost, bool):
+            raise ValueError(f"AdaptiveK(draft_cost={draft_cost!r}): expected a number >= 0 (decode steps per draft).")
+        if not (isinstance(prior_acceptance, numbers.Real) and 0 <= prior_acceptance <= 1):
+            raise ValueError(f"AdaptiveK(prior_acceptance={prior_acceptance!r}): expected a probability in [0, 1].")
+        if not _positive(prior_weight):
+            raise ValueError(f"AdaptiveK(prior_weight={prior_weight!r}): expected a number > 0 (drafts' worth).")
+        if not (isinstance(memory, numbers.Real) and 0 < memory <= 1):
+            raise ValueError(f"AdaptiveK(memory={memory!r}): expected a number in (0, 1] (1: never forget).")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, numbers.Integral) or probe_every < 1:
+            raise ValueError(f"AdaptiveK(probe_every={probe_every!r}): expected an integer >= 1.")
+        self._prior_cost = [c + k * float(draft_cost) for k, c in enumerate(costs)]  # a round of k drafts
+        self._memory = float(memory)
+        self._probe_every = int(probe_every)
+        self._accepted = float(prior_acceptance) * prior_weight  # decayed counts of drafts, the prior's included
+        self._examined = float(prior_weight)
+        self._seconds: list[float | None] = [None] * (self.max_k + 1)  # measured round time per width
+        self._warm = [False] * (self.max_k + 1)  # a width's first timed round (its warm-up) was seen
+        self._plain_rounds = 0  # plain rounds in a row since the last speculative one
+        self._since_plain = 0  # rounds since the last plain one
+
+    @property
+    def acceptance(self) -> float:
+        """The current estimate of the per-draft acceptance rate."""
+        return self._accepted / self._examined
+
+    def cost(self, k: int) -> float:
+        """The estimated time of a round with k drafts: measured, else interpolated, else the prior's shape."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.max_k:
+            raise ValueError(f"cost(k={k!r}): expected an integer in [0, {self.max_k}] (max_k).")
+        if self._seconds[k] is not None:
+            return self._seconds[k]
+        below = [j for j in range(k) if self._seconds[j] is not None]
+        above = [j for j in range(k + 1, self.max_k + 1) if self._seconds[j] is not None]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (k - lo) / (hi - lo)
+        if below or above:
+            near = below[-1] if below else above[0]
+            return self._seconds[near] * self._prior_cost[k] / self._prior_cost[near]
+        return self._prior_cost[k]
+
+    def next_k(self) -> int:
+        """How many tokens to draft this round (0: a plain decode step)."""
+        a = self.acceptance
+        best, best_rate = 0, 1.0 / self.cost(0)
+        for k in range(1, self.max_k + 1):
+            rate = expected_tokens(a, k) / self.cost(k)
+            if rate > best_rate * (1 + 1e-12):  # ties go to the smaller k
+                best, best_rate = k, rate
+        if best == 0 and self.max_k > 0 and self._plain_rounds + 1 >= self._probe_every:
+            return 1  # a probe: acceptance may have changed while nothing was drafted
+        timed = any(s is not None for s in self._seconds)
+        every = self._probe_every * (1 if self._seconds[0] is None else 4)
+        if best > 0 and timed and self._since_plain + 1 >= every:
+            return 0  # a probe: the plain step's cost may have changed, or was never measured
+        return best
+
+    def observe(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+        """One round: `proposed` drafts verified (fewer than `next_k()` where the drafter had fewer), `accepted`
+        of them accepted, `seconds` it took from drafting to the verdict (None: not timed)."""
+        if isinstance(proposed, bool) or not isinstance(proposed, numbers.Integral) or not 0 <= proposed <= self.max_k:
+            raise ValueError(f"observe(proposed={proposed!r}): expected an integer in [0, {self.max_k}] (max_k).")
+        if isinstance(accepted, bool) or not isinstance(accepted, numbers.Integral) or not 0 <= accepted <= proposed:
+            raise ValueError(f"observe(accepted={accepted!r}): expected an integer in [0, {proposed}] (proposed).")
+        if seconds is not None and not _positive(seconds):
+            raise ValueError(f"observe(seconds={seconds!r}): expected the round's duration, a number > 0, or None.")
+        if seconds is not None and not self._warm[proposed]:
+            self._warm[proposed] = True
+        elif seconds is not None:
+            old = self._seconds[proposed]
+            self._seconds[proposed] = float(seconds) if old is None else old + 0.2 * (float(seconds) - old)
+        if proposed == 0:
+            self._plain_rounds += 1
+            self._since_plain = 0
+            return
+        self._plain_rounds = 0
+        self._since_plain += 1
+        self._accepted = self._memory * self._accepted + accepted
+        self._examined = self._memory * self._examined + accepted + (accepted < proposed)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0

@@ -1,0 +1,81 @@
+"""Prompt lookup: draft the tokens that followed an earlier occurrence of the sequence's last n-gram.
+
+No model and nearly no cost: the drafts are copied from the prompt and the output so far, which pays off where
+answers quote their prompt (code edits, extraction, repetition). The rules are those of transformers'
+`PromptLookupCandidateGenerator` (what `generate(prompt_lookup_num_tokens=...)` uses), so both propose the same
+drafts for the same tokens:
+- n-gram sizes from `max_ngram` (transformers' `max_matching_ngram_size`, default 2) down to 1, never the whole
+  sequence; the largest size that occurs earlier wins, and among its occurrences the earliest (leftmost) one;
+- the drafts are the up to `num_tokens` tokens that followed it, as many as the sequence holds (fewer near its end);
+- drafts stop before the first end-of-sequence token; if that leaves none there are no drafts (no other match is
+  tried, as in transformers).
+
+Deliberately different: transformers clips the copied span by `max_length` as an index into the sequence and
+crops the accepted tokens to the length budget afterwards; here the caller passes the budget as `num_tokens`
+(the tokens it may still accept), so the drafts are the part of transformers' drafts its budget lets through.
+Not implemented: transformers' check of drafts against logits processors (the runtime has none) and batches (one
+sequence per call; transformers' prompt lookup is batch 1 too).
+
+Cost: a few vectorised passes over the sequence per n-gram size, O(max_ngram x length) and no state; pass an int64
+array (not a list) to skip the conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PromptLookup"]
+
+_NONE = np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """The prompt-lookup drafter: `propose(tokens, num_tokens)` -> the drafted token ids."""
+
+    max_ngram: int = 2
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.max_ngram
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"PromptLookup(max_ngram={n!r}): the largest n-gram to match must be an integer >= 1.")
+        eos = self.eos_ids
+        if not isinstance(eos, tuple) or not all(isinstance(e, (int, np.integer)) for e in eos):
+            raise ValueError(f"PromptLookup(eos_ids={eos!r}): expected a tuple of token ids (ints).")
+
+    def propose(self, tokens, num_tokens: int) -> np.ndarray:
+        """(L,) token ids so far (prompt then output) -> (<= num_tokens,) int64 drafts for the next positions
+        (empty: no match, draft nothing this step)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
+            raise ValueError(f"num_tokens={num_tokens!r}: expected an integer >= 0 (the most drafts to propose).")
+        t = np.asarray(tokens)
+        if t.ndim != 1 or not (np.issubdtype(t.dtype, np.integer) or t.size == 0):
+            raise ValueError(
+                f"tokens of shape {t.shape} and dtype {t.dtype}: expected a 1-D sequence of integer token ids."
+            )
+        length = t.size
+        if num_tokens == 0 or length < 2:
+            return _NONE
+        # hits[i]: the n-gram starting at i equals the last n-gram and is followed by a token (i + n < length).
+        # Grown one size at a time: the (n+1)-gram at i matches iff t[i] matches and the n-gram at i + 1 does, so
+        # once a size has no match no larger one has.
+        best_n, best_hits = 0, None
+        hits = t[: length - 1] == t[length - 1]
+        for n in range(1, min(self.max_ngram, length - 1) + 1):
+            if n > 1:
+                hits = (t[: length - n] == t[length - n]) & hits[1:]
+            if not hits.any():
+                break
+            best_n, best_hits = n, hits
+        if best_hits is None:
+            return _NONE
+        start = int(best_hits.argmax()) + best_n  # the earliest occurrence of the largest matching n-gram
+        drafts = t[start : start + num_tokens].astype(np.int64)
+        if self.eos_ids:
+            for j, tok in enumerate(drafts.tolist()):
+                if tok in self.eos_ids:
+                    return drafts[:j]
+        return drafts
