@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "decode_inputs", "image_blocks", "window_verify_tokens"]
+__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "bind_written", "check_engine_inputs", "decode_inputs",
+           "image_blocks", "window_verify_tokens", "written_output", "written_outputs"]
 
 # graph input name per value
 INPUTS = {
@@ -152,6 +153,34 @@ def written_outputs(output_names) -> dict[str, str]:
     (both must be bound to the same buffer: the write is then in place and the attention reads it there)."""
     names = set(output_names)
     return {n[len(WRITTEN):]: n for n in output_names if n.startswith(WRITTEN) and n[len(WRITTEN):] in names}
+
+
+def check_engine_inputs(root, input_names, window) -> None:
+    """Refuse an engine whose attention inputs this runtime cannot make: inputs of an earlier lowering (the ring
+    decode step before GroupQueryAttention read the rings), or the sliding geometry without the window."""
+    from runtime.manifest import ArtifactError
+
+    names = set(input_names)
+    if stale := sorted({"attn_ring_read", "attn_ring_full"} & names):
+        raise ArtifactError(f"{root}: the ONNX Runtime engine takes {stale}, inputs of an earlier lowering of the "
+                            "sliding layers' decode step; rebuild it with `make build-engine BACKEND=onnxruntime`")
+    if names & {INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")} and not window:
+        raise ArtifactError(f"{root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
+                            "inputs but its record has no attention_inputs.window; rebuild it with "
+                            "`make build-engine BACKEND=onnxruntime`")
+
+
+def bind_written(binding, present: list[str], names_out: list[str], cache: list, in_place: list[bool]) -> None:
+    """Bind each ring-after-write output (`runtime.ort_attention.written_outputs`: ring engines' one-token form) to
+    its cache's buffer, as that cache's own output is: the ring write is then in place and the attention after it
+    reads and writes the same buffer.  Unbound, ONNX Runtime would give it a buffer of its own (a copy per layer)."""
+    written = written_outputs(names_out)
+    for i, p_out in enumerate(present):
+        if p_out in written:
+            if in_place[i]:
+                binding.bind_ortvalue_output(written[p_out], cache[i])
+            else:
+                binding.bind_output(written[p_out], "cpu")
 
 
 def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) -> dict[str, np.ndarray]:

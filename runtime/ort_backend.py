@@ -28,7 +28,8 @@ from runtime._int8_probe import cpu_has_vnni, int8_dot_products_exact  # noqa: F
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
-from runtime.ort_attention import attention_feeds, decode_inputs, window_verify_tokens, written_outputs
+from runtime.ort_attention import (attention_feeds, bind_written, check_engine_inputs, decode_inputs,
+                                   window_verify_tokens)
 from runtime.prompt import PrefillInputs
 
 __all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "logits_index", "prefill_feeds", "sliding_slots",
@@ -177,19 +178,6 @@ def _words(arr: np.ndarray, code: str) -> memoryview:
     return memoryview(arr.reshape(-1)).cast("B").cast(code)
 
 
-def _bind_written(binding, present: list[str], names_out: list[str], cache: list, in_place: list[bool]) -> None:
-    """Bind each ring-after-write output (`runtime.ort_attention.written_outputs`: ring engines' one-token form) to
-    its cache's buffer, as that cache's own output is: the ring write is then in place and the attention after it
-    reads and writes the same buffer.  Unbound, ONNX Runtime would give it a buffer of its own (a copy per layer)."""
-    written = written_outputs(names_out)
-    for i, p_out in enumerate(present):
-        if p_out in written:
-            if in_place[i]:
-                binding.bind_ortvalue_output(written[p_out], cache[i])
-            else:
-                binding.bind_output(written[p_out], "cpu")
-
-
 class _Writer:
     """The decode step's bound integer inputs as flat memoryviews (`_words`): token ids and past lengths, and on
     GroupQueryAttention-only engines seqlens_k and the total length."""
@@ -250,18 +238,9 @@ class OrtBackend:
         self.engine = engine
         self.tokens = manifest["model_config"].get("tokens", {})
         self.window = (engine.get("attention_inputs") or {}).get("window")
-        stale = {"attn_ring_read", "attn_ring_full"} & {n for names, _ in self.io.values() for n in names}
-        if stale:  # the one-token branch before GroupQueryAttention read the rings
-            raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes {sorted(stale)}, inputs of an earlier "
-                                "lowering of the sliding layers' decode step; rebuild it with `make build-engine "
-                                "BACKEND=onnxruntime`")
         self.ring_slots = (engine.get("attention_inputs") or {}).get("ring_slots")  # rings with slack: speculative
         self.max_draft_tokens = speculative_record(self.root, manifest)
-        sliding = {ATTENTION_INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")}
-        if any(sliding & set(names) for names, _ in self.io.values()) and not self.window:
-            raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
-                                "inputs but its record has no attention_inputs.window; rebuild it with "
-                                "`make build-engine BACKEND=onnxruntime`")
+        check_engine_inputs(self.root, [n for ins, _ in self.io.values() for n in ins], self.window)
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         # --ort-sliding window engines: GroupQueryAttention's windowed sliding caches, no image rows
         self.sliding_slots = sliding_slots(manifest) if engine else None
@@ -329,7 +308,7 @@ class OrtBackend:
                 binding.bind_ortvalue_output(p_out, cache[i])
             else:
                 binding.bind_output(p_out, "cpu")
-        _bind_written(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
+        bind_written(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
         sess.run_with_iobinding(binding)
         outs = dict(zip([*heads, *present], binding.get_outputs()))  # get_outputs follows binding order
         for i, p_out in enumerate(present):
@@ -500,7 +479,7 @@ class OrtBackend:
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
-        _bind_written(binding, present, names_out, cache, [True] * len(cache))
+        bind_written(binding, present, names_out, cache, [True] * len(cache))
         attention = [k for k, v in ATTENTION_INPUTS.items() if v in names_in]
         lengths = None
         if {"seqlens_k", "total_len"} <= set(attention) <= {"seqlens_k", "total_len", "query_seqlens"}:

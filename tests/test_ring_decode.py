@@ -5,7 +5,9 @@ One batched decode call per step carries rows at every phase of a ring: one abou
 wraps at the next step, a short one that crosses the window's edge halfway, one several windows long, and one after
 an image prompt.  References whose window is one token wider or narrower show that the comparison sees a wrong
 edge; the steps run with the caches bound in place (no copy), as `runtime.generate` and the serving engine run them.
-The one-token geometry is also checked for rings with slack (more slots than the window: speculative decoding).
+The same runs on a speculative artifact's engine, whose rings hold K slots beyond the window (the decode masks the
+slots older than the window by the position they hold); the one-token geometry is also checked against a ring
+written position by position, with and without slack.
 """
 
 from __future__ import annotations
@@ -29,6 +31,23 @@ PRESET = "tiny"  # window 8, 5 sliding + 1 full layers, vision
 REL_TOL = 1e-4
 
 
+@pytest.fixture(scope="module", params=[0, 3], ids=["ring", "ring-with-slack"])
+def engine_artifact(request, artifact_store, reference_store, tmp_path_factory):
+    """The tiny artifact (rings of W slots), or one exported with ``--speculative 3`` (rings of W + 3 slots)."""
+    if not request.param:
+        return artifact_store(PRESET), 0
+    from exporter.export import export_artifact
+    from exporter.stream import fake_model
+    from graphs.build import build_engine
+
+    _, ckpt = reference_store(PRESET)
+    out = tmp_path_factory.mktemp("slack") / "artifact"
+    export_artifact(fake_model(PRESETS[PRESET]), out, max_len=200, source={"checkpoint": str(ckpt)},
+                    weights_from=ckpt, speculative=request.param, log=lambda *_: None)
+    build_engine(out, "onnxruntime", log=lambda *_: None)  # auto: the one-token branch
+    return out, request.param
+
+
 def _reference(ref, window: int | None = None):
     """A float64 copy of the transformers model, optionally with another sliding window (the same weights)."""
     cfg = copy.deepcopy(ref.config)
@@ -50,10 +69,10 @@ def _rows(cfg) -> list[Prepared]:
     return [expand_prompt(ids, im, None, js, max_soft_tokens=MAX_SOFT_TOKENS) for ids, im in prompts]
 
 
-def test_decode_rows_around_the_window_edge_match_transformers(artifact_store, reference_store, capfd):
+def test_decode_rows_around_the_window_edge_match_transformers(engine_artifact, reference_store, capfd):
     cfg = PRESETS[PRESET]
     w = cfg.text.sliding_window
-    art = artifact_store(PRESET)
+    art, slack = engine_artifact
     os.environ["GEMMA4_ORT_LOG"] = "2"  # ONNX Runtime's warnings: a ring write that copies would say so
     try:
         model = runtime.load(art)
@@ -61,8 +80,10 @@ def test_decode_rows_around_the_window_edge_match_transformers(artifact_store, r
         del os.environ["GEMMA4_ORT_LOG"]
     engine = model.manifest["engines"]["onnxruntime"]
     assert engine["lowering"]["prefill"]["attention"]["ring_decode"] == "in_place"
+    slots = (engine.get("attention_inputs") or {}).get("ring_slots", w)
+    assert slots == w + slack
     rows = _rows(cfg)
-    steps = w + 3
+    steps = slots + 3  # every row's ring wraps during the run
     cache = model.backend.new_cache(len(rows), model.max_len)
     buffers = [c.data_ptr() for c in cache]
     _prefill(model, rows, pack_batch(rows, cfg.tokens.pad), cache)
