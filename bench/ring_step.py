@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plugins import fused_attention as fa  # noqa: E402
-from runtime.ort_attention import INPUTS, attention_inputs, written_outputs  # noqa: E402
+from runtime.ort_attention import INPUTS, attention_inputs, gqa_outputs  # noqa: E402
 
 SHAPES = {  # name: heads, KV heads, head size, window (sliding layers)
     "12b": (16, 8, 256, 1024),
@@ -115,8 +115,8 @@ def run(rounds: int, pasts: list[int], log=print) -> dict:
                 binding.bind_output("out", "cpu")
                 binding.bind_ortvalue_output("present_key", kv[0])
                 binding.bind_ortvalue_output("present_value", kv[1])
-                for cache, out in written_outputs([o.name for o in sess.get_outputs()]).items():  # the ring write
-                    binding.bind_ortvalue_output(out, kv[cache == "present_value"])  # in place (one-token branch)
+                for cache, out in gqa_outputs([o.name for o in sess.get_outputs()]).items():  # the one-token
+                    binding.bind_ortvalue_output(out, kv[cache == "present_value"])  # branch's GQA, in place
                 bound[form] = (binding, kv)
             outs = {}
             for form, sess in sessions.items():  # one step each on the same inputs: same output, same cache

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "bind_written", "check_engine_inputs", "decode_inputs",
-           "image_blocks", "window_verify_tokens", "written_output", "written_outputs"]
+__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "bind_gqa", "check_engine_inputs", "decode_inputs",
+           "gqa_output", "gqa_outputs", "image_blocks", "window_verify_tokens"]
 
 # graph input name per value
 INPUTS = {
@@ -64,9 +64,9 @@ INPUTS = {
 _SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_seqlens_k",
             "ring_total", "ring_last", "ring_bias_read")
 _ONE_TOKEN = ("one_token", "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
-# the ring after a sliding layer's write leaves the one-token form's graph as an extra output named this prefix + the
-# cache output's name (`written_output`); the runtime binds it to that cache's buffer too (`written_outputs`)
-WRITTEN = "attn_ring_written_"
+# the one-token form's GroupQueryAttention over a ring writes its present outputs to extra graph outputs named this
+# prefix + the cache output's name (`gqa_output`); the runtime binds them to that cache's buffer too (`bind_gqa`)
+GQA_PRESENT = "attn_ring_gqa_"
 NEG = np.finfo(np.float32).min
 
 
@@ -143,16 +143,17 @@ def _ring(window, slots) -> tuple[int, int]:
     return int(window), r
 
 
-def written_output(cache_output: str) -> str:
-    """The name of the extra graph output carrying a ring after its write (`WRITTEN`)."""
-    return WRITTEN + cache_output
+def gqa_output(cache_output: str) -> str:
+    """The name of the extra graph output of a ring's GroupQueryAttention present (`GQA_PRESENT`)."""
+    return GQA_PRESENT + cache_output
 
 
-def written_outputs(output_names) -> dict[str, str]:
-    """cache output name -> the output holding its ring after the write, for the outputs of an engine that has them
-    (both must be bound to the same buffer: the write is then in place and the attention reads it there)."""
+def gqa_outputs(output_names) -> dict[str, str]:
+    """cache output name -> its ring's GroupQueryAttention present output, for an engine that has them (both must
+    be bound to the same buffer: the attention then reads the ring where the write left it and copies nothing)."""
     names = set(output_names)
-    return {n[len(WRITTEN):]: n for n in output_names if n.startswith(WRITTEN) and n[len(WRITTEN):] in names}
+    return {n[len(GQA_PRESENT):]: n for n in output_names
+            if n.startswith(GQA_PRESENT) and n[len(GQA_PRESENT):] in names}
 
 
 def check_engine_inputs(root, input_names, window) -> None:
@@ -170,17 +171,17 @@ def check_engine_inputs(root, input_names, window) -> None:
                             "`make build-engine BACKEND=onnxruntime`")
 
 
-def bind_written(binding, present: list[str], names_out: list[str], cache: list, in_place: list[bool]) -> None:
-    """Bind each ring-after-write output (`runtime.ort_attention.written_outputs`: ring engines' one-token form) to
-    its cache's buffer, as that cache's own output is: the ring write is then in place and the attention after it
-    reads and writes the same buffer.  Unbound, ONNX Runtime would give it a buffer of its own (a copy per layer)."""
-    written = written_outputs(names_out)
+def bind_gqa(binding, present: list[str], names_out: list[str], cache: list, in_place: list[bool]) -> None:
+    """Bind each ring's GroupQueryAttention present output (`gqa_outputs`: ring engines' one-token form) to its
+    cache's buffer, as that cache's own output is: the attention then shares past and present in place.  Unbound,
+    ONNX Runtime gives it a buffer of its own, which GroupQueryAttention clears and fills (correct, but a copy)."""
+    extra = gqa_outputs(names_out)
     for i, p_out in enumerate(present):
-        if p_out in written:
+        if p_out in extra:
             if in_place[i]:
-                binding.bind_ortvalue_output(written[p_out], cache[i])
+                binding.bind_ortvalue_output(extra[p_out], cache[i])
             else:
-                binding.bind_output(written[p_out], "cpu")
+                binding.bind_output(extra[p_out], "cpu")
 
 
 def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) -> dict[str, np.ndarray]:
@@ -188,13 +189,12 @@ def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) ->
     the write left it: `graphs.ort.attention._ring_gqa`): row b reads slots 0..s_b, s_b = min(past_b, R - 1), the
     slots filled so far (all R once wrapped); slot j then holds position p_j = past_b - ((past_b - j) mod R) and is
     masked unless past_b - W < p_j (always so when R = W; a ring with slack holds older positions too).  Not a
-    one-token call: s_b = R - 1 and no mask (the branch's output is not used, and GroupQueryAttention copies the
-    whole ring when the engine runs with its caches unbound)."""
+    one-token call: s_b = 0 and no mask (the branch's output is not used: one slot read and written back)."""
     r = w if slots is None else int(slots)
     if r < w:
         raise ValueError(f"attention inputs: a ring of {r} slots cannot hold a window of {w}")
     b = len(past)
-    last = np.minimum(past, r - 1) if one else np.full(b, r - 1, np.int64)
+    last = np.minimum(past, r - 1) if one else np.zeros(b, np.int64)
     t = int(last.max(initial=0)) + 1
     held = past[:, None] - np.mod(past[:, None] - np.arange(t)[None], r)  # (B, T) position in slot j after the write
     ok = ~np.asarray(one) | ((held > past[:, None] - w) & (np.arange(t)[None] <= last[:, None]))

@@ -28,7 +28,7 @@ from runtime._int8_probe import cpu_has_vnni, int8_dot_products_exact  # noqa: F
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
-from runtime.ort_attention import (attention_feeds, bind_written, check_engine_inputs, decode_inputs,
+from runtime.ort_attention import (attention_feeds, bind_gqa, check_engine_inputs, decode_inputs,
                                    window_verify_tokens)
 from runtime.prompt import PrefillInputs
 
@@ -308,7 +308,7 @@ class OrtBackend:
                 binding.bind_ortvalue_output(p_out, cache[i])
             else:
                 binding.bind_output(p_out, "cpu")
-        bind_written(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
+        bind_gqa(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
         sess.run_with_iobinding(binding)
         outs = dict(zip([*heads, *present], binding.get_outputs()))  # get_outputs follows binding order
         for i, p_out in enumerate(present):
@@ -479,7 +479,7 @@ class OrtBackend:
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
-        bind_written(binding, present, names_out, cache, [True] * len(cache))
+        bind_gqa(binding, present, names_out, cache, [True] * len(cache))
         attention = [k for k, v in ATTENTION_INPUTS.items() if v in names_in]
         lengths = None
         if {"seqlens_k", "total_len"} <= set(attention) <= {"seqlens_k", "total_len", "query_seqlens"}:

@@ -199,12 +199,13 @@ def test_exact_counts(artifact_store):
     for n in proto.graph.node:
         if n.op_type == "TensorScatter":
             assert made[n.input[1]] in one, n.name  # the update comes out of the If
-            # the written ring leaves as an output of its own, bound to the cache's buffer (two writers)
-            assert n.output[0].startswith("attn_ring_written_present_") and n.output[0] in outputs, n.output[0]
+            assert n.output[0].startswith("present_") and n.output[0] in outputs, n.output[0]  # the cache output
             written[n.output[0]] = n
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention" and n.input[3] in written]
-    assert len(gqa) == sliding  # each reads (past) and writes back (present: the cache output) the written ring
-    assert {n.output[1] for n in gqa} == {o[len("attn_ring_written_"):] for o in written if "_key_" in o}
+    assert len(gqa) == sliding  # each reads the written ring (past) and writes it back (present) to an output of its
+    # own, bound to the cache's buffer too (one graph output has one producer)
+    assert {n.output[1] for n in gqa} == {f"attn_ring_gqa_{o}" for o in written if "_key_" in o} and all(
+        n.output[1] in outputs and n.output[2] in outputs for n in gqa)
     assert all(list(n.input[5:7]) == ["attn_ring_seqlens_k", "attn_ring_total"] for n in gqa)
     ifs = [n for n in ifs if n not in one]
     gates = ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (

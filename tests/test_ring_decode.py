@@ -153,10 +153,10 @@ def test_one_token_geometry_by_the_positions_each_slot_holds(slots):
 
 
 def test_one_token_inputs_of_a_call_of_several_tokens():
-    """A prefill call: the branch is not taken; GroupQueryAttention still runs (it writes the cache output), over
-    all slots with no mask, so that an engine run with unbound caches copies the whole written ring."""
+    """A prefill call: the branch is not taken; GroupQueryAttention still runs (a graph node runs every call), on
+    slot 0 only (read and written back), unmasked."""
     got = _one_token(np.array([0, 5, 40]), 8, False)
-    assert not got["one_token"] and (got["ring_seqlens_k"] == 7).all() and int(got["ring_total"]) == 8
-    assert (got["ring_bias_read"] == 0).all() and got["ring_bias_read"].shape == (3, 1, 1, 8)
+    assert not got["one_token"] and (got["ring_seqlens_k"] == 0).all() and int(got["ring_total"]) == 1
+    assert (got["ring_bias_read"] == 0).all() and got["ring_bias_read"].shape == (3, 1, 1, 1)
     dec = decode_inputs([0, 5, 40], window=8)
     assert dec["one_token"] and dec["ring_seqlens_k"].tolist() == [0, 5, 7] and int(dec["ring_total"]) == 8

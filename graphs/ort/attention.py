@@ -339,9 +339,9 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         orelse=lambda emit: (*ring_attention(emit), emit("Slice", [qr, zero1, b.ints([1]), b.ints([1])])))
     written_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
     written_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
-    out_one, present_k, present_v = _ring_gqa(b, node, a, before, q_one, written_k, written_v)
+    out_one = _ring_gqa(b, node, a, before, q_one, written_k, written_v)
     out = b.node("Where", [one, out_one, out_many], before=before)  # (B, S, H * D): the branch's, or the ring path's
-    return out, present_k, present_v
+    return out, written_k, written_v
 
 
 def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
@@ -353,26 +353,29 @@ def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
     Its "new" key is slot seqlens_k of the written ring itself (gathered, B x Hkv x D values), so it writes back
     what is there; the additive bias (B, 1, 1, T) masks slots by the position they hold (all zeros for a ring of
     exactly W slots; a ring with slack masks its slots older than the window).  The host's values are
-    `runtime.ort_attention`'s one-token ones; a call of several tokens reads all R slots with a dummy query.
+    `runtime.ort_attention`'s one-token ones; a call of several tokens gives it slot 0 and a dummy query (its output
+    is not used).
 
-    Two writers cannot share one graph output, so the ring write leaves as extra graph outputs
-    (`runtime.ort_attention.written_output`), bound to the same buffers as the caches: the write runs in place and
-    GroupQueryAttention sees past and present as one buffer.  Returns (out (B, 1, H * D), present_k, present_v)."""
-    from runtime.ort_attention import written_output
+    The ring write stays the producer of the cache outputs (an engine run without IOBinding still returns the whole
+    written ring); GroupQueryAttention's own present outputs leave the graph as extra outputs
+    (`runtime.ort_attention.gqa_output`) that the runtime binds to the same buffers: it then sees past and present
+    as one buffer and writes nothing but slot seqlens_k's own value.  Returns (out (B, 1, H * D))."""
+    from runtime.ort_attention import gqa_output
 
     b.model.opset_imports.setdefault("com.microsoft", 1)
     h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    for value, cache in ((written_k, node.outputs[1]), (written_v, node.outputs[2])):
-        value.name, value.shape, value.type = written_output(cache.name), cache.shape, cache.type
-        b.graph.outputs.append(value)
     last = b.shared(("ring_last", hkv, d), lambda: b.node("Expand", [b.host_input("ring_last"), b.ints([1, hkv, 1, d])],
                                                            before=before))  # (B, Hkv, 1, D): slot seqlens_k
     own = [b.node("Reshape", [b.node("GatherElements", [c, last], before=before, attrs={"axis": 2}),
                               b.ints([0, 1, hkv * d])], before=before) for c in (written_k, written_v)]
     inputs = [q_one, *own, written_k, written_v, b.host_input("ring_seqlens_k"), b.host_input("ring_total"),
               None, None, None, b.host_input("ring_bias_read")]
-    return b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3,
-                  attrs={"num_heads": h, "kv_num_heads": hkv, "scale": 1.0})
+    out, gqa_k, gqa_v = b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3,
+                               attrs={"num_heads": h, "kv_num_heads": hkv, "scale": 1.0})
+    for value, cache in ((gqa_k, node.outputs[1]), (gqa_v, node.outputs[2])):
+        value.name, value.shape, value.type = gqa_output(cache.name), cache.shape, cache.type
+        b.graph.outputs.append(value)
+    return out
 
 
 def ring_decode_in_place(form: str) -> bool:
