@@ -54,9 +54,10 @@ FORCE_FLAG = $(if $(filter 1 yes true,$(FORCE)),--force)
 help:
 	@echo "make demo                         install, export the trained demo checkpoint to artifacts/demo, build, answer held-out questions"
 	@echo "make eval [OUT=<artifact>]        exact-answer accuracy of a demo artifact (default artifacts/demo) on the held-out split"
-	@echo "make train-demo                   retrain demo/checkpoint from scratch (about 20 minutes on 2 CPU cores)"
+	@echo "make train-demo                   train demo/checkpoint further on every task kind (how the shipped one was made; see demo/train.py); python -m demo.train --assistant: the demo assistant"
 	@echo "make install                      create $(VENV) with the CPU toolchain (torch 2.13.0 CPU, onnx, onnxruntime, transformers for tests)"
 	@echo "make export MODEL=<dir|preset> OUT=<dir> [MAX_LEN=n] [FORCE=1] [SPECULATIVE=K]   export prefill.onnx + decode.onnx into an artifact (SPECULATIVE: verify K drafts per pass)"
+	@echo "make export-assistant ASSISTANT=<dir> OUT=<artifact>   add a Gemma 4 assistant (transformers format) to an artifact exported with SPECULATIVE=K, for generate(draft=\"assistant\")"
 	@echo "make build-engine OUT=<dir> [BACKEND=auto|onnxruntime|tensorrt] [DTYPE=bf16|fp16|fp32] [ORT_SLIDING=ring|window] [ORT_RING_DECODE=auto|in_place|copy]   build engines (DTYPE: TensorRT Linears; ORT_SLIDING=window: faster ONNX Runtime decode, text and audio only)"
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make serve [OUT=<dir>] [HOST=127.0.0.1] [PORT=8000] [MAX_BATCH=8] [SERVE_ARGS=...]   OpenAI-compatible server (python -m runtime.serve; without OUT: the demo artifact, built first if missing)"
@@ -70,6 +71,7 @@ help:
 	@echo "make bench-12b [LAYERS=48] [BENCH_ARGS=--steps ...]   the 12B (or a slice): checkpoint, exports, INT4/INT8/FP8 from the checkpoint, engine, generate -> bench/results/12b.json"
 	@echo "make bench-runtime [BENCH_ARGS=--quick]   speed vs onnxruntime-genai and transformers, 234M bench model -> bench/results/runtime.json"
 	@echo "make bench-serve [BENCH_ARGS=--quick]     the OpenAI server under concurrent streaming load vs runtime.generate, static batches, onnxruntime-genai's Engine -> bench/results/serve.json"
+	@echo "make bench-speculative             speculative decoding: verify pass vs decode step (bench model), the demo pair through runtime.generate, replay drafter -> bench/results/speculative.json"
 	@echo "make bench-ring                   one sliding layer's decode step (12B and bench shapes), ring path vs one-token branch -> bench/results/ring_step.json"
 
 $(STAMP): pyproject.toml
@@ -94,7 +96,7 @@ eval: $(STAMP)
 	$(PY) -m demo.evaluate --artifact $(EVAL_OUT)
 
 train-demo: $(STAMP)
-	$(PY) -m demo.train --out demo/checkpoint
+	$(PY) -m demo.train --out demo/checkpoint --init demo/checkpoint --focus continue --steps 700 --lr 1e-3
 
 export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))$(if $(SPECULATIVE), --speculative $(SPECULATIVE))

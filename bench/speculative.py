@@ -163,7 +163,16 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--cycles", type=int, default=8)
     ap.add_argument("--precisions", default="fp32,int8,int4")
+    ap.add_argument("--demo-rounds", type=int, default=5, help="rounds of the demo pair's interleaved turns")
+    ap.add_argument("--demo-questions", type=int, default=8, help="held-out questions per task group")
+    ap.add_argument("--only-demo", action="store_true",
+                    help="only the runtime runs (demo pair, replay on the demo); keeps the file's cost-model runs")
     a = ap.parse_args(argv)
+    if a.only_demo:
+        result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        result["runtime"] = runtime_runs(a, None)
+        _write(result)
+        return 0
     if not (a.checkpoint / "config.json").is_file():
         _run("bench/make_bench_checkpoint.py", str(a.checkpoint))
     precisions = tuple(a.precisions.split(","))
@@ -180,10 +189,42 @@ def main(argv=None) -> int:
         sl = build(a.slice, "slice12b", speculative=K_MAX, precisions=("int4",), block_size=128, plain=False)
         result["slice_12b_int4"] = measure({"int4": Engine(sl["int4"], a.prompt, a.threads)}, a.cycles)["int4"]
         result["artifacts"]["slice12b-int4"] = repo_path(sl["int4"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    result["runtime"] = runtime_runs(a, arts.get("fp32"))
+    _write(result)
     return 0
+
+
+def _write(result: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(RESULTS)
+    print(json.dumps(result, indent=1))
+
+
+def runtime_runs(a, bench_fp32: Path | None) -> dict:
+    """`runtime.generate` with drafts, timed (bench/speculative_runtime.py): the demo pair, replay drafters."""
+    from bench import speculative_runtime as sr
+
+    k = sr.assistant_k()
+    art = sr.build_demo_pair(WORK / f"demo-spec{k}", k)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False).stdout
+    out = {"what": sr.__doc__.split("\n\n")[0], "date": time.strftime("%Y-%m-%d"), "commit": commit.strip(),
+           "load_average_before": round(os.getloadavg()[0], 2), "threads": a.threads,
+           "demo_artifact": repo_path(art), "max_draft_tokens": k}
+    out["demo"] = sr.demo_pair(art, k, rounds=a.demo_rounds, n_continue=a.demo_questions, n_short=a.demo_questions,
+                               threads=a.threads)
+    cont = sr._questions(("continue",), 1)[0]
+    import runtime
+
+    ids = runtime.load(art, backend="onnxruntime").tokenizer.encode(cont[1])  # one held-out continue prompt
+    out["replay_demo"] = sr.replay(art, prompt_ids=list(ids), new_tokens=37, rounds=a.demo_rounds, threads=a.threads)
+    if bench_fp32 is not None:
+        rng = __import__("numpy").random.default_rng(0)
+        out["replay_bench_fp32"] = sr.replay(bench_fp32, prompt_ids=rng.integers(3, 1000, a.prompt).tolist(),
+                                             new_tokens=48, errors=(0.0, 0.3, 0.6), rounds=3, threads=a.threads)
+    out["load_average_after"] = round(os.getloadavg()[0], 2)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""Synthetic image, audio and text questions with short answers, deterministic from a seed.
+"""Synthetic image, audio and text questions, deterministic from a seed.
 
 * image: a 384 x 384 scene (8 x 8 = 64 soft tokens at the 70-token budget, no resize) of one to three shapes of
   one kind and colour; asked for the colour, the shape (one large shape), or how many there are;
 * audio: a 0.48 s tone (12 soft tokens) at a low, middle or high pitch, random phase and level; asked for the pitch;
-* text: the sum of two digits.
+* text: the sum of two digits;
+* a long, predictable answer (what speculative decoding is shown on): ``continue`` a sequence of the numbers 0-18
+  that counts up by 1-4 and wraps around at 19; the prompt gives its first 3-18 terms, the answer is the next
+  terms up to and including the prompt's last term again (one lap: 19 terms joined by ``,``, 37 tokens).  Its
+  last terms repeat the prompt's (as many as the prompt gives: prompt lookup can copy them), the first ones are
+  arithmetic (what a drafting model can learn).
 
 Prompts use Gemma 4's chat turns and one ``<|image|>`` / ``<|audio|>`` placeholder per item, like the real model.
-Train and held-out examples come from disjoint seed streams.  Numpy and Pillow only; no model code here.
+Train and held-out examples come from disjoint seed streams.  The ``calibration`` and ``report`` splits (the
+committed ``calib/default_data``) draw the first five kinds only, from the same streams as before the long kinds.
+Numpy and Pillow only; no model code here.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["COLOURS", "Example", "PITCHES", "SHAPES", "examples", "prompt_text", "vocabulary"]
+__all__ = ["COLOURS", "KINDS", "MODULUS", "Example", "PITCHES", "SHAPES", "examples", "prompt_text",
+           "vocabulary"]
 
 SIZE = 384
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
@@ -31,7 +39,11 @@ QUESTIONS = {
     "count": "<|image|> How many shapes are there ?",
     "pitch": "<|audio|> Is this tone low , middle or high ?",
     "sum": "What is {a} plus {b} ?",
+    "continue": "Continue this sequence : {terms}",
 }
+KINDS = ("colour", "shape", "count", "pitch", "sum", "continue")
+SHORT_KINDS = KINDS[:5]
+MODULUS = 19  # "continue" counts in the numbers 0..18, wrapping around
 
 
 @dataclass
@@ -84,8 +96,12 @@ def _tone(rng: np.random.Generator, pitch: str) -> np.ndarray:
     return wave.astype(np.float32)
 
 
-def _example(rng: np.random.Generator) -> Example:
-    kind = ("colour", "shape", "count", "pitch", "sum")[int(rng.integers(0, 5))]
+def _example(rng: np.random.Generator, kinds: tuple[str, ...]) -> Example:
+    kind = kinds[int(rng.integers(0, len(kinds)))]
+    if kind == "continue":
+        start, step, given = int(rng.integers(0, MODULUS)), int(rng.integers(1, 5)), int(rng.integers(3, 19))
+        terms = [str((start + k * step) % MODULUS) for k in range(given + MODULUS)]
+        return Example(kind, QUESTIONS[kind].format(terms=" , ".join(terms[:given])), " , ".join(terms[given:]))
     if kind == "pitch":
         pitch = str(rng.choice(list(PITCHES)))
         return Example(kind, QUESTIONS[kind], pitch, audio=[_tone(rng, pitch)])
@@ -103,13 +119,18 @@ def _example(rng: np.random.Generator) -> Example:
 SPLITS = {"train": 0, "heldout": 1, "validation": 3, "calibration": 5, "report": 6}
 
 
-def examples(split: str, n: int, seed: int = 0) -> list[Example]:
+def examples(split: str, n: int, seed: int = 0, kinds: tuple[str, ...] | None = None) -> list[Example]:
     """``n`` examples of a split: ``train``, ``validation`` (watched while training) or ``heldout`` (only for
-    evaluation); splits never share a random stream."""
+    evaluation); splits never share a random stream.  ``kinds`` draws only those kinds (default: every kind; the
+    first five for ``calibration`` and ``report``)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {', '.join(SPLITS)}")
+    if kinds is not None and (not kinds or set(kinds) - set(KINDS)):
+        raise ValueError(f"kinds={kinds!r}; expected a non-empty subset of {', '.join(KINDS)}")
     rng = np.random.default_rng([seed, SPLITS[split]])
-    return [_example(rng) for _ in range(n)]
+    if kinds is None:
+        kinds = SHORT_KINDS if split in ("calibration", "report") else KINDS
+    return [_example(rng, kinds) for _ in range(n)]
 
 
 def vocabulary() -> list[str]:
@@ -117,6 +138,6 @@ def vocabulary() -> list[str]:
     words = set("user model".split())
     for q in QUESTIONS.values():
         words |= set(q.replace("<|image|>", " ").replace("<|audio|>", " ").split())
-    words |= set(COLOURS) | set(SHAPES) | set(PITCHES) | set(NUMBERS) | {str(i) for i in range(19)}
-    words -= {"{a}", "{b}"}
+    words |= set(COLOURS) | set(SHAPES) | set(PITCHES) | set(NUMBERS) | {str(i) for i in range(MODULUS)}
+    words -= {"{a}", "{b}", "{terms}"}
     return sorted(words)

@@ -12,7 +12,7 @@ Torch-free on the ONNX Runtime path.  Does not build engines or export (see `exp
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ class LoadedModel:
     manifest: dict[str, Any]
     backend: Any
     tokenizer: Tokenizer | None
+    _assistant: Any = field(default=None, repr=False, compare=False)
+
+    def assistant_runner(self):
+        """The artifact's assistant (`runtime.assistant.AssistantRunner`), loaded on first use and kept: its session
+        costs tens of ms to create, and one per request left extra ONNX Runtime thread pools competing with the
+        target's on the same cores.  It takes the target backend's thread count."""
+        if self._assistant is None:
+            from runtime.assistant import AssistantRunner
+
+            self._assistant = AssistantRunner(self.root, self.manifest, threads=getattr(self.backend, "threads", None))
+        return self._assistant
 
     @property
     def config(self) -> dict[str, Any]:
@@ -234,7 +245,7 @@ def _stream(
     results: list[GenerationResult],
     detokenize: bool = True,
     draft: str | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int | str = 4,
     spec_stats=None,
 ) -> Iterator[Piece]:
     cfg, tk = model.config, model.config["tokens"]
@@ -251,12 +262,14 @@ def _stream(
     decoders = [IncrementalDecoder(model.tokenizer) if model.tokenizer and detokenize else None for _ in prepared]
     cache = model.backend.new_cache(len(prepared), max_len)
     logits = _prefill(model, prepared, batch, cache)
-    if draft is not None:  # greedy speculative decoding: the same tokens, several per target pass
-        from runtime.speculative.verify import greedy_speculative
+    if draft is not None:  # speculative decoding: the same tokens (greedy) or distribution, several per target pass
+        from runtime.speculative.verify import ASSISTANT, speculative
 
-        for i, tok, finish in greedy_speculative(
+        helper = model.assistant_runner() if draft == ASSISTANT else None
+        for i, tok, finish in speculative(
                 model.backend, cache, logits, [p.ids for p in prepared], num_draft_tokens=num_draft_tokens,
-                max_new_tokens=max_new_tokens, max_len=max_len, stop_ids=stop_ids, draft=draft, stats=spec_stats):
+                max_new_tokens=max_new_tokens, max_len=max_len, stop_ids=stop_ids, draft=draft, sampler=sampler,
+                rng=rng, assistant=helper, stats=spec_stats):
             results[i].tokens.append(tok)
             yield Piece(i, tok, decoders[i].feed(tok) if decoders[i] and finish is None else "")
             if finish:
@@ -334,7 +347,7 @@ def generate(
     max_soft_tokens: int = 280,
     detokenize: bool = True,
     draft: str | None = None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int | str = 4,
     spec_stats=None,
 ):
     """Generate from one prompt (returns a `GenerationResult`) or a batch (returns a list of them).
@@ -347,9 +360,11 @@ def generate(
     (`runtime.generation_config`: greedy unless it says ``do_sample``), and its eos ids stop generation besides
     ``<turn|>``, eos and ``stop``.  ``detokenize=False``: token ids only (each `Piece`'s text is empty, the results' ``text`` None), no tokenizer
     work per step, for callers that detokenize themselves (and for speed comparisons with stacks that return ids).
-    ``draft="prompt_lookup"``: speculative decoding (`runtime.speculative.verify`) with up to ``num_draft_tokens``
-    drafts per target pass, greedy only, same tokens as without it; needs an artifact exported with
-    ``--speculative K`` (K >= num_draft_tokens).  ``spec_stats``: a `runtime.speculative.verify.SpecStats` to fill.
+    ``draft="prompt_lookup"`` or ``"assistant"`` (the artifact's assistant, `make export-assistant`): speculative
+    decoding (`runtime.speculative.verify`) with up to ``num_draft_tokens`` drafts per target pass (``"auto"``: chosen
+    per round by `runtime.speculative.adapt.AdaptiveK` up to the artifact's K); greedy gives the same tokens as
+    without it, sampling the same distribution (speculative sampling, seeded by ``seed``); needs an artifact exported
+    with ``--speculative K`` (K >= num_draft_tokens).  ``spec_stats``: a `runtime.speculative.verify.SpecStats`.
     """
     model = model_or_dir if isinstance(model_or_dir, LoadedModel) else load(model_or_dir)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -376,10 +391,7 @@ def generate(
     if draft is not None:
         from runtime.speculative.verify import check_draft
 
-        check_draft(model.backend, draft, num_draft_tokens)
-        if temperature != 0:
-            raise InputError(f"draft={draft!r} with temperature={temperature}: speculative decoding is greedy only "
-                             "here (temperature=0); sampling with drafts is not implemented yet")
+        check_draft(model.backend, draft, num_draft_tokens, model.manifest)
     results: list[GenerationResult] = []
     pieces = _stream(
         model, prompts, images, audio, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_k, top_p),

@@ -200,7 +200,7 @@ class OrtBackend:
                 "MatMul. Export with --weight-dtype fp32 (or quantize: make calibrate) for the CPU")
         self._ort = ort
         self.root = Path(root)
-        self.manifest = manifest
+        self.manifest, self.threads = manifest, threads  # threads: also the artifact's assistant's (LoadedModel)
         engine = manifest.get("engines", {}).get("onnxruntime", {})
         opts = ort.SessionOptions()
         if threads:
@@ -409,7 +409,7 @@ class OrtBackend:
             return self._decode_bound(input_ids, past_lens, cache, copy)
         feeds = {"input_ids": np.asarray(input_ids, np.int64).reshape(-1, 1),
                  "past_lens": np.asarray(past_lens, np.int64).reshape(-1)}
-        return self._run("decode", feeds, cache, [True] * len(cache))
+        return self._run("decode", feeds, cache, [True] * len(cache))[0]  # (logits, hidden or None)
 
     def _decode_bound(self, input_ids, past_lens, cache: list, copy: bool) -> np.ndarray:
         """A one-graph decode step on an IOBinding kept from the previous step of the same cache: every cache is

@@ -134,7 +134,7 @@ def test_verify_equals_decode_steps_and_rollback(form):
 
 def _replay(plain: list[int]):
     """A drafter proposing the plain greedy continuation with every third proposed token wrong."""
-    def draft(context: list[int], k: int) -> list[int]:
+    def draft(context: np.ndarray, k: int) -> list[int]:
         start = len(context) - draft.prompt
         out = plain[start:start + k]
         return [(t + 1) % 290 + 3 if (start + i) % 3 == 2 else t for i, t in enumerate(out)]
@@ -171,6 +171,13 @@ def test_greedy_speculative_equals_plain(form, monkeypatch):
         assert len(plain.tokens) >= 12, f"{name}/{case_name}: plain greedy stopped after {len(plain.tokens)} tokens"
         assert stats.accepted >= len(plain.tokens) // 3, f"{name}/{case_name}: replay drafts barely accepted: {stats}"
         assert stats.accepted < stats.drafted, f"{name}/{case_name}: no replay draft was rejected: {stats}"
+
+
+def test_assistant_drafts_refused_off_the_ring_engine(window_artifact):
+    """The assistant reads ring-layout caches in place: the window form (and TensorRT) refuse draft='assistant'."""
+    model = runtime.load(window_artifact, backend="onnxruntime")
+    with pytest.raises(InputError, match="ring engine only"):
+        spec.check_draft(model.backend, "assistant", 2)
 
 
 def test_window_engine_limits_verify_at_compaction(window_artifact):
@@ -221,6 +228,7 @@ def test_plain_artifacts_unchanged_and_refuse_verify(artifact_store, spec_artifa
     spec_model = runtime.load(spec_artifact, backend="onnxruntime")
     with pytest.raises(InputError, match="at most 3"):
         runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=4)
-    with pytest.raises(InputError, match="greedy"):
-        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=2,
-                         temperature=0.7)
+    with pytest.raises(InputError, match="make export-assistant"):
+        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="assistant", num_draft_tokens=2)
+    with pytest.raises(InputError, match="'auto'"):
+        runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=0)
