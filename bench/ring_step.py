@@ -3,7 +3,8 @@
 `graphs.ort.attention` lowers a ring sliding layer to RotaryEmbedding + an ``Attention`` over
 concat(first n ring slots, new keys) + an in-place ring write.  For a one-token call that path copies the part of
 the ring it reads twice (a ``Slice``, then the concat), per layer, for K and V.  The one-token branch
-(``ring_decode="in_place"``, the default for the 12B) writes the new token first and attends over the ring where it lies.
+(``ring_decode="in_place"``, the default for the 12B) writes the new token first and attends over the ring where it
+lies, with GroupQueryAttention reading each row's filled slots (`graphs.ort.attention._ring_gqa`).
 
 This benchmark lowers one real ``FusedAttention`` node at given dimensions (the 12B's sliding layer and the 234 M
 bench model's) both ways, runs decode steps on one cache per form, interleaved in one process (this machine's
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plugins import fused_attention as fa  # noqa: E402
-from runtime.ort_attention import INPUTS, attention_inputs  # noqa: E402
+from runtime.ort_attention import INPUTS, attention_inputs, gqa_outputs  # noqa: E402
 
 SHAPES = {  # name: heads, KV heads, head size, window (sliding layers)
     "12b": (16, 8, 256, 1024),
@@ -114,6 +115,8 @@ def run(rounds: int, pasts: list[int], log=print) -> dict:
                 binding.bind_output("out", "cpu")
                 binding.bind_ortvalue_output("present_key", kv[0])
                 binding.bind_ortvalue_output("present_value", kv[1])
+                for cache, out in gqa_outputs([o.name for o in sess.get_outputs()]).items():  # the one-token
+                    binding.bind_ortvalue_output(out, kv[cache == "present_value"])  # branch's GQA, in place
                 bound[form] = (binding, kv)
             outs = {}
             for form, sess in sessions.items():  # one step each on the same inputs: same output, same cache

@@ -193,8 +193,8 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
     (`graphs.ort.qdq.lower_quantized_for_ort`).  ``ort_sliding``: ONNX Runtime's sliding layers, ``ring``
     (every input) or ``window`` (faster, text and audio only: `graphs.ort.attention.lower_attention`), with
     ``ort_sliding_slack`` slots beyond the window.  ``ort_ring_decode``: a ring engine's decode step, ``in_place``
-    (the ring written, then read where it lies), ``copy`` (the slots read copied) or ``auto`` (in place for rings
-    of >= 4 MiB per layer: the 12B)."""
+    (the ring written, then read where it lies by GroupQueryAttention), ``copy`` (the slots read copied) or
+    ``auto`` (= in_place)."""
     from graphs.ort.attention import RING_DECODE_FORMS, SLIDING_FORMS
 
     if ort_sliding not in SLIDING_FORMS:
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         "every slack + 1 tokens)")
     p.add_argument("--ort-ring-decode", default="auto", choices=RING_DECODE_FORMS,
                    help="ring engines' decode step: in_place (the new token written first, the ring attended where "
-                        "it lies: no copy of it), copy (the slots read copied twice per layer: fewer nodes), auto "
-                        "(in_place when a sliding layer's ring holds >= 4 MiB: the 12B; default)")
+                        "it lies by GroupQueryAttention: no copy of it), copy (the slots read copied twice per layer), "
+                        "auto (= in_place; default)")
     a = p.parse_args(argv)
     try:
         build_engine(a.artifact, a.backend, plugins=not a.no_plugins, dtype=a.dtype, int8_kernel=a.int8_kernel,

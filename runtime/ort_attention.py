@@ -18,17 +18,18 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
 * ring write: U = min(S, W) slots from slot ``first`` = (past_lens + seq_lens - U) mod W, and for each the index into
   concat(ring slots read, new keys) it takes: the new token where its position is >= past_lens, else the slot's
   own value (padded tokens never reach the ring);
-* the one-token branch (ring engines; a call of one new token in every row): one_token, R = min(W, max(past_lens) +
-  1) slots read after the write, whether R = W (the whole ring, read in place), and the bias (B, 1, 1, R): slot j
-  valid iff j <= past_lens (every slot once wrapped).  The ring path's inputs are then made for n = 1 (not used);
+* the one-token branch (ring engines; a call of one new token in every row; GroupQueryAttention over the ring after
+  the write): one_token, the last slot each row reads s = min(past_lens, R - 1) (int32, and as an int64 gather
+  index (B, 1, 1, 1)), T = max(s) + 1 and the bias (B, 1, 1, T) by the position each slot holds (`_one_token`).
+  The ring path's inputs are then made for n = 1 (not used);
 * full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
   for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
 
 Rings of R > W slots (a speculative artifact's, `exporter.model.ring_slots`: slack to take back rejected draft
 tokens) use R wherever a slot or a position modulo the ring appears (n, p_j, U, ``first``, the gather, the one-token
-branch's R and its "whole ring" test) and W only in the window test; a slot's position is then checked against the
-window in the one-token branch too (p_j = past - ((past - j) mod R) > past - W).  ``slots`` None means R = W.
+branch's last slot read) and W only in the window test; a slot's position is then checked against the window in the
+one-token branch's bias too (p_j = past - ((past - j) mod R) > past - W).  ``slots`` None means R = W.
 
 Image blocks are contiguous runs of the image token, numbered per row, only when the call has image rows (a decode
 step that generates the image token id embeds it as text: `graphs.ort.lower.gate_soft_token_slots`).
@@ -41,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "decode_inputs", "image_blocks", "window_verify_tokens"]
+__all__ = ["INPUTS", "attention_feeds", "attention_inputs", "bind_gqa", "check_engine_inputs", "decode_inputs",
+           "gqa_output", "gqa_outputs", "image_blocks", "window_verify_tokens"]
 
 # graph input name per value
 INPUTS = {
@@ -54,13 +56,17 @@ INPUTS = {
     "total_len": "attn_total_len",  # () int32
     "query_seqlens": "attn_query_seqlens",  # (B,) int32, engines whose attention skips right padding
     "one_token": "attn_one_token",  # () bool, ring engines: one new token in every row (the one-token branch)
-    "ring_read": "attn_ring_read",  # (1,) int64 R, slots the one-token branch reads after the write
-    "ring_full": "attn_ring_full",  # () bool R == W: the whole ring, read in place
-    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, R) float32
+    "ring_seqlens_k": "attn_ring_seqlens_k",  # (B,) int32, the last ring slot the one-token branch reads
+    "ring_total": "attn_ring_total",  # () int32 T, max(ring_seqlens_k) + 1
+    "ring_last": "attn_ring_last",  # (B, 1, 1, 1) int64, ring_seqlens_k again (a gather index)
+    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, T) float32
 }
-_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_read", "ring_full",
-            "ring_bias_read")
-_ONE_TOKEN = ("one_token", "ring_read", "ring_full", "ring_bias_read")
+_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_seqlens_k",
+            "ring_total", "ring_last", "ring_bias_read")
+_ONE_TOKEN = ("one_token", "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
+# the one-token form's GroupQueryAttention over a ring writes its present outputs to extra graph outputs named this
+# prefix + the cache output's name (`gqa_output`); the runtime binds them to that cache's buffer too (`bind_gqa`)
+GQA_PRESENT = "attn_ring_gqa_"
 NEG = np.finfo(np.float32).min
 
 
@@ -137,21 +143,64 @@ def _ring(window, slots) -> tuple[int, int]:
     return int(window), r
 
 
-def _one_token(past: np.ndarray, w: int, one: bool, slots: int) -> dict[str, np.ndarray]:
-    """The one-token branch's inputs: after the write, slot j of row b holds position p_j = past_b - ((past_b - j)
-    mod R), inside the window iff p_j >= 0 and p_j > past_b - W (with R = W: iff j <= past_b, all W slots once
-    the ring has wrapped); min(R, max(past) + 1) slots are read.  Not a one-token call: one slot (the branch does
-    not run)."""
-    r = min(slots, int(past.max(initial=0)) + 1) if one else 1
-    j = np.arange(r)[None]
-    if slots == w:
-        ok = j <= past[:, None]
-    else:
-        p_j = past[:, None] - np.mod(past[:, None] - j, slots)
-        ok = (p_j >= 0) & (p_j > past[:, None] - w)
-    bias = np.where(ok, np.float32(0), NEG).astype(np.float32)
-    return {"one_token": np.array(one), "ring_read": np.array([r], np.int64),
-            "ring_full": np.array(one and r == slots), "ring_bias_read": bias.reshape(len(past), 1, 1, r)}
+def gqa_output(cache_output: str) -> str:
+    """The name of the extra graph output of a ring's GroupQueryAttention present (`GQA_PRESENT`)."""
+    return GQA_PRESENT + cache_output
+
+
+def gqa_outputs(output_names) -> dict[str, str]:
+    """cache output name -> its ring's GroupQueryAttention present output, for an engine that has them (both must
+    be bound to the same buffer: the attention then reads the ring where the write left it and copies nothing)."""
+    names = set(output_names)
+    return {n[len(GQA_PRESENT):]: n for n in output_names
+            if n.startswith(GQA_PRESENT) and n[len(GQA_PRESENT):] in names}
+
+
+def check_engine_inputs(root, input_names, window) -> None:
+    """Refuse an engine whose attention inputs this runtime cannot make: inputs of an earlier lowering (the ring
+    decode step before GroupQueryAttention read the rings), or the sliding geometry without the window."""
+    from runtime.manifest import ArtifactError
+
+    names = set(input_names)
+    if stale := sorted({"attn_ring_read", "attn_ring_full"} & names):
+        raise ArtifactError(f"{root}: the ONNX Runtime engine takes {stale}, inputs of an earlier lowering of the "
+                            "sliding layers' decode step; rebuild it with `make build-engine BACKEND=onnxruntime`")
+    if names & {INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")} and not window:
+        raise ArtifactError(f"{root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
+                            "inputs but its record has no attention_inputs.window; rebuild it with "
+                            "`make build-engine BACKEND=onnxruntime`")
+
+
+def bind_gqa(binding, present: list[str], names_out: list[str], cache: list, in_place: list[bool]) -> None:
+    """Bind each ring's GroupQueryAttention present output (`gqa_outputs`: ring engines' one-token form) to its
+    cache's buffer, as that cache's own output is: the attention then shares past and present in place.  Unbound,
+    ONNX Runtime gives it a buffer of its own, which GroupQueryAttention clears and fills (correct, but a copy)."""
+    extra = gqa_outputs(names_out)
+    for i, p_out in enumerate(present):
+        if p_out in extra:
+            if in_place[i]:
+                binding.bind_ortvalue_output(extra[p_out], cache[i])
+            else:
+                binding.bind_output(extra[p_out], "cpu")
+
+
+def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) -> dict[str, np.ndarray]:
+    """The one-token branch's inputs (GroupQueryAttention over a ring of ``slots`` slots, default the window W, as
+    the write left it: `graphs.ort.attention._ring_gqa`): row b reads slots 0..s_b, s_b = min(past_b, R - 1), the
+    slots filled so far (all R once wrapped); slot j then holds position p_j = past_b - ((past_b - j) mod R) and is
+    masked unless past_b - W < p_j (always so when R = W; a ring with slack holds older positions too).  Not a
+    one-token call: s_b = 0 and no mask (the branch's output is not used: one slot read and written back)."""
+    r = w if slots is None else int(slots)
+    if r < w:
+        raise ValueError(f"attention inputs: a ring of {r} slots cannot hold a window of {w}")
+    b = len(past)
+    last = np.minimum(past, r - 1) if one else np.zeros(b, np.int64)
+    t = int(last.max(initial=0)) + 1
+    held = past[:, None] - np.mod(past[:, None] - np.arange(t)[None], r)  # (B, T) position in slot j after the write
+    ok = ~np.asarray(one) | ((held > past[:, None] - w) & (np.arange(t)[None] <= last[:, None]))
+    return {"one_token": np.array(one), "ring_seqlens_k": last.astype(np.int32), "ring_total": np.array(t, np.int32),
+            "ring_last": last.reshape(b, 1, 1, 1).astype(np.int64),
+            "ring_bias_read": np.where(ok, np.float32(0), NEG).astype(np.float32).reshape(b, 1, 1, t)}
 
 
 def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys(),

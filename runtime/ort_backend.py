@@ -28,7 +28,8 @@ from runtime._int8_probe import cpu_has_vnni, int8_dot_products_exact  # noqa: F
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
-from runtime.ort_attention import attention_feeds, decode_inputs, window_verify_tokens
+from runtime.ort_attention import (attention_feeds, bind_gqa, check_engine_inputs, decode_inputs,
+                                   window_verify_tokens)
 from runtime.prompt import PrefillInputs
 
 __all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "logits_index", "prefill_feeds", "sliding_slots",
@@ -239,11 +240,7 @@ class OrtBackend:
         self.window = (engine.get("attention_inputs") or {}).get("window")
         self.ring_slots = (engine.get("attention_inputs") or {}).get("ring_slots")  # rings with slack: speculative
         self.max_draft_tokens = speculative_record(self.root, manifest)
-        sliding = {ATTENTION_INPUTS[k] for k in ("positions", "ring_bias", "ring_first", "ring_gather")}
-        if any(sliding & set(names) for names, _ in self.io.values()) and not self.window:
-            raise ArtifactError(f"{self.root}: the ONNX Runtime engine takes the sliding layers' attention geometry as "
-                                "inputs but its record has no attention_inputs.window; rebuild it with "
-                                "`make build-engine BACKEND=onnxruntime`")
+        check_engine_inputs(self.root, [n for ins, _ in self.io.values() for n in ins], self.window)
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         # --ort-sliding window engines: GroupQueryAttention's windowed sliding caches, no image rows
         self.sliding_slots = sliding_slots(manifest) if engine else None
@@ -311,6 +308,7 @@ class OrtBackend:
                 binding.bind_ortvalue_output(p_out, cache[i])
             else:
                 binding.bind_output(p_out, "cpu")
+        bind_gqa(binding, present, names_out, cache, in_place)  # after the caches: get_outputs' order above
         sess.run_with_iobinding(binding)
         outs = dict(zip([*heads, *present], binding.get_outputs()))  # get_outputs follows binding order
         for i, p_out in enumerate(present):
@@ -481,6 +479,7 @@ class OrtBackend:
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
+        bind_gqa(binding, present, names_out, cache, [True] * len(cache))
         attention = [k for k, v in ATTENTION_INPUTS.items() if v in names_in]
         lengths = None
         if {"seqlens_k", "total_len"} <= set(attention) <= {"seqlens_k", "total_len", "query_seqlens"}:

@@ -95,8 +95,8 @@ def artifact_store(workdir, reference_store):
                 fake_model(PRESETS[preset]), out, max_len=max_len, source={"checkpoint": str(ckpt)},
                 weights_from=ckpt, log=lambda *_: None,
             )
-            # the ring engines' decode in place (what the 12B gets by default; the tiny presets' small rings would
-            # get the copying form, which the quantization tests' engines and tests/test_lower_ort.py cover)
+            # the ring engines' decode in place (what `auto` gives every ring engine; the copying form is covered by
+            # tests/test_lower_ort.py)
             build_engine(out, "onnxruntime", ort_ring_decode="in_place", log=lambda *_: None)
             store[preset] = out
         return store[preset]

@@ -66,8 +66,8 @@ def _feeds(sess, manifest, graph, rng, *, batch, seq, past_lens, seq_lens, max_l
 
 CASES = [  # graph, batch, new tokens, past_lens, seq_lens, image tokens
     ("decode", 3, 1, [3, 9, 30], [1, 1, 1], 0),  # 9 and 30 > window 8: the rings have wrapped
-    ("decode", 3, 1, [0, 2, 6], [1, 1, 1], 0),  # no ring wrapped: the one-token branch reads the first 7 slots
-    ("prefill", 2, 1, [4, 8], [1, 1], 0),  # a one-token prefill, all rows: the one-token branch, the whole ring
+    ("decode", 3, 1, [0, 2, 6], [1, 1, 1], 0),  # no ring wrapped: GQA reads each row's first past + 1 slots
+    ("prefill", 2, 1, [4, 8], [1, 1], 0),  # one token in all rows: the one-token branch (row 1: ring just wrapped)
     # one-token prefill (the If's one-token mask branch): an empty row, a first token, a wrapped ring
     ("prefill", 3, 1, [0, 5, 12], [1, 0, 1], 0),
     ("prefill", 2, 2, [0, 12], [1, 2], 0),  # two tokens: the general branch, a padded row
@@ -106,7 +106,7 @@ def test_lowered_engine_matches_plugin_graph(artifact_store, graph, batch, seq, 
 
 @pytest.fixture(scope="module")
 def copy_decode_artifact(artifact_store, tmp_path_factory):
-    """The tiny artifact's engine rebuilt with ``ort_ring_decode="copy"`` (the form ``auto`` gives small rings)."""
+    """The tiny artifact's engine rebuilt with ``ort_ring_decode="copy"`` (the ring path at one token too)."""
     import shutil
 
     from graphs.build import build_engine
@@ -130,17 +130,13 @@ def test_copying_ring_decode_matches_plugin_graph(copy_decode_artifact, graph, b
     _check_case(copy_decode_artifact, graph, batch, seq, past_lens, seq_lens, images)
 
 
-def test_ring_decode_form_by_ring_size():
+def test_ring_decode_forms():
     from graphs.ort.attention import ring_decode_in_place
 
-    t12 = PRESETS["gemma4-12b"].text  # 8 KV heads x 1024 slots x 256 x 4 B x 2 = 16 MiB per sliding layer
-    assert ring_decode_in_place("auto", kv_heads=t12.num_kv_heads, window=t12.sliding_window, head_dim=t12.head_dim)
-    assert not ring_decode_in_place("auto", kv_heads=2, window=512, head_dim=128)  # the bench model: 1 MiB
-    assert ring_decode_in_place("auto", kv_heads=4, window=1024, head_dim=128)  # exactly 4 MiB
-    assert ring_decode_in_place("in_place", kv_heads=1, window=8, head_dim=4)
-    assert not ring_decode_in_place("copy", kv_heads=8, window=1024, head_dim=256)
+    assert ring_decode_in_place("auto") and ring_decode_in_place("in_place")  # every ring size: the branch
+    assert not ring_decode_in_place("copy")
     with pytest.raises(ValueError, match="ring decode form 'inplace'"):
-        ring_decode_in_place("inplace", kv_heads=1, window=8, head_dim=4)
+        ring_decode_in_place("inplace")
 
 
 def _check_case(art, graph, batch, seq, past_lens, seq_lens, images):
@@ -188,18 +184,29 @@ def test_exact_counts(artifact_store):
     assert lowering["prefill"]["norms"] == 7 * t.num_layers + 1 + (cfg.vision is not None) + (cfg.audio is not None)
     proto = onnx.load(str(art / engine["prefill"]), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("GroupQueryAttention") == full  # full layers: GQA in place, at top level (no branch)
-    # branches: the vision and audio embedders, run when their inputs have rows (graphs.ort.embedders), and
-    # two per sliding layer on the one-token flag: the ring path's updates (or the new token), then the attention
-    # (over the ring in place, after the in-place write at top level, or the ring path's output)
+    sliding = t.num_layers - full
+    # full layers: GQA in place, at top level (no branch); sliding layers too, over the ring after its write
+    assert ops.count("GroupQueryAttention") == full + sliding
+    # branches: the vision and audio embedders, run when their inputs have rows (graphs.ort.embedders), and one per
+    # sliding layer on the one-token flag: the ring path's updates and output (or the new token and its query)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
     one = [n for n in ifs if list(n.input) == ["attn_one_token"]]
-    assert len(one) == 2 * (t.num_layers - full)
-    assert ops.count("TensorScatter") == 2 * (t.num_layers - full) and "Attention" not in ops  # writes outside
+    assert len(one) == sliding
+    assert ops.count("TensorScatter") == 2 * sliding and "Attention" not in ops  # writes outside
     made = {o: n for n in proto.graph.node for o in n.output}
+    outputs = {o.name for o in proto.graph.output}
+    written = {}
     for n in proto.graph.node:
         if n.op_type == "TensorScatter":
-            assert made[n.input[1]] in one, n.name  # the update comes out of the first If
+            assert made[n.input[1]] in one, n.name  # the update comes out of the If
+            assert n.output[0].startswith("present_") and n.output[0] in outputs, n.output[0]  # the cache output
+            written[n.output[0]] = n
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention" and n.input[3] in written]
+    assert len(gqa) == sliding  # each reads the written ring (past) and writes it back (present) to an output of its
+    # own, bound to the cache's buffer too (one graph output has one producer)
+    assert {n.output[1] for n in gqa} == {f"attn_ring_gqa_{o}" for o in written if "_key_" in o} and all(
+        n.output[1] in outputs and n.output[2] in outputs for n in gqa)
+    assert all(list(n.input[5:7]) == ["attn_ring_seqlens_k", "attn_ring_total"] for n in gqa)
     ifs = [n for n in ifs if n not in one]
     gates = ["ort_lower_gate_image_patches"] * (cfg.vision is not None) + ["ort_lower_gate_audio_frames"] * (
         cfg.audio is not None)
@@ -213,12 +220,11 @@ def test_exact_counts(artifact_store):
     assert engine["attention_inputs"] == {"window": t.sliding_window}
     assert ops.count("CumSum") == 0 and ops.count("Range") == 0 and ops.count("Mod") == 0, sorted(set(ops))
     assert engine["prefill_with_past"] == "per_sequence"
-    # sliding layers: in branches, the ring path's Attention, and the one-token branch's over the whole ring or its
-    # first R slots; their rings written in place at top level
+    # sliding layers: in a branch, the ring path's Attention; their rings written in place at top level
     def branch_ops(node):
         return [op for a in node.attribute if a.HasField("g") for n in a.g.node for op in [n.op_type, *branch_ops(n)]]
 
-    assert [branch_ops(n).count("Attention") for n in one] == [1, 2] * (t.num_layers - full)
+    assert [branch_ops(n).count("Attention") for n in one] == [1] * sliding
     assert "FusedAttention" not in ops, f"a plugin node is left: {sorted(set(ops))}"
     assert "ReduceMean" not in ops and "Pow" not in ops, f"unfused RMSNorm pieces left: {ops}"
     # both residual adds of every layer end in a Skip norm: the attention's, and (but for the last layer, whose sum

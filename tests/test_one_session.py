@@ -178,9 +178,9 @@ def test_decode_binding_follows_the_cache(artifact_store):
     a, c = start(backend, [[2, 40, 41, 42]]), start(backend, [[2, 50, 51, 52], [2, 60, 61, 62]])
     ra, rc = start(ref, [[2, 40, 41, 42]]), start(ref, [[2, 50, 51, 52], [2, 60, 61, 62]])
     want_a = [ref._run("decode", prefill_feeds(PrefillInputs(np.array([[t]]), np.array([4 + i]), np.ones(1, np.int64)),
-                                               manifest), ra, [True] * len(ra)) for i, t in enumerate((7, 8, 9))]
+                                               manifest), ra, [True] * len(ra))[0] for i, t in enumerate((7, 8, 9))]
     want_c = [ref._run("decode", prefill_feeds(PrefillInputs(np.array([[t], [t + 1]]), np.array([4 + i, 4 + i]),
-                                                             np.ones(2, np.int64)), manifest), rc, [True] * len(rc))
+                                                             np.ones(2, np.int64)), manifest), rc, [True] * len(rc))[0]
               for i, t in enumerate((17, 18, 19))]
     views = []
     for i, t in enumerate((7, 8, 9)):  # alternate the two caches (and batch sizes 1 and 2) step by step

@@ -17,16 +17,24 @@ Rewrite:
   `runtime.ort_backend` runs it one sequence at a time on views of the cache rows.  (An ``If`` holding the plugin
   node's body for that case cost more than it saved: outputs leaving an ``If`` are copies, so every step copied
   each full layer's whole cache, ~2 ms per full layer per step on the bench model at max_len 512.)
-* sliding layers, decode: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter`` circular, in place) and one
-  ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled iff j <= past_lens: a ring
-  slot holds a position within the window whenever it is filled, and attention does not depend on key order).
+* sliding layers, the two-graph form's decode graph: ``RotaryEmbedding`` (q, k), the ring write (``TensorScatter``
+  circular, in place) and one ``Attention`` (opset 23) over the ring with a mask of filled slots (slot j is filled
+  iff j <= past_lens: a ring slot holds a position within the window whenever it is filled, and attention does not
+  depend on key order).
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
   written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).  A call of
-  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``): the new token
-  is written first (the slot it replaces holds a position outside its window), then one ``Attention`` reads the
-  ring where it lies (all W slots once wrapped; before that its first R slots, a copy of R): the ring path copies
-  the slots it reads twice (a ``Slice``, then the concat) per layer, for K and V (2.5 GiB per step for the 12B).
+  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``, which gives
+  the scatter the new token itself): the new token is written first (the slot it replaces holds a position outside
+  its window), then ``com.microsoft.GroupQueryAttention`` reads the ring where it lies, each row its own filled
+  slots (`_ring_gqa`).  Before it, the branch ran an opset-23 ``Attention`` over a ``Slice`` of the ring's first
+  max(past_lens) + 1 slots: profiled on a 6-layer slice with the 12B's dimensions (INT4, one thread), the
+  ``Slice`` copies and that ``Attention`` took 1.5 ms per sliding layer per step at 275 cached tokens and 4.5 ms at
+  1000 (the copy, then each KV head read once per query head, every row as long as the longest); the
+  GroupQueryAttention reads 0.58 and 1.6 ms, about what reading those slots from memory takes, and a row's result
+  no longer depends on its neighbours' lengths.  The ring path itself copies the slots it reads twice (a ``Slice``,
+  then the concat) per layer, for K and V (2.5 GiB per step for the 12B): ``ring_decode="copy"`` keeps it for
+  decode too.
 * sliding layers, ``sliding="window"`` (build-engine ``--ort-sliding window``): GroupQueryAttention over ONNX
   Runtime's windowed cache instead of the ring, for text and audio (no bidirectional image blocks): `lower_attention`.
 * the geometry every layer of a kind shares (sliding: positions, slots read, the mask, ring-write indices; full:
@@ -45,18 +53,16 @@ import numpy as np
 
 from plugins import fused_attention as fa
 
-__all__ = ["RING_DECODE_FORMS", "RING_IN_PLACE_MIN_BYTES", "SLIDING_FORMS", "WINDOW_SLACK", "lower_attention",
+__all__ = ["RING_DECODE_FORMS", "SLIDING_FORMS", "WINDOW_SLACK", "lower_attention",
            "ring_decode_in_place", "rope_tables", "window_slots"]
 
 SLIDING_FORMS = ("ring", "window")
-# a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies),
-# "copy" (the prefill path at one token: the slots read are copied twice per layer), "auto" (in place when a sliding
-# layer's ring, K and V in fp32, holds at least RING_IN_PLACE_MIN_BYTES: the branch's three If nodes cost a fixed
-# ~70 us per layer per step with the CPU caches cold after the weights (the INT4 bench model: ~0.7 ms of ~11 ms), the
-# copies it saves grow with the ring; 12B 16 MiB, the 234 M bench model 1 MiB; bench/results/ring_step.json and the
-# README's Design notes have the measurements)
+# a ring engine's decode step: "in_place" (the one-token branch: the ring written first, then read where it lies by
+# GroupQueryAttention, `_ring_gqa`), "copy" (the prefill path at one token: the slots read are copied twice per
+# layer), "auto" = in_place: as fast as the copy on the 234 M bench model's 1 MiB rings, faster on the 12B's 16 MiB
+# ones, and each row's attention reads its own slots only, so its logits do not depend on its neighbours' lengths
+# (bench/results/image_decode.json, docs/speed.md)
 RING_DECODE_FORMS = ("auto", "in_place", "copy")
-RING_IN_PLACE_MIN_BYTES = 4 << 20
 # slots a windowed sliding cache holds beyond the window (`window_slots`): GroupQueryAttention compacts the cache
 # (moves ~window rows) once every WINDOW_SLACK + 1 tokens; 12B: 256 x 8 KV heads x 256 x 4 B x 2 = 16 MiB per layer
 WINDOW_SLACK = 256
@@ -190,8 +196,8 @@ class _Builder:
                 "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
                 "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
                 "total_len": (ty.INT32, []), "query_seqlens": (ty.INT32, [bdim]),
-                "one_token": (ty.BOOL, []), "ring_full": (ty.BOOL, []), "ring_read": (i64, [1]),
-                "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
+                "one_token": (ty.BOOL, []), "ring_seqlens_k": (ty.INT32, [bdim]), "ring_total": (ty.INT32, []),
+                "ring_last": (i64, [bdim, 1, 1, 1]), "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
             }[key]
             v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
             self.graph.inputs.append(v)
@@ -322,37 +328,61 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
         return out, present_k, present_v
     # one new token per row (a decode step): the ring is written first (the slot it replaces holds a position outside
-    # the new query's window) and attended where it lies, the first R slots, all W once wrapped: no copy of the ring
+    # the new query's window), then GroupQueryAttention reads it where it lies (`_ring_gqa`): no copy of the ring
     one = b.host_input("one_token")
     kv4 = b.ints([0, hkv, 1, d])
-    upd_k, upd_v, out_many = b.if_node(
-        one, before=before, outputs=3,
-        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [qr])),
-        orelse=ring_attention)
-    present_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
-    present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
-    read, full, bias_read = (b.host_input(key) for key in ("ring_read", "ring_full", "ring_bias_read"))
-
-    def one_token(emit):
-        q4 = emit("Reshape", [qr, b.ints([0, h, 1, d])])  # (B, H, 1, D)
-        o4 = b.if_node(full, emit=emit, outputs=1,  # the whole ring in place, or its first R slots (a copy of R)
-                       then=lambda e: (e("Attention", [q4, present_k, present_v, bias_read], attrs={"scale": 1.0}),),
-                       orelse=lambda e: (e("Attention", [q4, e("Slice", [present_k, zero1, read, axis2]),
-                                                        e("Slice", [present_v, zero1, read, axis2]), bias_read],
-                                           attrs={"scale": 1.0}),))
-        return (emit("Reshape", [o4, b.ints([0, 1, h * d])]),)
-
-    out = b.if_node(one, before=before, outputs=1, then=one_token, orelse=lambda emit: (emit("Identity", [out_many]),))
-    return out, present_k, present_v
+    nothing = b.const(("zeros111",), np.zeros((1, 1, 1), np.float32), "ort_lower_zeros_1_1_1")
+    upd_k, upd_v, out_many, q_one = b.if_node(
+        one, before=before, outputs=4,
+        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [nothing]),
+                           emit("Identity", [qr])),
+        orelse=lambda emit: (*ring_attention(emit), emit("Slice", [qr, zero1, b.ints([1]), b.ints([1])])))
+    written_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
+    written_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
+    out_one = _ring_gqa(b, node, a, before, q_one, written_k, written_v)
+    out = b.node("Where", [one, out_one, out_many], before=before)  # (B, S, H * D): the branch's, or the ring path's
+    return out, written_k, written_v
 
 
-def ring_decode_in_place(form: str, *, kv_heads: int, window: int, head_dim: int) -> bool:
-    """Whether a ring sliding layer of these dimensions gets the one-token branch (``form``: `RING_DECODE_FORMS`)."""
+def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
+    """GroupQueryAttention of one query per row over the ring as the ring write left it, in place.
+
+    GroupQueryAttention writes its new key at slot ``seqlens_k`` of a shared past/present buffer and attends slots
+    0..seqlens_k.  With ``seqlens_k = min(past_lens, R - 1)`` (R ring slots) those are the slots the query may see:
+    before the ring wraps, slots 0..past_lens (position j in slot j, the new token's included), once wrapped all R.
+    Its "new" key is slot seqlens_k of the written ring itself (gathered, B x Hkv x D values), so it writes back
+    what is there; the additive bias (B, 1, 1, T) masks slots by the position they hold (all zeros for a ring of
+    exactly W slots; a ring with slack masks its slots older than the window).  The host's values are
+    `runtime.ort_attention`'s one-token ones; a call of several tokens gives it slot 0 and a dummy query (its output
+    is not used).
+
+    The ring write stays the producer of the cache outputs (an engine run without IOBinding still returns the whole
+    written ring); GroupQueryAttention's own present outputs leave the graph as extra outputs
+    (`runtime.ort_attention.gqa_output`) that the runtime binds to the same buffers: it then sees past and present
+    as one buffer and writes nothing but slot seqlens_k's own value.  Returns (out (B, 1, H * D))."""
+    from runtime.ort_attention import gqa_output
+
+    b.model.opset_imports.setdefault("com.microsoft", 1)
+    h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    last = b.shared(("ring_last", hkv, d), lambda: b.node("Expand", [b.host_input("ring_last"), b.ints([1, hkv, 1, d])],
+                                                           before=before))  # (B, Hkv, 1, D): slot seqlens_k
+    own = [b.node("Reshape", [b.node("GatherElements", [c, last], before=before, attrs={"axis": 2}),
+                              b.ints([0, 1, hkv * d])], before=before) for c in (written_k, written_v)]
+    inputs = [q_one, *own, written_k, written_v, b.host_input("ring_seqlens_k"), b.host_input("ring_total"),
+              None, None, None, b.host_input("ring_bias_read")]
+    out, gqa_k, gqa_v = b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3,
+                               attrs={"num_heads": h, "kv_num_heads": hkv, "scale": 1.0})
+    for value, cache in ((gqa_k, node.outputs[1]), (gqa_v, node.outputs[2])):
+        value.name, value.shape, value.type = gqa_output(cache.name), cache.shape, cache.type
+        b.graph.outputs.append(value)
+    return out
+
+
+def ring_decode_in_place(form: str) -> bool:
+    """Whether ring sliding layers get the one-token branch (``form``: `RING_DECODE_FORMS`)."""
     if form not in RING_DECODE_FORMS:
         raise ValueError(f"ring decode form {form!r}; expected one of {', '.join(RING_DECODE_FORMS)}")
-    if form != "auto":
-        return form == "in_place"
-    return 2 * kv_heads * window * head_dim * 4 >= RING_IN_PLACE_MIN_BYTES
+    return form != "copy"
 
 
 def window_slots(window: int, max_len: int, slack: int = WINDOW_SLACK) -> int:
@@ -413,8 +443,7 @@ def lower_attention(model, *, decode: bool, max_len: int, log=print, sliding: st
             counts["GroupQueryAttention"] += 1
         elif a["sliding"] and not decode:
             b.cache.setdefault("ring_slots", node.inputs[3].shape[2])  # every layer's ring has the same slots
-            b.one_token_branch = ring_decode_in_place(ring_decode, kv_heads=a["num_kv_heads"], window=a["window"],
-                                                      head_dim=a["head_dim"])
+            b.one_token_branch = ring_decode_in_place(ring_decode)
             new = _sliding_prefill(b, node, a, node)
             counts["Attention"] += 1
         elif a["sliding"]:
