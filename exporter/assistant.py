@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from exporter.config import FULL, PRESETS, SLIDING, ModelConfig, TextConfig
-from exporter.model import MLP, AttentionCore, RMSNorm, Rope, apply_rope, rope_tables
+from exporter.model import (
+    AttentionCore,
+    DecoderLayer,
+    RMSNorm,
+    Rope,
+    apply_rope,
+    rope_tables,
+)
 
 __all__ = ["ASSISTANT_PRESETS", "AssistantConfig", "AssistantModel", "load_assistant", "random_assistant"]
 
@@ -190,22 +197,14 @@ class QueryAttention(nn.Module):
         return self.o_proj(self.core.attend(q, k, v, allowed[:, None, :]))  # (B, 1, H)
 
 
-class AssistantLayer(nn.Module):
+class AssistantLayer(DecoderLayer):
+    """The target's decoder layer (norms, MLP, layer scalar) around a query-only attention over the target's K/V."""
+
     def __init__(self, cfg: TextConfig, layer: int):
-        super().__init__()
-        eps = cfg.rms_norm_eps
-        self.self_attn = QueryAttention(cfg, layer)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.register_buffer("layer_scalar", torch.ones(1))
+        super().__init__(cfg, layer, attention=QueryAttention)
 
     def forward(self, x, k, v, allowed, position, inv_freq):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), k, v, allowed, position, inv_freq))
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x * self.layer_scalar
+        return self.finish(x, self.self_attn(self.input_layernorm(x), k, v, allowed, position, inv_freq))
 
 
 class MaskedEmbedder(nn.Module):

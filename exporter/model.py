@@ -217,10 +217,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int):
+    def __init__(self, cfg: TextConfig, layer: int, attention: type[nn.Module] | None = None):
         super().__init__()
         eps = cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = (attention or Attention)(cfg, layer)  # the assistant's layers: query-only attention
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
