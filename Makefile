@@ -104,6 +104,7 @@ export: $(STAMP)
 # Not in `make help` yet: tests/test_readme.py wants every help target named in README.md (see docs/speculative.md)
 export-assistant: $(STAMP)
 	$(PY) -m exporter.export_assistant --assistant $(ASSISTANT) --artifact $(OUT)
+	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \

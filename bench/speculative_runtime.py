@@ -35,13 +35,17 @@ MAX_NEW_TOKENS = 40
 
 def build_demo_pair(out: Path, k: int, log=print) -> Path:
     """The demo target with --speculative k and the demo assistant in it, ONNX Runtime engine (reused if built)."""
-    if (out / "ort").is_dir() and (out / "manifest.json").is_file() and "assistant" in (out / "manifest.json").read_text():
-        return out
     py = sys.executable
-    for args in (["-m", "exporter.export", "--model", "demo/checkpoint", "--out", str(out), "--max-len", "256",
-                  "--force", "--speculative", str(k)],
-                 ["-m", "graphs.build", "--artifact", str(out), "--backend", "onnxruntime"],
-                 ["-m", "exporter.export_assistant", "--assistant", "demo/assistant", "--artifact", str(out)]):
+    steps = (["-m", "exporter.export", "--model", "demo/checkpoint", "--out", str(out), "--max-len", "256",
+              "--force", "--speculative", str(k)],
+             ["-m", "graphs.build", "--artifact", str(out), "--backend", "onnxruntime"],
+             ["-m", "exporter.export_assistant", "--assistant", "demo/assistant", "--artifact", str(out)],
+             ["-m", "graphs.ort.assistant", "--artifact", str(out), "--if-engine"])  # as make export-assistant
+    if (out / "ort").is_dir() and (out / "manifest.json").is_file() and "assistant" in (out / "manifest.json").read_text():
+        if (out / "ort-assistant").is_dir():
+            return out
+        steps = steps[3:]  # built before the assistant's loop form existed
+    for args in steps:
         log("[bench-speculative] " + " ".join(args))
         subprocess.run([py, *args], check=True, cwd=ROOT)
     return out

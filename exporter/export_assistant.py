@@ -1,7 +1,8 @@
 """Export Gemma 4's drafting assistant into an existing artifact as its own graph, ``assistant/assistant.onnx``.
 
 One call of the graph is one draft (`exporter.assistant.AssistantModel.step`); the runtime loops it K times
-(`runtime.assistant`).  Its cache inputs are the target's last full and last sliding layer caches, in the target's
+(`runtime.assistant`), or runs its ONNX Runtime loop form (`graphs.ort.assistant`, K drafts in one call), which
+``make export-assistant`` writes next when the artifact has an ONNX Runtime engine (an older one is removed here).  Its cache inputs are the target's last full and last sliding layer caches, in the target's
 layout: the runtime binds the very OrtValues the target backend writes (IOBinding, no copy), so the graph reads
 them in place and writes nothing.  The manifest's ``assistant`` record names the graph, its inputs and outputs,
 which target cache inputs feed it (``target_caches``) and the assistant's config; the files are listed with their
@@ -37,6 +38,7 @@ __all__ = ["assistant_io", "export_assistant", "target_caches"]
 
 OPSET = 24
 GRAPH = "assistant/assistant.onnx"
+ORT_FORM = "ort-assistant"  # graphs.ort.assistant.DIR
 
 
 def target_caches(target: ModelConfig) -> dict[str, str]:
@@ -167,6 +169,11 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
 
             shutil.rmtree(stage, ignore_errors=True)
         raise
+    stale = root / ORT_FORM  # the loop form of the assistant replaced (graphs.ort.assistant): rebuilt from the new one
+    if stale.is_dir():
+        import shutil
+
+        shutil.rmtree(stale)
     inputs, outputs = assistant_io(model, target)
     record = {
         "file": GRAPH, "inputs": inputs, "outputs": outputs, "target_caches": caches,

@@ -241,6 +241,10 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
                                                     ort_sliding, ort_sliding_slack, ort_ring_decode)
     manifest = write_manifest(root, dict(manifest, engines=engines))
     log(f"[build-engine] {root}: engines {sorted(engines)} recorded in manifest.json")
+    if "onnxruntime" in engines and "assistant" in manifest:
+        from graphs.ort.assistant import add_ort_assistant
+
+        manifest = add_ort_assistant(root, manifest=manifest, log=log)
     return manifest
 
 

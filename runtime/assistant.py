@@ -19,6 +19,11 @@ tensors to the sequence length): pass ``ranges`` to reproduce it (tests/assistan
 The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_backend.OrtBackend.new_cache`, or
 numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own
 table, memory-mapped from the decode graph's external data (`TargetEmbedding`): no second copy of it in memory.
+Where the artifact has the assistant's ONNX Runtime loop form (`graphs.ort.assistant`, written by ``make
+build-engine`` and ``make export-assistant``; recorded as ``assistant.onnxruntime`` with the hash of the step graph
+it came from), `AssistantRunner.draft` makes all K drafts in one call of it, the embedding table bound by its
+address; else (an older artifact, or a re-exported assistant) it calls the step graph K times.  Same drafts
+(tests/test_assistant_runtime.py runs every drafting test on both).
 Not here: verification, acceptance and the generate loop; TensorRT caches (device buffers) are not read.
 """
 
@@ -112,6 +117,18 @@ class AssistantRunner:
                  if s["name"].startswith(("past_key_", "past_value_"))]
         self.cache_index = {k: names.index(v) for k, v in record["target_caches"].items()}
         self.embedding = embedding or TargetEmbedding(root, manifest)
+        self.loop = None  # the K-step form (graphs.ort.assistant), when the artifact has a current one
+        form = record.get("onnxruntime")
+        if form is not None and form.get("from_sha256") == manifest["files"].get(record["file"]):
+            path = check_external_data(root, manifest, form["file"])
+            try:
+                self.loop = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - ORT's own exception types; reported with the file
+                raise ArtifactError(f"{path}: ONNX Runtime cannot load the assistant's loop graph ({e})") from None
+            want = {"float16": np.float16, "float32": np.float32}.get(form.get("embed_table_dtype"))
+            if want is not None and self.embedding.table.dtype != want:
+                raise ArtifactError(f"{path}: built for a {form['embed_table_dtype']} embedding table; the target's is "
+                                    f"{self.embedding.table.dtype} (rebuild with `make build-engine`)")
 
     def _value(self, buf):
         if isinstance(buf, np.ndarray):
@@ -142,11 +159,13 @@ class AssistantRunner:
         ranges = {k: np.asarray(ranges[k], np.int64).reshape(b) for k in ("full_len", "sliding_start", "sliding_end")}
         if np.any(ranges["sliding_end"] - ranges["sliding_start"] > ring):
             raise InputError(f"assistant: a sliding range is longer than the ring ({ring} slots)")
+        fixed = {"position": position, "full_slots": np.arange(max(1, int(ranges["full_len"].max())), dtype=np.int64),
+                 **ranges}
+        if self.loop is not None:
+            return self._draft_loop(values, fixed, tokens, hidden, num_tokens)
         binding = self.session.io_binding()
         for key, value in values.items():
             binding.bind_ortvalue_input(key, value)
-        fixed = {"position": position, "full_slots": np.arange(max(1, int(ranges["full_len"].max())), dtype=np.int64),
-                 **ranges}
         for key, arr in fixed.items():
             binding.bind_cpu_input(key, arr)
         out_tokens, out_logits = [], []
@@ -162,3 +181,20 @@ class AssistantRunner:
             out_tokens.append(token)
             out_logits.append(logits)
         return Drafts(np.stack(out_tokens, 1), np.stack(out_logits, 1), hidden)
+
+    def _draft_loop(self, values, fixed, tokens, hidden, num_tokens: int) -> Drafts:
+        """All ``num_tokens`` steps in one call of the loop graph; the embedding table bound by its address."""
+        binding = self.loop.io_binding()
+        for key, value in values.items():
+            binding.bind_ortvalue_input(key, value)
+        for key, arr in {**fixed, "token": tokens, "hidden": hidden,
+                         "num_tokens": np.array(num_tokens, np.int64)}.items():
+            binding.bind_cpu_input(key, arr)
+        table = self.embedding.table
+        binding.bind_input("embed_table", "cpu", 0, table.dtype, list(table.shape), table.ctypes.data)
+        for name in ("tokens", "logits", "next_hidden"):
+            binding.bind_output(name)
+        self.loop.run_with_iobinding(binding)
+        out_tokens, logits, next_hidden = binding.copy_outputs_to_cpu()
+        return Drafts(out_tokens, logits, next_hidden)
+

@@ -47,6 +47,22 @@ def tiny_with_assistant(workdir, artifact_store, pairs):
     return out
 
 
+@pytest.fixture(scope="module", params=["step", "loop"])
+def drafting_artifact(request, workdir, tiny_with_assistant):
+    """The artifact the runner drafts from: the assistant step graph called K times, or its ONNX Runtime loop form
+    (`graphs.ort.assistant`: K drafts in one call)."""
+    if request.param == "step":
+        return tiny_with_assistant
+    out = workdir / "artifact-tiny-assistant-loop"
+    if not out.exists():
+        from graphs.ort.assistant import add_ort_assistant
+
+        shutil.copytree(tiny_with_assistant, out)
+        add_ort_assistant(out, log=lambda *_: None)
+    assert AssistantRunner(out, read_manifest(out)).loop is not None
+    return out
+
+
 def _inputs(model, target, batch, max_len, ring, seed):
     g = torch.Generator().manual_seed(seed)
     t, hb = target.text, model.cfg.backbone_hidden_size
@@ -142,11 +158,11 @@ def test_embedding_rows_equal_the_reference(tiny_with_assistant, pairs):
     assert np.array_equal(runner.embedding(ids), want)
 
 
-def test_runner_drafts_equal_transformers(tiny_with_assistant, pairs):
+def test_runner_drafts_equal_transformers(drafting_artifact, pairs):
     """Every round of transformers' assisted generate: the runner, given the target entries in our layout (ring of
     window + K + 1 slots) and the reference's reading of them, drafts the reference's tokens."""
     target, ref, _, _ = pairs("tiny-assistant")
-    runner = AssistantRunner(tiny_with_assistant, read_manifest(tiny_with_assistant))
+    runner = AssistantRunner(drafting_artifact, read_manifest(drafting_artifact))
     window = PRESETS["tiny"].text.sliding_window
     ids = prompt(2 * window + 3, 3)
     seq, rounds = record_rounds(target, ref, ids, num_draft=K, max_new_tokens=2 * window)
@@ -166,7 +182,7 @@ def test_runner_drafts_equal_transformers(tiny_with_assistant, pairs):
             assert clean.tokens[0].tolist() == r.drafts
 
 
-def test_runner_reads_the_backend_caches_in_place(tiny_with_assistant, pairs):
+def test_runner_reads_the_backend_caches_in_place(drafting_artifact, pairs):
     """After a batched prefill longer than the window (rings wrapped), the runner on the ONNX Runtime backend's own
     cache OrtValues drafts what our PyTorch assistant drafts on copies of them, logits within 1e-4 of the range;
     changing the backend's ring changes the drafts (it is read where it lies, not copied at bind time)."""
@@ -174,8 +190,8 @@ def test_runner_reads_the_backend_caches_in_place(tiny_with_assistant, pairs):
     from runtime.prompt import PrefillInputs
 
     target, _, ours, _ = pairs("tiny-assistant")
-    manifest = read_manifest(tiny_with_assistant)
-    backend, runner = OrtBackend(tiny_with_assistant, manifest), AssistantRunner(tiny_with_assistant, manifest)
+    manifest = read_manifest(drafting_artifact)
+    backend, runner = OrtBackend(drafting_artifact, manifest), AssistantRunner(drafting_artifact, manifest)
     window = PRESETS["tiny"].text.sliding_window
     rows = [prompt(3 * window + 5, 4), prompt(window + 2, 5)]
     lens = np.array([len(r) for r in rows])

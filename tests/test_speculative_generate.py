@@ -2,7 +2,7 @@
 keeps plain sampling's distribution (chi-square against the exact distribution computed from the target's own
 prefill logits, not from the speculative path), top_k=1 equals greedy; ``num_draft_tokens="auto"`` (AdaptiveK)
 keeps greedy's tokens and varies K; ``draft="assistant"`` (the artifact's exported assistant, fed the target's
-hidden states from verify) gives plain greedy's tokens on a text longer than the sliding window, and its drafts are
+hidden states from verify; its step graph or its loop form) gives plain greedy's tokens on a text longer than the sliding window, and its drafts are
 accepted more often than chance."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from exporter.export import export_artifact
 from exporter.export_assistant import export_assistant
 from exporter.stream import fake_model
 from graphs.build import build_engine
+from graphs.ort.assistant import add_ort_assistant
 from runtime.prompt import PrefillInputs
 from runtime.sampling import Sample
 from runtime.speculative import verify as spec
@@ -36,6 +37,7 @@ def spec_artifact(reference_store, workdir, tmp_path_factory):
     build_engine(out, "onnxruntime", ort_ring_decode="in_place", log=lambda *_: None)
     *_, assistant_dir = reference_pair("tiny-assistant", workdir)
     export_assistant(assistant_dir, out, log=lambda *_: None)
+    add_ort_assistant(out, log=lambda *_: None)  # what `make export-assistant` adds to an artifact with an engine
     return out
 
 
@@ -139,7 +141,8 @@ def test_adaptive_k_keeps_greedy_tokens(spec_artifact):
             assert len(set(stats.k_per_round)) > 1, (draft, stats.k_per_round)
 
 
-def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_store, monkeypatch):
+@pytest.mark.parametrize("form", ["loop", "step"])
+def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_store, monkeypatch, form):
     """Greedy with the assistant's drafts equals plain greedy token for token, prompt and output each several
     sliding windows long (rings wrap, rejected drafts written), batch of two rows; K = 1 and K.  Every round feeds
     the assistant the row's newest token at its position and the target's final-norm hidden state at the position
@@ -159,6 +162,9 @@ def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_stor
     monkeypatch.setattr(AssistantRunner, "draft", spy)
     target, _ = reference_store(PRESET)
     model = runtime.load(spec_artifact, backend="onnxruntime")
+    assert model.assistant_runner().loop is not None
+    if form == "step":  # the step graph called K times (an artifact without the loop form)
+        model.assistant_runner().loop = None
     window = PRESETS[PRESET].text.sliding_window
     prompts = [prompt(3 * window + 5, 4), prompt(window + 2, 5)]
     plain = runtime.generate(model, prompts, max_new_tokens=4 * window)
