@@ -5,8 +5,8 @@ One batched decode call per step carries rows at every phase of a ring: one abou
 wraps at the next step, a short one that crosses the window's edge halfway, one several windows long, and one after
 an image prompt.  References whose window is one token wider or narrower show that the comparison sees a wrong
 edge; the steps run with the caches bound in place (no copy), as `runtime.generate` and the serving engine run them.
-The same runs on a speculative artifact's engine, whose rings hold K slots beyond the window (the decode masks the
-slots older than the window by the position they hold); the one-token geometry is also checked against a ring
+The same runs on a speculative artifact's engine, whose rings hold K + 1 slots beyond the window (the decode masks
+the slots older than the window by the position they hold); the one-token geometry is also checked against a ring
 written position by position, with and without slack.
 """
 
@@ -21,6 +21,7 @@ import torch
 
 import runtime
 from exporter.config import PRESETS
+from exporter.model import ring_slots
 from runtime.generate import _prefill
 from runtime.ort_attention import NEG, _one_token, decode_inputs
 from runtime.prompt import Prepared, expand_prompt, pack_batch
@@ -33,7 +34,7 @@ REL_TOL = 1e-4
 
 @pytest.fixture(scope="module", params=[0, 3], ids=["ring", "ring-with-slack"])
 def engine_artifact(request, artifact_store, reference_store, tmp_path_factory):
-    """The tiny artifact (rings of W slots), or one exported with ``--speculative 3`` (rings of W + 3 slots)."""
+    """The tiny artifact (rings of W slots), or one exported with ``--speculative 3`` (rings of W + 4 slots)."""
     if not request.param:
         return artifact_store(PRESET), 0
     from exporter.export import export_artifact
@@ -81,7 +82,7 @@ def test_decode_rows_around_the_window_edge_match_transformers(engine_artifact, 
     engine = model.manifest["engines"]["onnxruntime"]
     assert engine["lowering"]["prefill"]["attention"]["ring_decode"] == "in_place"
     slots = (engine.get("attention_inputs") or {}).get("ring_slots", w)
-    assert slots == w + slack
+    assert slots == ring_slots(cfg.text, slack) == (w + slack + 1 if slack else w)
     rows = _rows(cfg)
     steps = slots + 3  # every row's ring wraps during the run
     cache = model.backend.new_cache(len(rows), model.max_len)
