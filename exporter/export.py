@@ -47,7 +47,7 @@ def _cache_names(cfg: ModelConfig, prefix: str) -> list[str]:
 def graph_io(cfg: ModelConfig, graph: str, speculative: int = 0) -> tuple[list[dict], list[dict]]:
     """Input and output specs (name, dtype, shape with named dynamic dims) of the prefill or decode graph.
 
-    ``speculative`` K > 0 (a speculative export): sliding rings of window + K slots, and the prefill graph takes
+    ``speculative`` K > 0 (a speculative export): sliding rings of window + K + 1 slots, and the prefill graph takes
     ``logits_index`` (batch, n_logits) (indices into the call's new tokens) and returns ``logits`` (batch, n_logits,
     vocab) and ``hidden`` (batch, n_logits, hidden: after the final norm) at those tokens; a plain call passes
     ``seq_lens - 1`` (n_logits 1), a verify call of K + 1 tokens 0..K."""
@@ -275,7 +275,7 @@ def export_artifact(
     ``add_files(stage)`` writes more files into the staged artifact after the graphs (a quantizing rewrite's scales);
     they are listed in the manifest like the rest.
     ``speculative`` K > 0: graphs for speculative decoding with up to K draft tokens per verify call (`graph_io`:
-    rings of window + K slots, the prefill graph's ``logits_index`` input and ``hidden`` output), recorded in the
+    rings of window + K + 1 slots, the prefill graph's ``logits_index`` input and ``hidden`` output), recorded in the
     manifest as ``speculative``; 0 (default) exports the plain graphs, unchanged.
     """
     cfg = model.cfg
@@ -332,7 +332,7 @@ def export_artifact(
             },
             "kv_cache": {
                 "layout": "flat [key_0, value_0, key_1, ...]; sliding layers are ring buffers of R slots (position p "
-                "in slot p % R; R = the window, plus the draft tokens in a speculative export), full layers hold "
+                "in slot p % R; R = the window, or window + K + 1 in a speculative export of K), full layers hold "
                 "position p in slot p",
                 "layer_types": list(cfg.text.layer_types),
                 "in_place": "present_* aliases past_* (TensorScatter) except sliding layers in prefill",
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --model is a preset")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="graphs for speculative decoding with up to K draft tokens per verify call (sliding rings "
-                        "of window + K slots, logits and hidden states at chosen positions); 0: plain graphs")
+                        "of window + K + 1 slots, logits and hidden states at chosen positions); 0: plain graphs")
     p.add_argument("--weight-dtype", default="fp32", choices=WEIGHT_DTYPES,
                    help="decoder Linear weights: fp32 (ONNX Runtime CPU) or bf16/fp16 (GPU engines: no fp32 copy)")
     a = p.parse_args(argv)

@@ -4,8 +4,8 @@ Two cache kinds exist per layer type:
 
 * full layers keep every position: slot ``j`` holds position ``j``; new K/V are written at ``past_len`` with
   ONNX ``TensorScatter`` (mode ``linear``), which ONNX Runtime and TensorRT update in place;
-* sliding layers keep a ring buffer of ``R`` slots (``R`` = the window, or the window + K draft tokens for
-  speculative decoding, so rejected writes can be taken back): position ``p`` lives in slot ``p % R``.
+* sliding layers keep a ring buffer of ``R`` slots (``R`` = the window, or the window + K + 1 for speculative
+  decoding of K draft tokens, so rejected writes can be taken back): position ``p`` lives in slot ``p % R``.
   Decode writes one token with ``TensorScatter`` (mode ``circular``), in place. Prefill may bring more new tokens
   than the ring holds, and padded rows in a batch must not overwrite live entries, so prefill rebuilds the ring
   with a gather/where (each slot takes the newest valid token that maps to it, or keeps its old value).

@@ -8,7 +8,7 @@ Faithful to transformers' ``gemma4_unified`` (the tests compare against it), wit
   ``logits_index`` the logits and final-normed hidden states of chosen positions: speculative verification).
 * ``decode(...)`` takes one token per sequence.
 * Caches are a flat list ``[k_0, v_0, k_1, v_1, ...]``: sliding layers (B, Hkv, R, D) ring buffers (R = window, or
-  window + K for speculative decoding: `ring_slots`; positions from R, masks from the window), full layers
+  window + K + 1 for speculative decoding: `ring_slots`; positions from R, masks from the window), full layers
   (B, 1, max_len, 512) linear buffers.  See `exporter.kv` for how they are written.
 
 Masks (as the reference builds them for generation): full layers are causal; sliding layers allow key position
@@ -34,13 +34,17 @@ __all__ = ["Gemma4Model", "cache_shapes", "ring_slots"]
 
 
 def ring_slots(cfg: TextConfig, speculative: int = 0) -> int:
-    """Slots of a sliding layer's ring: the window, plus ``speculative`` (the most draft tokens one verify call
-    checks) so that a rejected write never lands on a position the next query still sees.  A verify call writes
-    K + 1 tokens at positions L..L+K over the slots of positions L-R..L+K-R; with R = W + K those are <= L - W, and
-    every later query (position >= L + 1, the call's first token is always kept) sees only keys > L + 1 - W."""
-    if speculative < 0:
-        raise ValueError(f"speculative={speculative}; expected >= 0 draft tokens")
-    return cfg.sliding_window + int(speculative)
+    """Slots R of a sliding layer's ring: the window W, or W + K + 1 for a speculative export (K = the most draft
+    tokens one verify call checks), the fewest that hold, after any history of accepted and rejected drafts, all
+    that the target's next calls and the assistant's next round read.  A verify call at position L writes L..L+K;
+    after it the ring holds positions [L + K + 1 - R, L + K] (rejected drafts included; a stale slot is masked by
+    the position its slot maps to).  The target's later queries (>= L + 1: the call's first token is always kept)
+    see keys > L + 1 - W: R >= W + K - 1 would do.  The assistant's next round (`runtime.assistant.clean_ranges`)
+    reads the window + 1 accepted positions before its query at L + n + 1 (n drafts accepted): with n = 0 those
+    start at L - W, so R >= W + K + 1 (tests/test_assistant_runtime.py builds the history that W + K cuts short)."""
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+        raise ValueError(f"speculative={speculative!r}; expected an integer >= 0 draft tokens")
+    return cfg.sliding_window + (speculative + 1 if speculative else 0)
 
 
 def cache_shapes(cfg: TextConfig, batch: int, max_len: int, ring_slots: int | None = None) -> list[tuple[int, int, int, int]]:

@@ -12,9 +12,12 @@ round query at the same ``position`` (the last token's) and read the same target
 By default (`clean_ranges`) a row reads what the target has *accepted* before its last token, ``[0, position)``,
 and on the sliding layer the last ``window + 1`` of those positions (the reference's ``|q - k| <= window``), as far
 as the ring still holds them: a ring of R slots into which the target wrote up to position ``written - 1``
-(rejected drafts included) holds ``[written - R, written)``.  transformers' candidate generator reads the same in
-the first round after a prefill, and afterwards also the keys and values of rejected drafts (it cuts the shared
-tensors to the sequence length): pass ``ranges`` to reproduce it (tests/assistant_ref.py `reference_ranges`).
+(rejected drafts included) holds ``[written - R, written)``: all of them in a speculative export's rings of
+window + K + 1 slots (`exporter.model.ring_slots`) whatever was accepted, one fewer in a plain ring of window slots.
+transformers' candidate generator reads the same in the first round after a prefill; after a verify that rejected
+drafts it reads their keys and values too (it cuts the shared tensors to the sequence length by index: full
+``[0, position + 1)``, sliding the last ``window + 1`` positions written, ``[written - window - 1, written)``):
+pass ``ranges`` to reproduce it (tests/assistant_ref.py `reference_ranges`).
 
 The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_backend.OrtBackend.new_cache`, or
 numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own

@@ -11,7 +11,7 @@ back, or a `Backend.rows` view of it.  Steps update the cache in place (a backen
 but then `rows` views are refused).
 
 Speculative decoding (`runtime.speculative.verify`) needs an artifact exported with ``--speculative K``: its
-graphs return logits and hidden states at chosen new tokens, and its sliding rings hold window + K slots, so a
+graphs return logits and hidden states at chosen new tokens, and its sliding rings hold window + K + 1 slots, so a
 verify call's rejected tokens are taken back by the caller's lengths alone: the next call at a shorter
 ``past_lens`` overwrites them before anything reads them (full layers) or masks them by position (rings: a rejected
 write only replaced positions outside every later window).  Nothing else is needed to roll back.

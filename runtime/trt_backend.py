@@ -285,7 +285,7 @@ class TrtBackend:
                                            logits_index=index), cache)
 
     def verify_tokens(self, past_lens) -> int:
-        """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1 (rings of window + K slots), 1 without."""
+        """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1 (rings of window + K + 1 slots), 1 without."""
         return self.max_draft_tokens + 1 if self.max_draft_tokens else 1
 
     def _decode_feeds(self, ids: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@ assistant on shapes other than the export's (plain and centroid-masked heads); `
 the manifest (sha256, target caches) and its refusals; the runner's drafts equal transformers' candidate generator
 round for round (its reading of the target entries given explicitly) and our PyTorch assistant's on the ONNX Runtime
 backend's own cache buffers after a prompt longer than the window, read in place; the target embedding rows it
-gathers equal the reference's scaled embedding."""
+gathers equal the reference's scaled embedding; after a verify call that accepted no draft, its default reading of
+a speculative export's rings (window + K + 1 slots) is the reference's on the accepted tokens (window + K: not)."""
 
 from __future__ import annotations
 
@@ -266,3 +267,57 @@ def test_int4_graph_equals_dequantized_weights(pairs, tmp_path):
     ort.InferenceSession(str(path), fused, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 23 and "DequantizeLinear" not in ops
+
+
+def test_clean_reading_after_a_verify_that_accepted_no_draft(tiny_with_assistant, pairs):
+    """A verify call at position L wrote its K + 1 tokens (L..L+K) into the target's caches and every draft was
+    rejected; the next round queries at L + 1.  The reference: transformers' candidate generator on the accepted
+    tokens alone (a prefill of them, no rejected draft anywhere), which reads positions L - W..L on the sliding layer
+    (`reference_ranges` of its round).  On rings of `exporter.model.ring_slots` (W + K + 1) slots written position by
+    position through the verify call, the runner's default reading (`clean_ranges` with ``written`` = L + K + 1) is
+    that range and drafts the reference's tokens (first step's logits within 1e-4 of the range); on rings of W + K
+    slots position L - W is gone: the range is one short, the first step's logits move and the drafts differ (the
+    old ring size)."""
+    from exporter.model import ring_slots
+    from tests.assistant_ref import Round
+
+    target, ref, _, _ = pairs("tiny-assistant")
+    runner = AssistantRunner(tiny_with_assistant, read_manifest(tiny_with_assistant))
+    cfg = PRESETS["tiny"].text
+    window, n_layers = cfg.sliding_window, len(cfg.layer_types)
+    accepted = prompt(3 * window + 2, 7)  # positions 0..L; the verify call's first token is the last of them
+    last = len(accepted) - 1
+    _, rounds = record_rounds(target, ref, accepted, num_draft=K, max_new_tokens=K + 2)
+    r, p = rounds[0], last + 1
+    assert r.input_ids[:-1] == accepted and len(r.drafts) == K
+    rg = reference_ranges(r, window)
+    assert rg == {"position": p, "full_len": p, "sliding_start": last - window, "sliding_end": p}
+    correction = r.input_ids[-1]  # the target's own token at L + 1: the first draft below is not it (rejected)
+    rejected = [t for t in prompt(3 * K, 8)[1:] if t != correction][:K]
+    with torch.no_grad():  # the target's keys and values of the verify call's sequence (causal: as it wrote them)
+        out = target(input_ids=torch.tensor([accepted + rejected]), return_shared_kv_states=True)
+        emb = torch.cat([scaled_embedding(target, correction), r.hidden], -1)[:, None]
+        want = ref(inputs_embeds=emb, position_ids=torch.tensor([[p]]),
+                   shared_kv_states={"full_attention": r.full, "sliding_attention": r.sliding}).logits[0, 0].numpy()
+    history = Round(accepted + rejected, r.hidden, out.shared_kv_states["full_attention"],
+                    out.shared_kv_states["sliding_attention"], [])
+    span, written = float(np.ptp(want)), last + K + 1
+    got = {}
+    for ring in (window + K, ring_slots(cfg, K)):
+        caches = OurCaches(r.full[0].shape, r.sliding[0].shape, max_len=written + 2, ring=ring)
+        caches.write(history)
+        buffers: list = [None] * (2 * n_layers)
+        for key, t in zip(("full_key", "full_value", "ring_key", "ring_value"), caches.tensors()):
+            buffers[runner.cache_index[key]] = np.ascontiguousarray(t.numpy())
+        clean = {k: int(v[0]) for k, v in clean_ranges([p], [written], window, ring).items()}
+        drafts = runner.draft(buffers, [correction], r.hidden.numpy(), [p], K, written=[written])
+        got[ring] = clean, drafts.tokens[0].tolist(), float(np.abs(drafts.logits[0, 0] - want).max()) / span
+    clean, tokens, err = got[ring_slots(cfg, K)]
+    assert ring_slots(cfg, K) == window + K + 1
+    assert clean == {k: v for k, v in rg.items() if k != "position"}
+    assert tokens == r.drafts, f"rings of W + K + 1: drafts {tokens}, transformers {r.drafts}"
+    assert err <= 1e-4, f"rings of W + K + 1: first step's logits max err {err:.3g} of the range"
+    clean, tokens, err = got[window + K]
+    assert clean["sliding_start"] == last - window + 1  # the oldest position is lost
+    assert err > 1e-2, f"rings of W + K: the first step's logits moved only {err:.3g} of the range"
+    assert tokens != r.drafts  # and so did the drafts (not so for every prompt: these random weights are decisive)

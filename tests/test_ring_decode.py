@@ -5,9 +5,10 @@ One batched decode call per step carries rows at every phase of a ring: one abou
 wraps at the next step, a short one that crosses the window's edge halfway, one several windows long, and one after
 an image prompt.  References whose window is one token wider or narrower show that the comparison sees a wrong
 edge; the steps run with the caches bound in place (no copy), as `runtime.generate` and the serving engine run them.
-The same runs on a speculative artifact's engine, whose rings hold K slots beyond the window (the decode masks the
-slots older than the window by the position they hold); the one-token geometry is also checked against a ring
-written position by position, with and without slack.
+The same runs on a speculative artifact's engine, whose rings hold K + 1 slots beyond the window (the decode masks
+the slots older than the window by the position they hold), and there rounds of verify calls that reject drafts
+(the multi-token ring path over stale slots) give transformers' logits too; the one-token geometry is also checked
+against a ring written position by position, with and without slack.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 
 import runtime
 from exporter.config import PRESETS
+from exporter.model import ring_slots
 from runtime.generate import _prefill
 from runtime.ort_attention import NEG, _one_token, decode_inputs
-from runtime.prompt import Prepared, expand_prompt, pack_batch
+from runtime.prompt import PrefillInputs, Prepared, expand_prompt, pack_batch
 from tests.cases import MAX_SOFT_TOKENS, _ids, _image
 from tests.reference import reference_inputs, reference_logits
 
@@ -31,11 +33,12 @@ PRESET = "tiny"  # window 8, 5 sliding + 1 full layers, vision
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[0, 3], ids=["ring", "ring-with-slack"])
-def engine_artifact(request, artifact_store, reference_store, tmp_path_factory):
-    """The tiny artifact (rings of W slots), or one exported with ``--speculative 3`` (rings of W + 3 slots)."""
-    if not request.param:
-        return artifact_store(PRESET), 0
+SLACK = 3  # draft tokens of the speculative artifact
+
+
+@pytest.fixture(scope="module")
+def slack_artifact(reference_store, tmp_path_factory):
+    """The tiny model exported with ``--speculative 3`` (rings of W + 4 slots), engine built with the defaults."""
     from exporter.export import export_artifact
     from exporter.stream import fake_model
     from graphs.build import build_engine
@@ -43,9 +46,17 @@ def engine_artifact(request, artifact_store, reference_store, tmp_path_factory):
     _, ckpt = reference_store(PRESET)
     out = tmp_path_factory.mktemp("slack") / "artifact"
     export_artifact(fake_model(PRESETS[PRESET]), out, max_len=200, source={"checkpoint": str(ckpt)},
-                    weights_from=ckpt, speculative=request.param, log=lambda *_: None)
+                    weights_from=ckpt, speculative=SLACK, log=lambda *_: None)
     build_engine(out, "onnxruntime", log=lambda *_: None)  # auto: the one-token branch
-    return out, request.param
+    return out
+
+
+@pytest.fixture(scope="module", params=[0, SLACK], ids=["ring", "ring-with-slack"])
+def engine_artifact(request, artifact_store):
+    """The tiny artifact (rings of W slots), or the speculative one (rings of W + 4 slots)."""
+    if not request.param:
+        return artifact_store(PRESET), 0
+    return request.getfixturevalue("slack_artifact"), request.param
 
 
 def _reference(ref, window: int | None = None):
@@ -81,7 +92,7 @@ def test_decode_rows_around_the_window_edge_match_transformers(engine_artifact, 
     engine = model.manifest["engines"]["onnxruntime"]
     assert engine["lowering"]["prefill"]["attention"]["ring_decode"] == "in_place"
     slots = (engine.get("attention_inputs") or {}).get("ring_slots", w)
-    assert slots == w + slack
+    assert slots == ring_slots(cfg.text, slack) == (w + slack + 1 if slack else w)
     rows = _rows(cfg)
     steps = slots + 3  # every row's ring wraps during the run
     cache = model.backend.new_cache(len(rows), model.max_len)
@@ -121,6 +132,45 @@ def test_decode_rows_around_the_window_edge_match_transformers(engine_artifact, 
         for other, name in ((wide, "w + 1"), (narrow, "w - 1")):
             moved = np.abs(logits(other, b) - want).max(axis=-1) / scale
             assert moved[beyond].min() > 10 * REL_TOL, f"row {b}: window {name} moves the logits only {moved}"
+
+
+def test_verify_rounds_after_rejections_match_transformers(slack_artifact, reference_store):
+    """The speculative artifact's ring engine: rounds of verify calls of K + 1 tokens (the multi-token ring path),
+    most keeping only their first token (every draft rejected: the most stale slots a ring holds), the others 2..K +
+    1, the context wrapping the rings several times, then W + 2 decode steps (the one-token branch in place): every
+    logit equals transformers' on the kept tokens followed by the call's own (float64 reference, 1e-4 of the range);
+    references whose window is one token wider or narrower are off by far more, so each query sees exactly its
+    window."""
+    cfg = PRESETS[PRESET]
+    w, k = cfg.text.sliding_window, SLACK
+    b = runtime.load(slack_artifact).backend
+    assert b.ring_slots == ring_slots(cfg.text, k)
+    ref, _ = reference_store(PRESET)
+    refs = {"exact": _reference(ref), "w + 1": _reference(ref, w + 1), "w - 1": _reference(ref, w - 1)}
+    tokens = cfg.to_json_dict()["tokens"]
+    rng = np.random.default_rng(3)
+    kept = _ids(15, 2 * w + 2)  # kept[-1]: the newest token, not cached yet
+    cache = b.new_cache(1, 200)
+    b.prefill(PrefillInputs(np.array([kept[:-1]]), np.array([0]), np.array([len(kept) - 1])), cache)
+    calls = []  # (our logits (n, V), the sequence the reference runs, the position of the call's first token)
+    for keep in (1, 1, 3, 1, 1, k + 1, 1, 2, 1, 1):
+        cached, toks = len(kept) - 1, [kept[-1], *(int(t) for t in rng.integers(3, 290, k))]
+        logits, _ = b.verify(np.array([toks]), [cached], cache)
+        calls.append((logits[0], kept[:-1] + toks, cached))
+        kept = kept[:-1] + toks[:keep] + [int(rng.integers(3, 290))]
+    start = len(kept) - 1
+    kept += [int(t) for t in rng.integers(3, 290, w + 1)]
+    steps = [b.decode([kept[pos]], [pos], cache)[0] for pos in range(start, len(kept))]
+    calls.append((np.stack(steps), kept, start))
+    for i, (got, ids, first) in enumerate(calls):
+        want = {name: reference_logits(m, reference_inputs(Prepared(ids), tokens))[first:first + len(got)]
+                for name, m in refs.items()}
+        scale = float(np.ptp(want["exact"]))
+        err = float(np.abs(got - want["exact"]).max()) / scale
+        assert err <= REL_TOL, f"call {i} at position {first}: max err {err:.3g} of the logit range"
+        for name in ("w + 1", "w - 1"):
+            moved = float(np.abs(want[name] - want["exact"]).max(axis=-1).min()) / scale
+            assert moved > 10 * REL_TOL, f"call {i}: window {name} moves the logits only {moved:.3g}"
 
 
 def _ring_by_writes(past: int, window: int, slots: int) -> tuple[int, np.ndarray]:

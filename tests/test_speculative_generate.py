@@ -2,8 +2,9 @@
 keeps plain sampling's distribution (chi-square against the exact distribution computed from the target's own
 prefill logits, not from the speculative path), top_k=1 equals greedy; ``num_draft_tokens="auto"`` (AdaptiveK)
 keeps greedy's tokens and varies K; ``draft="assistant"`` (the artifact's exported assistant, fed the target's
-hidden states from verify; its step graph or its loop form) gives plain greedy's tokens on a text longer than the sliding window, and its drafts are
-accepted more often than chance."""
+hidden states from verify; its step graph or its loop form) gives plain greedy's tokens on a text longer than
+the sliding window, and its drafts are accepted more often than chance; after a verify call that accepted none of K
+drafts its round drafts what transformers' drafter does on the accepted tokens."""
 
 from __future__ import annotations
 
@@ -189,3 +190,32 @@ def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_stor
             checked += 1
         assert checked >= 6
         calls.clear()
+
+
+def test_assistant_round_after_a_verify_that_accepted_no_draft(spec_artifact, workdir):
+    """On the ONNX Runtime ring engine's own caches (rings of W + K + 1 slots): after a prefill and a verify call of
+    the newest token and K drafts that the target rejects (all of them: the most a ring must take back), the
+    assistant's next round (the default reading, ``written`` = the verify call's end) drafts what transformers'
+    candidate generator drafts after a prefill of the accepted tokens alone, token for token.  (An export with the
+    earlier rings of W + K slots lost position L - W here and drafted [76, 184, 142] against [35, 161, 298].)"""
+    from runtime.assistant import AssistantRunner
+    from tests.assistant_ref import record_rounds
+
+    target, ref, _, _ = reference_pair("tiny-assistant", workdir)
+    model = runtime.load(spec_artifact, backend="onnxruntime")
+    b, window = model.backend, PRESETS[PRESET].text.sliding_window
+    runner = AssistantRunner(spec_artifact, model.manifest)
+    assert model.manifest["speculative"] == {"max_draft_tokens": K, "ring_slots": window + K + 1}
+    accepted = prompt(3 * window + 2, 9)  # the last one is the verify call's first token, at position L
+    last = len(accepted) - 1
+    _, rounds = record_rounds(target, ref, accepted, num_draft=K, max_new_tokens=K + 2)
+    r = rounds[0]
+    correction = r.input_ids[-1]  # the target's token at L + 1
+    rejected = [t for t in prompt(3 * K, 10)[1:] if t != correction][:K]
+    cache = b.new_cache(1, MAX_LEN)
+    assert cache[runner.cache_index["ring_key"]].shape()[2] == window + K + 1
+    b.prefill(PrefillInputs(np.array([accepted[:-1]]), np.array([0]), np.array([last])), cache)
+    logits, hidden = b.verify(np.array([[accepted[-1], *rejected]]), [last], cache)
+    assert int(logits[0, 0].argmax()) == correction  # so every draft is rejected
+    got = runner.draft(cache, [correction], hidden[0, :1], [last + 1], K, written=[last + K + 1])
+    assert got.tokens[0].tolist() == r.drafts, f"ours {got.tokens[0].tolist()}, transformers {r.drafts}"

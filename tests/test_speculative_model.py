@@ -1,10 +1,13 @@
 """Speculative verification in our PyTorch model (`exporter.model`) against transformers: a verify call of K + 1
-tokens on rings of window + K slots gives transformers' logits and last hidden states (``hidden_states[-1]``, after
+tokens on rings of window + K + 1 slots gives transformers' logits and last hidden states (``hidden_states[-1]``, after
 the final norm) at every new token, and after taking rejected tokens back, decoding on gives the logits of plain
 decoding (rings of window slots) of the sequence that never had them: past the window (the rejected writes wrapped
-the ring), after images and audio.  The engine forms are tested in tests/test_speculative_engines.py."""
+the ring), after images and audio; rounds of verify calls that keep few of their tokens give transformers' logits
+on what they kept (float64).  The engine forms are tested in tests/test_speculative_engines.py."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ CASES = [(p, name) for p in TEST_PRESETS for name in cases(PRESETS[p]) if name !
 
 def _prompt(preset: str, name: str, rng):
     """The case's prompt, extended with text tokens until its length P is just short of a multiple of the ring
-    (R = W + K) and past it, so the verify call's writes wrap the ring; then K + 1 more tokens to verify and
+    (R = W + K + 1) and past it, so the verify call's writes wrap the ring; then K + 1 more tokens to verify and
     W + 3 to decode after the rollback."""
     cfg = PRESETS[preset]
     case = cases(cfg)[name]
@@ -121,3 +124,48 @@ def test_window_verify_tokens_follows_onnxruntimes_layout():
             ends = [evicted(past + i, c, g) for i in range(1, n + 2)]
             assert n >= 1 and len(set(ends[:n])) == 1, (w, c, past, n)
             assert ends[n] != ends[0], f"window {w} capacity {c} past {past}: {n} is not the longest call"
+
+
+def _rounds(model, ref, ring: int, w: int, rng, keeps) -> float:
+    """Verify rounds of K + 1 tokens on rings of ``ring`` slots, each keeping its first ``keep`` tokens plus a new
+    one, then W + 2 decode steps: the largest error against transformers (``ref``) on the kept tokens followed by the
+    round's own, relative to each call's logit range."""
+    one = lambda n: torch.tensor([n])  # noqa: E731
+    kept = [2] + [int(t) for t in rng.integers(3, 290, 2 * w + 1)]  # kept[-1]: the newest token, not yet cached
+    worst = 0.0
+    with torch.no_grad():
+        caches = model.empty_caches(1, len(kept) + len(keeps) * (K + 1) + w + 4, torch.float64, ring_slots=ring)
+        _, caches = model.prefill(torch.tensor([kept[:-1]]), one(0), one(len(kept) - 1), caches)
+        for keep in keeps:
+            cached, toks = len(kept) - 1, [kept[-1], *(int(t) for t in rng.integers(3, 290, K))]
+            logits, _, caches = model.prefill(torch.tensor([toks]), one(cached), one(K + 1), caches,
+                                              logits_index=torch.arange(K + 1)[None])
+            want = ref(input_ids=torch.tensor([kept[:-1] + toks])).logits[0, cached:].numpy()
+            worst = max(worst, float(np.abs(logits[0].numpy() - want).max() / np.ptp(want)))
+            kept = kept[:-1] + toks[:keep] + [int(rng.integers(3, 290))]
+        start, got = len(kept) - 1, []
+        kept += [int(t) for t in rng.integers(3, 290, w + 1)]
+        for pos in range(start, len(kept)):
+            out, caches = model.decode(torch.tensor([[kept[pos]]]), one(pos), caches)
+            got.append(out[0].numpy())
+        want = ref(input_ids=torch.tensor([kept])).logits[0, start:].numpy()
+    return max(worst, float((np.abs(np.stack(got) - want).max(-1) / np.ptp(want, axis=-1)).max()))
+
+
+def test_verify_rounds_after_rejections_match_transformers(reference_store):
+    """Rounds of verify calls on rings of `ring_slots` slots, most of them keeping only their first token (every
+    draft rejected: the most stale slots a ring ever holds), the others 2..K + 1, the context wrapping the ring
+    several times: each round's K + 1 logits equal transformers' on the kept tokens followed by the round's own, and
+    so do W + 2 decode steps after the last round (float64 on both sides, 1e-4 of the range; seen 1.5e-6).  Control:
+    the same rounds on rings of W + K - 2 slots fail (a rejected write replaced a key a later query sees: 0.49 of
+    the range), so the comparison sees a ring too small (W + K - 1, the target's own minimum, passes too)."""
+    preset = "tiny"
+    ref, ckpt = reference_store(preset)
+    ref = copy.deepcopy(ref).double()
+    cfg, model = PRESETS[preset], load_model(ckpt).double()
+    w = cfg.text.sliding_window
+    keeps = [1, 1, 3, 1, 1, K + 1, 1, 2, 1, 1]
+    err = _rounds(model, ref, ring_slots(cfg.text, K), w, np.random.default_rng(1), keeps)
+    assert err <= 1e-4, f"{preset}: rings of {ring_slots(cfg.text, K)} slots: max err {err:.3g} of the logit range"
+    short = _rounds(model, ref, w + K - 2, w, np.random.default_rng(1), keeps)
+    assert short > 1e-2, f"{preset}: rings of W + K - 2 slots moved the logits only {short:.3g}: the test is blind"
