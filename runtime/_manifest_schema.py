@@ -132,7 +132,8 @@ _GRAPH = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO})
 _ENGINE = _obj({"prefill": _relpath, "decode": _relpath})
 _ASSISTANT_CACHES = ("full_key", "full_value", "ring_key", "ring_value")
 _ASSISTANT = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO,
-                   "target_caches": _obj({k: _str for k in _ASSISTANT_CACHES})})
+                   "target_caches": _obj({k: _str for k in _ASSISTANT_CACHES})},
+                  {"engines": _obj({}, {"onnxruntime": _obj({"file": _relpath})})})
 _MODEL_CONFIG = _obj(
     {
         "text": _obj({
@@ -184,6 +185,8 @@ def opened_paths(manifest: dict[str, Any]) -> dict[str, str]:
             out[f"quantization.{key}"] = manifest["quantization"][key]
     if "assistant" in manifest:
         out["assistant.file"] = manifest["assistant"]["file"]
+        if "onnxruntime" in manifest["assistant"].get("engines", {}):
+            out["assistant.engines.onnxruntime.file"] = manifest["assistant"]["engines"]["onnxruntime"]["file"]
     return out
 
 

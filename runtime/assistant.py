@@ -31,11 +31,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime._int8_probe import int8_dot_products_exact
 from runtime._onnx_refs import OnnxParseError, initializer_record
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 
-__all__ = ["AssistantRunner", "Drafts", "TargetEmbedding", "clean_ranges"]
+__all__ = ["AssistantRunner", "Drafts", "TargetEmbedding", "clean_ranges", "ort_graph"]
 
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "embed_tokens.weight_fp16")  # fp32, or calib.embedding's fp16
 _NUMPY_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto data types
@@ -72,6 +73,18 @@ class TargetEmbedding:
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32) * self.scale
 
 
+def ort_graph(record: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The assistant graph ONNX Runtime runs and its session config entries: the record's ``engines.onnxruntime``
+    (an INT8 assistant's 8-bit MatMulNBits form, `calib.assistant_int8`) where 8-bit MatMulNBits is exact on this
+    CPU (`runtime._int8_probe`), else the artifact's graph (INT8: its Q/DQ form, ORT's exact u8 x u8 kernels)."""
+    engine = record.get("engines", {}).get("onnxruntime")
+    if engine is None:
+        return record["file"], {}
+    if engine.get("int8_kernel") != "MatMulNBits" or int8_dot_products_exact():
+        return engine["file"], {}
+    return record["file"], {"session.x64quantprecision": "1"}
+
+
 def clean_ranges(position: np.ndarray, written: np.ndarray, window: int, ring: int) -> dict[str, np.ndarray]:
     """The default target entries of a round (see the module docstring), (B,) int64 each."""
     position = np.asarray(position, np.int64)
@@ -98,10 +111,13 @@ class AssistantRunner:
         if record is None:
             raise ArtifactError(f"{root}: the artifact has no assistant; add one with "
                                 f"`make export-assistant ASSISTANT=<checkpoint dir> OUT={root}`")
-        graph = check_external_data(root, manifest, record["file"])
+        rel, config = ort_graph(record)
+        graph = check_external_data(root, manifest, rel)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        for key, value in config.items():
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT's own exception types; reported with the file
