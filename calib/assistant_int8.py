@@ -35,7 +35,7 @@ import numpy as np
 from exporter.export_assistant import GRAPH, export_assistant, target_caches
 from runtime.staging import error_message
 
-__all__ = ["collect_assistant_stats", "quantize_int8"]
+__all__ = ["collect_assistant_stats", "quantize_int8", "write_int8"]
 
 ORT_GRAPH = "assistant.ort.onnx"  # beside GRAPH: the 8-bit MatMulNBits form ONNX Runtime runs
 SCALES = "int8_scales.json"
@@ -109,6 +109,9 @@ def collect_assistant_stats(graph: Path, artifact: Path, *, data_dir=None, max_n
     prompts = prompts_for(data_dir, "assistant", manifest["model_config"],
                           has_tokenizer=bool(manifest.get("tokenizer")))
     k = int(model.backend.max_draft_tokens or 0)
+    if k < 1:
+        raise ValueError(f"{artifact}: exported without --speculative K, so its target cannot verify drafts and the "
+                         "assistant has no drafting rounds to calibrate on; export it with `make export SPECULATIVE=K`")
     ran, skipped = 0, []
     for p in prompts.prompts:
         try:
@@ -134,8 +137,17 @@ def collect_assistant_stats(graph: Path, artifact: Path, *, data_dir=None, max_n
 
 def quantize_int8(path: Path, *, artifact: str | Path, smoothquant: float | None = None, data_dir=None,
                   max_new_tokens: int = 32, log=print) -> dict:
-    """Rewrite the fp32 assistant graph at ``path`` in place into W8A8 Q/DQ and write its ONNX Runtime form beside
-    it (module docstring).  Returns counts, and under ``record`` what the manifest's assistant record adds."""
+    """`export_assistant`'s rewrite: statistics on drafting rounds (`collect_assistant_stats`), then `write_int8`."""
+    if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
+        raise ValueError(f"SmoothQuant alpha={smoothquant}; expected a value in [0, 1] or none")
+    stats = collect_assistant_stats(path, Path(artifact), data_dir=data_dir, max_new_tokens=max_new_tokens, log=log)
+    return write_int8(path, stats, smoothquant=smoothquant, log=log)
+
+
+def write_int8(path: Path, stats, *, smoothquant: float | None = None, log=print) -> dict:
+    """Rewrite the fp32 assistant graph at ``path`` in place into W8A8 Q/DQ with the activation statistics ``stats``
+    (`calib.stats.Stats`, module -> TensorStats) and write its ONNX Runtime form beside it (module docstring).
+    Returns counts, and under ``record`` what the manifest's assistant record adds."""
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
@@ -145,9 +157,6 @@ def quantize_int8(path: Path, *, artifact: str | Path, smoothquant: float | None
     from exporter.linears import find_linears
     from graphs.ort.qdq import matmul_nbits
 
-    if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
-        raise ValueError(f"SmoothQuant alpha={smoothquant}; expected a value in [0, 1] or none")
-    stats = collect_assistant_stats(path, Path(artifact), data_dir=data_dir, max_new_tokens=max_new_tokens, log=log)
     prec = PRECISIONS["int8"]
     model = ir.load(str(path))
     linears = find_linears(model)
@@ -208,8 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"assistant-int8: error: --smoothquant {a.smoothquant!r}: expected a number or 'none'", file=sys.stderr)
         return 2
-    if a.max_new_tokens < 1:
-        print(f"assistant-int8: error: --max-new-tokens {a.max_new_tokens}: expected at least 1", file=sys.stderr)
+    problem = (f"--smoothquant {alpha}: SmoothQuant alpha must be in [0, 1]" if alpha is not None and not 0 <= alpha <= 1
+               else f"--max-new-tokens {a.max_new_tokens}: expected at least 1" if a.max_new_tokens < 1 else None)
+    if problem is None and a.data is not None:  # before the export traces anything
+        from calib.data import load_dir
+
+        try:
+            load_dir(a.data)
+        except (ValueError, OSError) as e:
+            problem = f"--data: {error_message(e)}"
+    if problem:
+        print(f"assistant-int8: error: {problem}", file=sys.stderr)
         return 2
     rewrite = functools.partial(quantize_int8, artifact=a.artifact, smoothquant=alpha, data_dir=a.data,
                                 max_new_tokens=a.max_new_tokens)
