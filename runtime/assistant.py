@@ -19,6 +19,8 @@ tensors to the sequence length): pass ``ranges`` to reproduce it (tests/assistan
 The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_backend.OrtBackend.new_cache`, or
 numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own
 table, memory-mapped from the decode graph's external data (`TargetEmbedding`): no second copy of it in memory.
+An INT8 assistant (`calib.assistant_int8`) also has an 8-bit MatMulNBits form of its Q/DQ graph: `ort_graph` says
+which one the session loads.
 Not here: verification, acceptance and the generate loop; TensorRT caches (device buffers) are not read.
 """
 
