@@ -102,8 +102,13 @@ export: $(STAMP)
 	$(PY) -m exporter.export --model $(MODEL) --out $(OUT) $(if $(MAX_LEN),--max-len $(MAX_LEN)) $(FORCE_FLAG)$(if $(WEIGHT_DTYPE), --weight-dtype $(WEIGHT_DTYPE))$(if $(SPECULATIVE), --speculative $(SPECULATIVE))
 
 # Not in `make help` yet: tests/test_readme.py wants every help target named in README.md (see docs/speculative.md)
+# PRECISION=fp32 (default here, whatever PRECISION defaults to for calibrate) | int8 (calib.assistant_int8, CALIB_DATA)
+# | int4 (calib.assistant_int4, BLOCK_SIZE)
+ASSISTANT_PRECISION = $(if $(filter command line environment,$(origin PRECISION)),$(PRECISION),fp32)
+ASSISTANT_MODULE = $(if $(filter int8,$(ASSISTANT_PRECISION)),calib.assistant_int8,$(if $(filter int4,$(ASSISTANT_PRECISION)),calib.assistant_int4,exporter.export_assistant))
 export-assistant: $(STAMP)
-	$(PY) -m exporter.export_assistant --assistant $(ASSISTANT) --artifact $(OUT)
+	@case "$(ASSISTANT_PRECISION)" in fp32|int8|int4) ;; *) echo "make export-assistant: PRECISION=$(ASSISTANT_PRECISION); expected fp32, int8 or int4" >&2; exit 2;; esac
+	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(filter int4,$(ASSISTANT_PRECISION)), --block-size $(BLOCK_SIZE))$(if $(and $(filter int8,$(ASSISTANT_PRECISION)),$(CALIB_DATA)), --data $(CALIB_DATA))
 	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)

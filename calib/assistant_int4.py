@@ -3,7 +3,8 @@
 Every Linear with a constant weight (pre/post projections, q/o projections, the MLPs, the plain LM head) becomes a
 block-wise INT4 round-to-nearest ``DequantizeLinear -> MatMul`` (`calib.int4.quantize_graph_int4`, the target's
 INT4 form; ONNX Runtime fuses each into ``MatMulNBits``).  No calibration data: AWQ's activation-aware factors
-would need the assistant's activation statistics, which nothing collects yet; INT8 is not done either.
+would need the assistant's activation statistics (`calib.assistant_int8.collect_assistant_stats` collects them for
+INT8 but keeps no sample rows, which AWQ's search needs).
 
     python -m calib.assistant_int4 --assistant <checkpoint dir> --artifact <artifact> [--block-size 32]
 """

@@ -11,7 +11,7 @@ A data directory holds prompts as files:
   "What do you hear?" in a chat turn);
 * optional ``dataset.json``: ``{"max_soft_tokens": 70}`` (the image budget, default 280 as in `runtime.generate`).
 
-The default set (``calib/default_data``: ``calibration/`` and a separate ``heldout/``) was made offline by
+The default set (``calib/default_data``: ``calibration/``, a separate ``heldout/`` and ``assistant/``) was made offline by
 ``python -m demo.make_default_data`` from the demo task generator: chat-formatted English questions with images
 and 16 kHz tones.  Artifacts without a tokenizer (the tiny test presets) get synthetic id prompts instead, with the
 default set's images and clips.  Nothing here runs a model.
@@ -100,7 +100,7 @@ def _synthetic(split: str, config: dict, seed: int) -> PromptSet:
     tk, vocab = config["tokens"], config["text"]["vocab_size"]
     special = {v for v in tk.values() if isinstance(v, int)}
     ordinary = np.array([t for t in range(vocab) if t not in special])
-    rng = np.random.default_rng([seed, 0 if split == "calibration" else 1])
+    rng = np.random.default_rng([seed, {"calibration": 0, "heldout": 1}.get(split, 2)])  # splits share no stream
     prompts = []
     for i, src in enumerate(real.prompts):
         ids = [tk["bos"], *rng.choice(ordinary, size=int(rng.integers(6, 24))).tolist()]
@@ -112,9 +112,10 @@ def _synthetic(split: str, config: dict, seed: int) -> PromptSet:
 
 
 def default_set(split: str, config: dict, *, has_tokenizer: bool, seed: int = 0) -> PromptSet:
-    """The built-in ``calibration`` or ``heldout`` set for a model (synthetic ids when it has no tokenizer)."""
-    if split not in ("calibration", "heldout"):
-        raise ValueError(f"split={split!r}; expected calibration or heldout")
+    """The built-in ``calibration``, ``heldout`` or ``assistant`` (long answers: `calib.assistant_int8`) set for a
+    model (synthetic ids when it has no tokenizer)."""
+    if split not in ("calibration", "heldout", "assistant"):
+        raise ValueError(f"split={split!r}; expected calibration, heldout or assistant")
     return load_dir(DEFAULT_DATA / split) if has_tokenizer else _synthetic(split, config, seed)
 
 

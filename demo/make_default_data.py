@@ -2,7 +2,9 @@
 
 ``python -m demo.make_default_data`` regenerates them (deterministic): 32 calibration prompts from the demo task
 generator's ``calibration`` split and 24 held-out prompts from its ``report`` split, each a chat-formatted
-``.txt`` with its ``.png`` image or 16 kHz 16-bit ``.wav`` clip.  Neither split is used for training or ``make eval``.
+``.txt`` with its ``.png`` image or 16 kHz 16-bit ``.wav`` clip, and ``assistant/``: 16 ``continue`` prompts
+from the ``calibration`` stream (`calib.assistant_int8`: a drafting assistant is calibrated on drafting rounds,
+and the short kinds answer in one or two tokens, before any round).  None is used for training or ``make eval``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from demo.tasks import SAMPLE_RATE, examples, prompt_text
 
 __all__ = ["write_split"]
 
-SPLITS = {"calibration": ("calibration", 32), "heldout": ("report", 24)}
+SPLITS = {"calibration": ("calibration", 32, None), "heldout": ("report", 24, None),
+          "assistant": ("calibration", 16, ("continue",))}
 # what write_split writes: a directory holding anything else is not replaced
 _WRITTEN = re.compile(r"\d{3}_[a-z_]+(\.\d+)?\.(txt|png|wav)|dataset\.json")
 
@@ -36,7 +39,7 @@ def _write_wav(path: Path, wave_f32: np.ndarray) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def write_split(out: Path, split: str, n: int) -> None:
+def write_split(out: Path, split: str, n: int, kinds: tuple[str, ...] | None = None) -> None:
     from PIL import Image
 
     if out.is_dir() and (foreign := sorted(p.name for p in out.iterdir() if not _WRITTEN.fullmatch(p.name))):
@@ -44,7 +47,7 @@ def write_split(out: Path, split: str, n: int) -> None:
                          "the directory. Choose another --out")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for i, ex in enumerate(examples(split, n, seed=0)):
+    for i, ex in enumerate(examples(split, n, seed=0, kinds=kinds)):
         stem = f"{i:03d}_{ex.kind}"
         (out / f"{stem}.txt").write_text(prompt_text(ex))
         for j, image in enumerate(ex.images):
@@ -59,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.make_default_data", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_DATA))
     a = p.parse_args(argv)
-    for name, (split, n) in SPLITS.items():
+    for name, (split, n, kinds) in SPLITS.items():
         try:
-            write_split(Path(a.out) / name, split, n)
+            write_split(Path(a.out) / name, split, n, kinds)
         except ValueError as e:
             print(f"make_default_data: error: {e}", file=sys.stderr)
             return 2

@@ -13,8 +13,9 @@ row from the target's own table (memory-mapped from the target graph's external 
 12B's 1 GB (fp32: 4 GB) table is not stored twice, and it follows whatever form the target's table has (fp32, or
 fp16 after `calib.embedding`).  The assistant's LM head is its own (tied to its own small embedding).
 
-INT4 weights: `python -m calib.assistant_int4` (the same export, its graph rewritten by `calib.int4`).
-Not done: INT8, activation-aware (AWQ) INT4 with calibration data, a TensorRT engine for the assistant.
+INT4 weights: `python -m calib.assistant_int4` (the same export, its graph rewritten by `calib.int4`); W8A8 INT8:
+`python -m calib.assistant_int8` (calibrated on the assistant's inputs in drafting rounds of the target).
+Not done: activation-aware (AWQ) INT4 with calibration data, a TensorRT engine for the assistant.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
                      precision: str = "fp32", log=print) -> dict[str, Any]:
     """Export the assistant (a checkpoint directory or a model) into ``artifact``; returns the new manifest.
     ``rewrite(path)`` rewrites the saved graph in place before it is checked (``calib.assistant_int4``: INT4
-    weights) and returns counts to log; ``precision`` is recorded.
+    weights; ``calib.assistant_int8``: INT8) and returns counts to log, with under ``record`` what it adds to the
+    manifest's assistant record (files it wrote beside the graph); ``precision`` is recorded.
 
     The artifact must be intact (every file matches its sha256) and hold no unlisted files; a previous assistant
     is replaced only once the new graph is written and loads in ONNX Runtime."""
@@ -159,8 +161,11 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
         log(f"[export-assistant] tracing the assistant step graph ({sum(p.numel() for p in model.parameters()):,} "
             "parameters) ...")
         export_graph(model, target, stage / Path(GRAPH).name)
+        extra = {}
         if rewrite is not None:
-            log(f"[export-assistant] {precision}: {rewrite(stage / Path(GRAPH).name)}")
+            done = rewrite(stage / Path(GRAPH).name)
+            extra = done.pop("record", {}) if isinstance(done, dict) else {}
+            log(f"[export-assistant] {precision}: {done}")
         _check_loads(stage / Path(GRAPH).name)
         replace_dir(stage, root / Path(GRAPH).parent, log=log)
     except BaseException:
@@ -181,7 +186,7 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
                      "sqrt(hidden)), gathered by the runtime",
         "config": model.cfg.to_json_dict(), "source": getattr(model, "source", {}),
         "precision": precision,
-        "export_seconds": round(time.perf_counter() - t0, 2),
+        "export_seconds": round(time.perf_counter() - t0, 2), **extra,
     }
     manifest = write_manifest(root, dict(manifest, assistant=record))
     log(f"[export-assistant] {root}: assistant graph {GRAPH} recorded in manifest.json")

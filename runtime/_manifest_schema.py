@@ -133,7 +133,8 @@ _ENGINE = _obj({"prefill": _relpath, "decode": _relpath})
 _ASSISTANT_CACHES = ("full_key", "full_value", "ring_key", "ring_value")
 _ASSISTANT = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO,
                    "target_caches": _obj({k: _str for k in _ASSISTANT_CACHES})},
-                  {"onnxruntime": _obj({"file": _relpath, "from_sha256": _str})})
+                  {"engines": _obj({}, {"onnxruntime": _obj({"file": _relpath})}),
+                   "loop": _obj({"file": _relpath, "from": _relpath, "from_sha256": _str})})
 _MODEL_CONFIG = _obj(
     {
         "text": _obj({
@@ -185,8 +186,10 @@ def opened_paths(manifest: dict[str, Any]) -> dict[str, str]:
             out[f"quantization.{key}"] = manifest["quantization"][key]
     if "assistant" in manifest:
         out["assistant.file"] = manifest["assistant"]["file"]
-        if "onnxruntime" in manifest["assistant"]:
-            out["assistant.onnxruntime.file"] = manifest["assistant"]["onnxruntime"]["file"]
+        if "onnxruntime" in manifest["assistant"].get("engines", {}):
+            out["assistant.engines.onnxruntime.file"] = manifest["assistant"]["engines"]["onnxruntime"]["file"]
+        if "loop" in manifest["assistant"]:
+            out["assistant.loop.file"] = manifest["assistant"]["loop"]["file"]
     return out
 
 

@@ -23,10 +23,12 @@ The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_bac
 numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own
 table, memory-mapped from the decode graph's external data (`TargetEmbedding`): no second copy of it in memory.
 Where the artifact has the assistant's ONNX Runtime loop form (`graphs.ort.assistant`, written by ``make
-build-engine`` and ``make export-assistant``; recorded as ``assistant.onnxruntime`` with the hash of the step graph
+build-engine`` and ``make export-assistant``; recorded as ``assistant.loop`` with the file and hash of the step graph
 it came from), `AssistantRunner.draft` makes all K drafts in one call of it, the embedding table bound by its
-address; else (an older artifact, or a re-exported assistant) it calls the step graph K times.  Same drafts
-(tests/test_assistant_runtime.py runs every drafting test on both).
+address; else (an older artifact, a re-exported assistant, or a loop built from a step form this CPU does not run)
+it calls the step graph K times.  Same drafts (tests/test_assistant_runtime.py runs every drafting test on both).
+An INT8 assistant (`calib.assistant_int8`) also has an 8-bit MatMulNBits form of its Q/DQ graph: `ort_graph` says
+which one the session loads.
 Not here: verification, acceptance and the generate loop; TensorRT caches (device buffers) are not read.
 """
 
@@ -39,11 +41,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime._int8_probe import int8_dot_products_exact
 from runtime._onnx_refs import OnnxParseError, initializer_record
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, check_external_data
 
-__all__ = ["AssistantRunner", "Drafts", "TargetEmbedding", "clean_ranges"]
+__all__ = ["AssistantRunner", "Drafts", "TargetEmbedding", "clean_ranges", "ort_graph"]
 
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "embed_tokens.weight_fp16")  # fp32, or calib.embedding's fp16
 _NUMPY_DTYPES = {1: np.float32, 10: np.float16}  # ONNX TensorProto data types
@@ -83,6 +86,18 @@ class TargetEmbedding:
         return np.asarray(self.table[np.asarray(ids, dtype=np.int64)], dtype=np.float32) * self.scale
 
 
+def ort_graph(record: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The assistant graph ONNX Runtime runs and its session config entries: the record's ``engines.onnxruntime``
+    (an INT8 assistant's 8-bit MatMulNBits form, `calib.assistant_int8`) where 8-bit MatMulNBits is exact on this
+    CPU (`runtime._int8_probe`), else the artifact's graph (INT8: its Q/DQ form, ORT's exact u8 x u8 kernels)."""
+    engine = record.get("engines", {}).get("onnxruntime")
+    if engine is None:
+        return record["file"], {}
+    if engine.get("int8_kernel") != "MatMulNBits" or int8_dot_products_exact():
+        return engine["file"], {}
+    return record["file"], {"session.x64quantprecision": "1"}
+
+
 def clean_ranges(position: np.ndarray, written: np.ndarray, window: int, ring: int) -> dict[str, np.ndarray]:
     """The default target entries of a round (see the module docstring), (B,) int64 each."""
     position = np.asarray(position, np.int64)
@@ -109,7 +124,8 @@ class AssistantRunner:
         if record is None:
             raise ArtifactError(f"{root}: the artifact has no assistant; add one with "
                                 f"`make export-assistant ASSISTANT=<checkpoint dir> OUT={root}`")
-        graph = check_external_data(root, manifest, record["file"])
+        rel, config = ort_graph(record)
+        graph = check_external_data(root, manifest, rel)
         opts = ort.SessionOptions()
         text = record["config"]["text"]
         if text["hidden_size"] * max(text["intermediate_size"], text["vocab_size"]) <= SMALL_MATRIX:
@@ -117,6 +133,8 @@ class AssistantRunner:
         if threads:
             opts.intra_op_num_threads = threads
         self.threads = threads
+        for key, value in config.items():
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT's own exception types; reported with the file
@@ -128,8 +146,8 @@ class AssistantRunner:
         self.cache_index = {k: names.index(v) for k, v in record["target_caches"].items()}
         self.embedding = embedding or TargetEmbedding(root, manifest)
         self.loop = None  # the K-step form (graphs.ort.assistant), when the artifact has a current one
-        form = record.get("onnxruntime")
-        if form is not None and form.get("from_sha256") == manifest["files"].get(record["file"]):
+        form = record.get("loop")
+        if form is not None and form.get("from") == rel and form.get("from_sha256") == manifest["files"].get(rel):
             path = check_external_data(root, manifest, form["file"])
             try:
                 self.loop = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

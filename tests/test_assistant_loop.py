@@ -75,10 +75,11 @@ def test_build_engine_writes_the_loop_form(with_assistant):
     """build-engine on an artifact with an assistant writes ``ort-assistant/`` and records it with the step graph's
     sha256; the work that does not change between a round's drafts (masks, rotary tables) is outside the body."""
     artifact = with_assistant
-    assert "onnxruntime" not in read_manifest(artifact)["assistant"]  # the engine was built before the assistant
+    assert "loop" not in read_manifest(artifact)["assistant"]  # the engine was built before the assistant
     manifest = build_engine(artifact, "onnxruntime", ort_ring_decode="in_place", log=lambda *_: None)
-    record = manifest["assistant"]["onnxruntime"]
-    assert record["file"] == FILE and record["from_sha256"] == manifest["files"]["assistant/assistant.onnx"]
+    record = manifest["assistant"]["loop"]
+    assert record["file"] == FILE and record["from"] == "assistant/assistant.onnx"
+    assert record["from_sha256"] == manifest["files"]["assistant/assistant.onnx"]
     assert sorted(p.name for p in (artifact / DIR).iterdir()) == ["assistant.onnx", "assistant.onnx.data"]
     outer, body = _body(artifact / FILE)
     step = [n.op_type for n in onnx.load(str(artifact / "assistant/assistant.onnx"), load_external_data=False).graph.node]
@@ -95,11 +96,11 @@ def test_stale_loop_form_is_not_used(with_assistant, assistant_dir):
     manifest = read_manifest(artifact)
     assert AssistantRunner(artifact, manifest).loop is not None
     stale = dict(manifest, assistant=dict(manifest["assistant"],
-                                          onnxruntime=dict(manifest["assistant"]["onnxruntime"], from_sha256="0" * 64)))
+                                          loop=dict(manifest["assistant"]["loop"], from_sha256="0" * 64)))
     assert AssistantRunner(artifact, stale).loop is None
     export_assistant(assistant_dir, artifact, log=lambda *_: None)
     manifest = read_manifest(artifact)  # verifies every listed file
-    assert "onnxruntime" not in manifest["assistant"] and not (artifact / DIR).exists()
+    assert "loop" not in manifest["assistant"] and not (artifact / DIR).exists()
     assert AssistantRunner(artifact, manifest).loop is None
 
 
@@ -135,7 +136,7 @@ def test_int4_loop_form_keeps_matmulnbits_in_the_body(artifact, assistant_dir):
     assert body.count("MatMulNBits") >= 10
     loop = AssistantRunner(artifact, manifest)
     step = AssistantRunner(artifact, dict(manifest, assistant={k: v for k, v in manifest["assistant"].items()
-                                                               if k != "onnxruntime"}))
+                                                               if k != "loop"}))
     assert loop.loop is not None and step.loop is None
     cache = _cache(step, manifest, 2, 0)
     hidden = np.random.default_rng(1).standard_normal((2, manifest["model_config"]["text"]["hidden_size"]))

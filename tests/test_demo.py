@@ -72,14 +72,20 @@ def test_continue_task_follows_its_rule():
 
 def test_calibration_splits_keep_the_committed_default_data():
     """The calibration and report splits draw the five short kinds from their former streams, so
-    ``python -m demo.make_default_data`` still writes the committed calib/default_data."""
+    ``python -m demo.make_default_data`` still writes the committed calib/default_data (and its assistant set of
+    ``continue`` questions from the calibration stream)."""
     from calib.data import DEFAULT_DATA
+    from demo.make_default_data import SPLITS
 
-    for split, folder, n in (("calibration", "calibration", 32), ("report", "heldout", 24)):
-        data = examples(split, n, seed=0)
+    assert set(SPLITS) == {"calibration", "heldout", "assistant"}
+    for folder, (split, n, kinds) in SPLITS.items():
+        data = examples(split, n, seed=0, kinds=kinds)
         files = sorted((DEFAULT_DATA / folder).glob("*.txt"))
         assert [f.name for f in files] == [f"{i:03d}_{e.kind}.txt" for i, e in enumerate(data)]
         assert [f.read_text() for f in files] == [prompt_text(e) for e in data]
+    # the assistant's calibration questions are none of the held-out ones its acceptance is measured on
+    held = {prompt_text(e) for e in examples("heldout", 400, seed=0)}
+    assert not held & {f.read_text() for f in (DEFAULT_DATA / "assistant").glob("*.txt")}
 
 
 def test_transformers_and_runtime_give_the_same_answers(demo_artifact):

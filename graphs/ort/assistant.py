@@ -19,8 +19,10 @@ Inputs: the step graph's, minus ``token_embeds``, plus ``token`` (B,) (the round
 float-to-float casts dropped.  Same arithmetic as the step graph up to float rounding of the fused norms
 (tests/test_assistant_loop.py compares the two).  Written by ``make build-engine`` (onnxruntime) when the artifact
 has an assistant, and by ``make export-assistant`` when the artifact has an ONNX Runtime engine
-(``python -m graphs.ort.assistant --artifact DIR``); recorded as ``assistant.onnxruntime`` with the sha256 of the
-step graph it came from, so a re-exported assistant makes it stale (the runtime then drafts step by step).
+(``python -m graphs.ort.assistant --artifact DIR``); built from the step form ONNX Runtime runs on this CPU
+(`runtime.assistant.ort_graph`: an INT8 assistant's MatMulNBits form where exact, else the artifact's graph) and
+recorded as ``assistant.loop`` with that file and its sha256, so a re-exported assistant makes it stale (the runtime
+then drafts step by step, as it does where it would run another step form).
 """
 
 from __future__ import annotations
@@ -168,11 +170,14 @@ def _table_dtype(root: Path, manifest: dict) -> int:
 
 def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int | None = None, log=print) -> dict:
     """Write the loop form of ``root``'s assistant into ``stage`` (``assistant.onnx`` + its weights), optimised by
-    ONNX Runtime and checked to load; returns its ``assistant.onnxruntime`` record (file paths under `DIR`)."""
+    ONNX Runtime and checked to load; returns its ``assistant.loop`` record (file paths under `DIR`)."""
     import onnxruntime as ort
 
+    from runtime.assistant import ort_graph
+
     record = manifest["assistant"]
-    step = root / record["file"]
+    rel, config = ort_graph(record)  # the step form this CPU runs (an INT8 assistant's MatMulNBits form where exact)
+    step = root / rel
     hidden = int(manifest["model_config"]["text"]["hidden_size"])
     proto = loop_model(_lower_step(step), hidden=hidden, table_dtype=_table_dtype(root, manifest),
                        scale=math.sqrt(hidden))
@@ -180,6 +185,8 @@ def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    for key, value in config.items():
+        opts.add_session_config_entry(key, value)
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(step.parent))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(stage / "assistant.onnx")
@@ -192,7 +199,7 @@ def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int
     body = next(n for n in proto.graph.node if n.op_type == "Loop").attribute[0].g
     log(f"[build-engine] onnxruntime assistant: {len(proto.graph.node) - 4} nodes once per round, {len(body.node)} "
         f"per draft in one Loop -> {FILE}")
-    return {"file": FILE, "form": "loop", "from_sha256": manifest["files"][record["file"]],
+    return {"file": FILE, "from": rel, "from_sha256": manifest["files"][rel],
             "embed_table_dtype": "float16" if _table_dtype(root, manifest) == 10 else "float32"}
 
 
@@ -213,7 +220,7 @@ def add_ort_assistant(artifact: str | Path, *, manifest: dict | None = None, log
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    assistant = dict(manifest["assistant"], onnxruntime=ort_record)
+    assistant = dict(manifest["assistant"], loop=ort_record)
     return write_manifest(root, dict(manifest, assistant=assistant))
 
 
