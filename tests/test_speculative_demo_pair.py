@@ -1,6 +1,6 @@
 """The shipped demo pair (``demo/checkpoint`` and the distilled ``demo/assistant``) through our runtime: exported with
-``--speculative K`` (K = the assistant's ``num_assistant_tokens``) and ``exporter.export_assistant``, ONNX Runtime
-engine.  On held-out ``continue`` questions, ``draft="assistant"`` gives plain greedy's tokens (the reference:
+``--speculative K`` (K = the assistant's ``num_assistant_tokens``) and ``exporter.export_assistant`` (with its loop
+form, as ``make export-assistant`` writes it), ONNX Runtime engine.  On held-out ``continue`` questions, ``draft="assistant"`` gives plain greedy's tokens (the reference:
 `runtime.generate` without drafts) and the target accepts at least half of the drafts (a real acceptance check on the
 trained pair: transformers measured 0.87 on this task, bench/results/speculative_demo.json).  The same with the
 assistant quantized to INT8 (`calib.assistant_int8`, calibrated on drafting rounds of the built-in ``assistant``
@@ -30,13 +30,15 @@ def demo_pair(tmp_path_factory) -> Path:
     for args in (["-m", "exporter.export", "--model", "demo/checkpoint", "--out", str(out), "--max-len", "256",
                   "--speculative", str(K)],
                  ["-m", "graphs.build", "--artifact", str(out), "--backend", "onnxruntime"],
-                 ["-m", "exporter.export_assistant", "--assistant", "demo/assistant", "--artifact", str(out)]):
+                 ["-m", "exporter.export_assistant", "--assistant", "demo/assistant", "--artifact", str(out)],
+                 ["-m", "graphs.ort.assistant", "--artifact", str(out), "--if-engine"]):  # as make export-assistant
         subprocess.run([sys.executable, *args], check=True, cwd=ROOT, capture_output=True)
     return out
 
 
 def test_demo_assistant_keeps_greedy_and_is_accepted(demo_pair):
     model = runtime.load(demo_pair, backend="onnxruntime")
+    assert model.assistant_runner().loop is not None  # K drafts per call (graphs.ort.assistant)
     questions = [ex for ex in examples("heldout", 60, seed=0) if ex.kind == "continue"][:4]
     assert len(questions) == 4
     stats = SpecStats()
@@ -56,6 +58,8 @@ def demo_pair_int8(demo_pair, tmp_path_factory) -> Path:
     shutil.copytree(demo_pair, out)
     subprocess.run([sys.executable, "-m", "calib.assistant_int8", "--assistant", "demo/assistant", "--artifact",
                     str(out)], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-m", "graphs.ort.assistant", "--artifact", str(out), "--if-engine"], check=True,
+                   cwd=ROOT, capture_output=True)
     return out
 
 
@@ -75,6 +79,9 @@ def test_int8_demo_assistant_keeps_greedy_and_acceptance(demo_pair, demo_pair_in
     rec = manifest["assistant"]
     assert rec["precision"].startswith("int8") and rec["quantization"]["draft_steps"] > 100
     assert rec["engines"]["onnxruntime"]["file"] in manifest["files"]
+    from runtime.assistant import ort_graph
+
+    assert rec["loop"]["from"] == ort_graph(rec)[0]  # the loop form of the step form this CPU runs
     int8_bytes = sum((demo_pair_int8 / f).stat().st_size for f in manifest["files"] if f.endswith(".int8.data"))
     fp32_bytes = sum((demo_pair / f).stat().st_size for f in json.loads((demo_pair / "manifest.json").read_text())[
         "files"] if f.startswith("assistant/") and f.endswith(".data"))
