@@ -3,7 +3,7 @@
 ONNX Runtime's ``com.microsoft.MatMulNBits`` (accuracy level 4: int8 activations, the build's INT4 form) grows
 with the number of rows faster at block 32 than at block 64 or 128 on this CPU, and a served batch of 8 gains
 less over one client.  This builds the bench INT4 artifact (``bench.runtime_stacks``: the fp32 max_len-512 export,
-calibrated AWQ or RTN) at each ``--blocks`` size with the default (ring) engine, loads them all in one process and
+calibrated as `make calibrate PRECISION=int4 BLOCK_SIZE=N` does, AWQ) at each ``--blocks`` size (``ours-int4-b<N>``) with the default (ring) engine, loads them all in one process and
 measures, in interleaved rounds (every artifact takes its turn in each round, the order rotating):
 
 * ``step``: one backend decode step at batch 1 and 8 (128 prompt tokens cached per row, every row decoding):
@@ -15,7 +15,7 @@ The number that matters is the 8-vs-1 aggregate ratio of each block size (``rati
 batch-1 speed against block 32's.  Results: ``bench/results/int4_block.json``.  The machine's 2 cores are shared:
 absolute numbers drift between runs; ratios are taken within one round and their median reported.
 
-Usage: ``python bench/int4_block.py [--blocks 32,64,128] [--method awq] [--rounds 5] [--threads 2]``
+Usage: ``python bench/int4_block.py [--blocks 32,64,128] [--rounds 8] [--threads 2] [--reuse]``
 """
 
 from __future__ import annotations
@@ -35,26 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project's packages, not bench/
 
 from bench.paths import repo_path
-from bench.runtime_stacks import CHECKPOINT, WORK, build_ours
+from bench.runtime_stacks import CHECKPOINT, build_ours
 from bench.runtime_timing import machine_info, make_prompt
 
 RESULTS = ROOT / "bench" / "results" / "int4_block.json"
 BATCHES = (1, 8)
-
-
-def build(block: int, method: str, force: bool) -> Path:
-    """The bench INT4 artifact at ``block`` (``bench/work/ours-int4-<method>-b<block>``), from the fp32 max_len-512
-    export `build_ours` keeps current; kept when it exists unless ``force``."""
-    out = WORK / f"ours-int4-{method}-b{block}"
-    if (out / "manifest.json").exists() and not force:
-        return out
-    py = sys.executable
-    for cmd in ([py, "-m", "calib.calibrate", "--src", str(WORK / "ours-fp32-512"), "--out", str(out), "--force",
-                 "--precision", "int4", "--block-size", str(block), "--int4-method", method],
-                [py, "-m", "graphs.build", "--artifact", str(out), "--backend", "onnxruntime"]):
-        print(f"[int4-block] {' '.join(cmd[1:4])} ... {out.name}", flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return out
 
 
 class StepTimer:
@@ -135,6 +120,7 @@ def measure(models: dict[str, object], rounds: int, steps: int, new_tokens: int)
             f"batch8_vs_{base}": {
                 "step": round(statistics.median(a / b for a, b in zip(d["step_8"], raw[base]["step_8"])), 2),
                 "generate": round(statistics.median(a / b for a, b in zip(d["gen_8"], raw[base]["gen_8"])), 2)},
+            "per_round_tok_s": {key: [round(v, 1) for v in vals] for key, vals in d.items()},
         }
     return out
 
@@ -142,12 +128,11 @@ def measure(models: dict[str, object], rounds: int, steps: int, new_tokens: int)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="32,64,128", help="INT4 block sizes, the first the reference (default 32,64,128)")
-    ap.add_argument("--method", default="awq", choices=("awq", "rtn"))
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per turn")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--force", action="store_true", help="recalibrate the INT4 artifacts")
+    ap.add_argument("--reuse", action="store_true", help="keep existing artifacts even if the code changed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     try:
@@ -156,17 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--blocks {a.blocks!r}: expected comma-separated integers, e.g. 32,128")
     import runtime
 
-    made, skipped = build_ours(CHECKPOINT, [], False, 1, max_lens=(512,), windows=())
-    if "ours-fp32-512" not in made:
-        raise SystemExit(f"the fp32 bench export did not build: {skipped}")
-    arts = {f"b{b}": build(b, a.method, a.force) for b in blocks}
+    made, skipped = build_ours(CHECKPOINT, [f"int4-b{b}" for b in blocks], a.reuse, 1, max_lens=(512,), windows=())
+    if skipped:
+        raise SystemExit(f"bench artifacts did not build: {skipped}")
+    arts = {f"b{b}": made[f"ours-int4-b{b}"] for b in blocks}
     models = {k: runtime.load(p, "onnxruntime", threads=a.threads) for k, p in arts.items()}
     load_before = os.getloadavg()
     res = measure(models, a.rounds, a.steps, a.new_tokens)
     run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True, check=False).stdout.strip(),
-           "method": a.method, "threads": a.threads, "rounds": a.rounds, "steps_per_turn": a.steps,
+           "method": "awq", "threads": a.threads, "rounds": a.rounds, "steps_per_turn": a.steps,
            "new_tokens": a.new_tokens, "engine": "ring (default)", "load_before": load_before,
            "load_after": os.getloadavg(), "artifacts": {k: repo_path(p) for k, p in arts.items()}, "blocks": res}
     a.out.parent.mkdir(parents=True, exist_ok=True)

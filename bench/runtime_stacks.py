@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.paths import ROOT
 
-__all__ = ["CHECKPOINT", "KINDS", "Stack", "Timing", "WINDOW", "WORK", "build_genai", "build_ours"]
+__all__ = ["CHECKPOINT", "KINDS", "Stack", "Timing", "WINDOW", "WORK", "build_genai", "build_ours", "calibration_args"]
 
 WORK = ROOT / "bench" / "work"
 # suffix of a stack whose engine was built with `--ort-sliding window` (GroupQueryAttention windowed sliding caches)
@@ -172,12 +172,25 @@ def source_key(dirs: tuple[str, ...]) -> str:
 CODE = ("exporter", "graphs", "plugins", "runtime")
 
 
+def calibration_args(precision: str) -> list[str]:
+    """``calib.calibrate`` arguments of a bench precision name: ``int8``, ``fp8``, ``int4`` (calib's defaults) or
+    ``int4-b<N>`` (INT4 at block size N)."""
+    base, sep, block = precision.partition("-b")
+    if base in ("int8", "fp8", "int4") and not sep:
+        return ["--precision", base]
+    if base == "int4" and block.isdigit():
+        return ["--precision", "int4", "--block-size", block]
+    raise ValueError(f"precision {precision!r}: expected int8, fp8, int4 or int4-b<block size> (e.g. int4-b128)")
+
+
 def build_ours(ckpt: Path, precisions: list[str], reuse: bool, jobs: int = 2, max_lens: tuple[int, ...] = (512, 4096),
                windows: tuple[str, ...] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
     """name -> artifact dir for what builds; name -> reason for what does not.
 
-    ``max_lens``: the fp32 exports (512 is the one calibrated); ``windows``: the artifacts that also get a ``-win``
-    copy (default: fp32-512 and every precision but FP8).
+    ``precisions``: calibrations of the fp32-512 export (``int8``, ``fp8``, ``int4`` with calib's defaults), each
+    ``ours-<precision>``; ``int4-b<N>`` is INT4 at block size N (``--block-size N``).  ``max_lens``: the fp32
+    exports (512 is the one calibrated); ``windows``: the artifacts that also get a ``-win`` copy (default: fp32-512
+    and every precision but FP8).
 
     A step is skipped when its artifact exists and was made by the same code from the same inputs (a stamp in
     ``bench/work/stamps``: a hash of the code directories it depends on, the checkpoint and the command); ``reuse``
@@ -227,8 +240,13 @@ def build_ours(ckpt: Path, precisions: list[str], reuse: bool, jobs: int = 2, ma
 
     def calibrate(prec):
         name = f"ours-{prec}"
+        try:
+            args = calibration_args(prec)
+        except ValueError as e:
+            skipped[name] = str(e)
+            return
         step(name, [[py, "-m", "calib.calibrate", "--src", str(WORK / "ours-fp32-512"), "--out", str(WORK / name),
-                     "--force", "--precision", prec], build(name)], (*CODE, "calib"), after="ours-fp32-512")
+                     "--force", *args], build(name)], (*CODE, "calib"), after="ours-fp32-512")
 
     def window(src):  # the same artifact with the --ort-sliding window engine (text and audio only)
         name = f"{src}{WINDOW}"

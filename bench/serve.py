@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's --threads: same as --threads (default: the server and runtime.generate run "
                          "ONNX Runtime alike), a number, or `default` (ONNX Runtime's own choice, workers pinned; "
                          "needed with a --compare-src tree whose server has no --threads)")
-    ap.add_argument("--precisions", default="fp32,int4", help="our engines to serve (fp32, int4, ...; default "
-                    "fp32,int4), e.g. `--precisions int4 --no-window --concurrency 1,8` for the INT4 engine alone")
+    ap.add_argument("--precisions", default="fp32,int4", help="our engines to serve (fp32, int4, int4-b<block size>, "
+                    "...; default fp32,int4), e.g. `--precisions int4 --no-window --concurrency 1,8` for the INT4 "
+                    "engine alone")
     ap.add_argument("--concurrency", type=_levels, default=LEVELS, metavar="LIST",
                     help="concurrency levels, e.g. 1,8 (default 1,2,4,8,16; window engines run 1 and 8 of them); the "
                          "baselines on the concurrency-8 requests need 8 among them")
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_names = {p: "ours-fp32-512" if p == "fp32" else f"ours-{p}" for p in precisions}
     windows = () if a.no_window or a.quick else tuple(ours_names.values())  # sources of the -win copies
     ours, skipped = build_ours(a.checkpoint, calibrated, a.reuse, 2, max_lens=(512,), windows=windows)
-    genai, genai_skipped = build_genai(a.checkpoint, precisions) if not a.no_baselines else ({}, {})
+    genai_of = {p: p.partition("-b")[0] for p in precisions}  # int4-b128: onnxruntime-genai's int4 beside it
+    genai, genai_skipped = (build_genai(a.checkpoint, sorted(set(genai_of.values()))) if not a.no_baselines
+                            else ({}, {}))
     skipped.update(genai_skipped)
     s = SETTINGS["quick" if a.quick else "full"]
     run: dict = {
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(run, indent=1) + "\n")
 
-    plan = [(f"ours-{p}", ours_names[p], genai.get(f"genai-{p}"), True) for p in precisions]
+    plan = [(f"ours-{p}", ours_names[p], genai.get(f"genai-{genai_of[p]}"), True) for p in precisions]
     if not a.no_window and not a.quick:
         plan += [(f"ours-{p}{WINDOW}", f"{ours_names[p]}{WINDOW}", None, False) for p in precisions]
     for name, art, genai_path, full in plan:

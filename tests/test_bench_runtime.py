@@ -123,3 +123,14 @@ def test_bench_12b_keeps_earlier_steps_and_refuses_unknown_ones(tmp_path, capsys
     assert json.loads(out.read_text())["steps"] == {}
     assert bench_12b.main(["--steps", "int4,bogus", "--work", str(work), "--out", str(out)]) == 2
     assert "--steps bogus: unknown" in capsys.readouterr().err
+
+
+def test_calibration_args_of_bench_precision_names():
+    from bench.runtime_stacks import calibration_args
+
+    assert calibration_args("int8") == ["--precision", "int8"]
+    assert calibration_args("int4") == ["--precision", "int4"]  # calib's default block size
+    assert calibration_args("int4-b128") == ["--precision", "int4", "--block-size", "128"]
+    for bad in ("int4-b", "int4-bx", "int8-b128", "fp16", "int4-128"):
+        with pytest.raises(ValueError, match="int4-b<block size>"):
+            calibration_args(bad)
