@@ -30,8 +30,9 @@ SEED ?=
 shq = '$(subst ','\'',$(1))'
 SRC ?=
 PRECISION ?= int8
-# INT4 weight-only: input channels per scale (32/64/128) and scale choice (awq|rtn)
-BLOCK_SIZE ?= 32
+# INT4 weight-only: input channels per scale (32/64/128; empty: the tool's default, 128 for calibrate, 32 for the
+# assistant) and scale choice (awq|rtn)
+BLOCK_SIZE ?=
 INT4_METHOD ?= awq
 CALIB_DATA ?=
 HELDOUT_DATA ?=
@@ -62,7 +63,7 @@ help:
 	@echo "make generate OUT=<dir> PROMPT='...' [IMAGE=a.png AUDIO=b.wav CHAT=1|0 MAX_SOFT_TOKENS=70 MAX_NEW_TOKENS=n TEMPERATURE= TOP_K= TOP_P= SEED=]   generate (python -m runtime)"
 	@echo "make serve [OUT=<dir>] [HOST=127.0.0.1] [PORT=8000] [MAX_BATCH=8] [SERVE_ARGS=...]   OpenAI-compatible server (python -m runtime.serve; without OUT: the demo artifact, built first if missing)"
 	@echo "make compare OUT=<dir>            Polygraphy: ONNX Runtime graphs vs our PyTorch model (random inputs, per-output tolerances)"
-	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8|int4 [BLOCK_SIZE=32] [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
+	@echo "make calibrate SRC=<fp32 artifact> OUT=<dir> PRECISION=int8|fp8|int4 [BLOCK_SIZE=128] [CALIB_DATA=<dir>]   Q/DQ artifact + accuracy report"
 	@echo "make calibrate SRC=<checkpoint dir> OUT=<dir> PRECISION=int8|fp8|int4   the same from a checkpoint, layer by layer (the 12B in < 8 GiB)"
 	@echo "make check-quant OUT=<quantized artifact>   Polygraphy: quantized vs fp32 graphs, distribution metrics and targets"
 	@echo "make gpu-check [QUICK=1]          on a CUDA machine (no install needed): Triton kernels vs references, timings, TensorRT vs ONNX Runtime -> bench/results/"
@@ -108,7 +109,7 @@ ASSISTANT_PRECISION = $(if $(filter command line environment,$(origin PRECISION)
 ASSISTANT_MODULE = $(if $(filter int8,$(ASSISTANT_PRECISION)),calib.assistant_int8,$(if $(filter int4,$(ASSISTANT_PRECISION)),calib.assistant_int4,exporter.export_assistant))
 export-assistant: $(STAMP)
 	@case "$(ASSISTANT_PRECISION)" in fp32|int8|int4) ;; *) echo "make export-assistant: PRECISION=$(ASSISTANT_PRECISION); expected fp32, int8 or int4" >&2; exit 2;; esac
-	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(filter int4,$(ASSISTANT_PRECISION)), --block-size $(BLOCK_SIZE))$(if $(and $(filter int8,$(ASSISTANT_PRECISION)),$(CALIB_DATA)), --data $(CALIB_DATA))
+	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(and $(filter int4,$(ASSISTANT_PRECISION)),$(BLOCK_SIZE)), --block-size $(BLOCK_SIZE))$(if $(and $(filter int8,$(ASSISTANT_PRECISION)),$(CALIB_DATA)), --data $(CALIB_DATA))
 	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)
@@ -137,7 +138,7 @@ compare: $(STAMP)
 calibrate: $(STAMP)
 	@test -n "$(SRC)" || { echo "make calibrate: set SRC=<fp32 artifact or checkpoint dir> (and OUT=<new artifact> PRECISION=int8|fp8|int4)" >&2; exit 2; }
 	$(PY) -m calib.calibrate --src $(SRC) --out $(QOUT) --precision $(PRECISION) $(if $(CALIB_DATA),--data $(CALIB_DATA)) $(FORCE_FLAG) \
-		$(if $(filter int4,$(PRECISION)),--block-size $(BLOCK_SIZE) --int4-method $(INT4_METHOD))
+		$(if $(filter int4,$(PRECISION)),$(if $(BLOCK_SIZE),--block-size $(BLOCK_SIZE)) --int4-method $(INT4_METHOD))
 	$(if $(wildcard $(SRC)/manifest.json),$(PY) -m calib.report --artifact $(QOUT) $(if $(HELDOUT_DATA),--data $(HELDOUT_DATA)),@echo "make calibrate: $(SRC) is a checkpoint, so there is no fp32 artifact to report against: python -m calib.report --artifact $(QOUT) --reference <fp32 artifact of it>")
 
 check-quant: $(STAMP)

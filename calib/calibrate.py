@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from calib.int4 import DEFAULT_BLOCK_SIZE
 from calib.parts import DEFAULT_QUANTIZE, GROUPS
 from calib.qdq import PRECISIONS, activation_scales, quantize_graph, weight_scales
 from calib.smoothquant import apply_smoothing, plan_smoothing
@@ -56,7 +57,7 @@ def calibrate(
     percentile: float | None = None,
     quantize: tuple[str, ...] | None = None,
     embedding_fp16: bool | None = None,
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     int4_method: str = "awq",
     force: bool = False,
     log=print,
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedding", default="auto", choices=("auto", "fp16", "fp32"),
                    help="embedding table dtype: auto = fp16 when the LM head is quantized (the gather is then its "
                         "only reader), else fp32")
-    p.add_argument("--block-size", type=int, default=32, help="INT4: input channels per weight scale (32, 64, 128)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"INT4: input channels per weight scale (32, 64, 128; default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--int4-method", default="awq", choices=("awq", "rtn"),
                    help="INT4: activation-aware scale search (awq) or plain round-to-nearest (rtn)")
     a = p.parse_args(argv)

@@ -40,13 +40,14 @@ import sys
 import time
 from pathlib import Path
 
+from calib.int4 import DEFAULT_BLOCK_SIZE
 from calib.layerwise import LayerPlan, _prompt_inputs, collect_sequential
 from calib.stream_rewrites import FoldedWeights, int4_rewrite, w8a8_rewrite
 
 __all__ = ["FoldedWeights", "LayerPlan", "collect_sequential", "quantize_checkpoint"]
 
 
-def quantize_checkpoint(model_arg: str, out: str | Path, *, precision: str = "int4", block_size: int = 128,
+def quantize_checkpoint(model_arg: str, out: str | Path, *, precision: str = "int4", block_size: int = DEFAULT_BLOCK_SIZE,
                         method: str = "awq", smoothquant: float | None | str = "auto", percentile: float | None = None,
                         quantize: tuple[str, ...] | None = None, data_dir=None, max_prompts: int = 8,
                         max_soft_tokens: int = 70, max_len: int | None = None, seed: int = 0, awq_grid: int = 10,
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="bf16/fp32 checkpoint directory, or a preset (seeded weights)")
     p.add_argument("--out", required=True, help="quantized artifact directory to write")
     p.add_argument("--precision", default="int4", choices=("int4", "int8", "fp8"))
-    p.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128), help="INT4: input channels per scale")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, choices=(32, 64, 128),
+                   help="INT4: input channels per scale")
     p.add_argument("--method", default="awq", choices=("awq", "rtn"), help="INT4: AWQ search or round-to-nearest")
     p.add_argument("--smoothquant", default="auto",
                    help="INT8/FP8: SmoothQuant alpha in [0, 1], 'none', or 'auto' (0.5 for int8, none for fp8)")

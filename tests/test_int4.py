@@ -217,9 +217,10 @@ def test_demo_int4_accuracy_and_report(demo_artifact, demo_accuracy, tmp_path):
     from demo.evaluate import evaluate
 
     out = tmp_path / "demo-int4"
-    calibrate(demo_artifact, out, "int4", block_size=32, **QUIET)
+    calibrate(demo_artifact, out, "int4", **QUIET)  # the defaults: AWQ, block 128
     q = read_manifest(out)["quantization"]
     assert q["int4_method"] == "awq" and q["linears"] == 42  # 41 decoder Linears + the tied LM head
+    assert q["block_size"] == 128, q
     build_engine(out, "onnxruntime", **QUIET)
     rep = accuracy_report(out, steps=4, **QUIET)
     assert rep["precision"] == "int4" and rep["passed"], rep
