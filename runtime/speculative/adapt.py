@@ -1,20 +1,34 @@
 """How many tokens to draft next: the k that maximises expected tokens per unit time, from what was seen so far.
 
-`AdaptiveK.next_k()` picks k in [0, max_k] maximising E(a, k) / cost(k) (`throughput.expected_tokens`), where
+`AdaptiveK.next_k()` picks k in [0, max_k] maximising E(a, k) / cost(k) (E as `throughput.expected_tokens`), where
 - a is the per-draft acceptance rate: accepted drafts over examined drafts (a round with n of k accepted examined
   n + 1 drafts, or k if all were accepted), starting from a prior (`prior_acceptance` worth `prior_weight` drafts)
   and forgetting the prior and old rounds alike, geometrically (`memory` per round);
 - cost(k) is the time of a round with k drafts (drafting plus the verify pass), measured: the caller reports each
-  round's seconds (averaged per k; the first timed round of each k is taken as its warm-up, such as a backend
-  planning a new shape, and not counted). A k never measured lies on the line between the measured k on either side of
-  it, or, beyond the measured ones, follows the prior costs (`verify_cost`, `draft_cost`, in decode steps) from the
-  nearest measured k; with nothing measured the prior is the cost.
+  round's seconds (per k the lower median of its last `WINDOW` rounds: a round stalled by another process on a
+  busy machine, noise that only ever adds time, moves it little; once the plain step is measured, the prior's
+  cost for k from it counts as one more round, so one stalled round alone cannot rule a k out; the first timed
+  round of each k is taken as its warm-up, such as a backend planning a new shape, and not counted). A k never
+  measured lies on the line between the measured k on either side of it, or, beyond the measured ones, follows the
+  prior costs (`verify_cost`, `draft_cost`, in decode steps) from the nearest measured k; with nothing measured
+  the prior is the cost.
 k = 0 is plain decode (E = 1 at the cost of one step): it wins whenever speculation would not pay. Two kinds of
 probe keep the estimates current: after `probe_every` plain rounds in a row one round drafts a single token (plain
 rounds teach nothing about acceptance; a probe costs at most a verify over 2 tokens and one drafted token, spread
 over `probe_every` steps), and while speculating with timed rounds, one round in `4 * probe_every` (in
 `probe_every` until it is measured) is a plain step so the cost being beaten stays measured (prompt lookup's rounds
 without a match measure it for free).
+
+Runs (`next_k(continuing=...)`, `observe(..., continuing=...)`, optional): a drafter that copies (prompt lookup)
+is right in runs, so one per-draft rate misjudges both ends of a run. Told whether a round continues a run (the
+previous round verified drafts and accepted them all) or starts one, the rule keeps two more rates, each from the
+same prior and forgetting alike: `start` for the first draft of a round that starts a run and `run` for every other
+examined draft, and expects E = 1 + a0 (1 + r + ... + r^(k-1)) tokens, a0 = `run` when continuing, else `start`.
+A match that keeps failing to start drops to plain steps (or probes of one draft where one is cheap), a run that
+keeps being accepted grows to max_k; rounds without `continuing` use the single rate as before.
+
+`next_k` costs a few microseconds (it runs between two decode steps): the cost table is rebuilt only when a
+measurement changed it.
 
 transformers' `num_assistant_tokens_schedule="heuristic"` (k + 2 after a fully accepted round, else k - 1, at least
 1) needs no costs but never stops speculating; this rule stops when the measured costs say so. It deliberately
@@ -28,9 +42,9 @@ import math
 import numbers
 from collections.abc import Sequence
 
-from runtime.speculative.throughput import expected_tokens
-
 __all__ = ["AdaptiveK"]
+
+WINDOW = 9  # rounds per k whose median is its measured cost
 
 
 class AdaptiveK:
@@ -72,10 +86,15 @@ class AdaptiveK:
         self._probe_every = int(probe_every)
         self._accepted = float(prior_acceptance) * prior_weight  # decayed counts of drafts, the prior's included
         self._examined = float(prior_weight)
-        self._seconds: list[float | None] = [None] * (self.max_k + 1)  # measured round time per width
+        self._seconds: list[float | None] = [None] * (self.max_k + 1)  # measured round time per width (median)
+        self._samples: list[list[float]] = [[] for _ in range(self.max_k + 1)]  # the last WINDOW rounds' times
         self._warm = [False] * (self.max_k + 1)  # a width's first timed round (its warm-up) was seen
         self._plain_rounds = 0  # plain rounds in a row since the last speculative one
         self._since_plain = 0  # rounds since the last plain one
+        # run-aware rates (`continuing`): [accepted, examined] for a run's first draft and for the drafts after it
+        self._start = [float(prior_acceptance) * prior_weight, float(prior_weight)]
+        self._run = [float(prior_acceptance) * prior_weight, float(prior_weight)]
+        self._costs: list[float] | None = None  # cost(k) for every k, rebuilt after a measurement changed
 
     @property
     def acceptance(self) -> float:
@@ -86,6 +105,23 @@ class AdaptiveK:
         """The estimated time of a round with k drafts: measured, else interpolated, else the prior's shape."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.max_k:
             raise ValueError(f"cost(k={k!r}): expected an integer in [0, {self.max_k}] (max_k).")
+        return self._cost_table()[k]
+
+    def measured_costs(self, min_rounds: int = 3) -> list[float | None]:
+        """For k = 0..max_k the measured cost(k) / cost(0) where both k and 0 have at least ``min_rounds`` timed
+        rounds after the warm-up, else None: what a new sequence on the same engine may take as its
+        ``verify_cost`` prior (the draft cost included; never an estimate, so one noisy round is not passed on)."""
+        if len(self._samples[0]) < min_rounds:
+            return [None] * (self.max_k + 1)
+        return [self._seconds[k] / self._seconds[0] if len(self._samples[k]) >= min_rounds else None
+                for k in range(self.max_k + 1)]
+
+    def _cost_table(self) -> list[float]:
+        if self._costs is None:
+            self._costs = [self._estimate(k) for k in range(self.max_k + 1)]
+        return self._costs
+
+    def _estimate(self, k: int) -> float:
         if self._seconds[k] is not None:
             return self._seconds[k]
         below = [j for j in range(k) if self._seconds[j] is not None]
@@ -98,12 +134,22 @@ class AdaptiveK:
             return self._seconds[near] * self._prior_cost[k] / self._prior_cost[near]
         return self._prior_cost[k]
 
-    def next_k(self) -> int:
-        """How many tokens to draft this round (0: a plain decode step)."""
-        a = self.acceptance
-        best, best_rate = 0, 1.0 / self.cost(0)
+    def next_k(self, continuing: bool | None = None) -> int:
+        """How many tokens to draft this round (0: a plain decode step).  ``continuing``: None for the single
+        per-draft rate; True where this round continues a run (the previous round accepted all its drafts), False
+        where it starts one (the run-aware rates)."""
+        costs = self._cost_table()
+        if continuing is None:
+            first = run = self._accepted / self._examined
+        else:
+            run = self._run[0] / self._run[1]
+            first = run if continuing else self._start[0] / self._start[1]
+        best, best_rate = 0, 1.0 / costs[0]
+        tokens, p = 1.0, first  # E(k) = 1 + first * (1 + run + ... + run^(k-1)), summed term by term
         for k in range(1, self.max_k + 1):
-            rate = expected_tokens(a, k) / self.cost(k)
+            tokens += p
+            p *= run
+            rate = tokens / costs[k]
             if rate > best_rate * (1 + 1e-12):  # ties go to the smaller k
                 best, best_rate = k, rate
         if best == 0 and self.max_k > 0 and self._plain_rounds + 1 >= self._probe_every:
@@ -114,28 +160,52 @@ class AdaptiveK:
             return 0  # a probe: the plain step's cost may have changed, or was never measured
         return best
 
-    def observe(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+    def observe(self, proposed: int, accepted: int, seconds: float | None = None,
+                continuing: bool | None = None) -> None:
         """One round: `proposed` drafts verified (fewer than `next_k()` where the drafter had fewer), `accepted`
-        of them accepted, `seconds` it took from drafting to the verdict (None: not timed)."""
+        of them accepted, `seconds` it took from drafting to the verdict (None: not timed); `continuing` as told
+        to `next_k` (None: the run-aware rates learn nothing from this round)."""
         if isinstance(proposed, bool) or not isinstance(proposed, numbers.Integral) or not 0 <= proposed <= self.max_k:
             raise ValueError(f"observe(proposed={proposed!r}): expected an integer in [0, {self.max_k}] (max_k).")
         if isinstance(accepted, bool) or not isinstance(accepted, numbers.Integral) or not 0 <= accepted <= proposed:
             raise ValueError(f"observe(accepted={accepted!r}): expected an integer in [0, {proposed}] (proposed).")
         if seconds is not None and not _positive(seconds):
             raise ValueError(f"observe(seconds={seconds!r}): expected the round's duration, a number > 0, or None.")
+        if continuing is not None and not isinstance(continuing, bool):
+            raise ValueError(f"observe(continuing={continuing!r}): expected True, False or None.")
         if seconds is not None and not self._warm[proposed]:
             self._warm[proposed] = True
         elif seconds is not None:
-            old = self._seconds[proposed]
-            self._seconds[proposed] = float(seconds) if old is None else old + 0.2 * (float(seconds) - old)
+            samples = self._samples[proposed]
+            samples.append(float(seconds))
+            if len(samples) > WINDOW:
+                del samples[0]
+            plain = self._seconds[0]
+            if proposed and plain is not None:  # the prior's guess from the plain step counts as one more round
+                samples = [*samples, plain * self._prior_cost[proposed] / self._prior_cost[0]]
+            self._seconds[proposed] = sorted(samples)[(len(samples) - 1) // 2]  # the lower median
+            self._costs = None
         if proposed == 0:
             self._plain_rounds += 1
             self._since_plain = 0
             return
         self._plain_rounds = 0
         self._since_plain += 1
-        self._accepted = self._memory * self._accepted + accepted
-        self._examined = self._memory * self._examined + accepted + (accepted < proposed)
+        m = self._memory
+        self._accepted = m * self._accepted + accepted
+        self._examined = m * self._examined + accepted + (accepted < proposed)
+        if continuing is None:
+            return
+        first = self._run if continuing else self._start
+        rest = self._run
+        for rate in (self._start, self._run):
+            rate[0] *= m
+            rate[1] *= m
+        first[0] += accepted > 0
+        first[1] += 1
+        if accepted:  # the drafts after the first: accepted - 1 accepted, one more examined if one was rejected
+            rest[0] += accepted - 1
+            rest[1] += accepted - 1 + (accepted < proposed)
 
 
 def _positive(x) -> bool:

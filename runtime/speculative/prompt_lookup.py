@@ -10,6 +10,12 @@ drafts for the same tokens:
 - drafts stop before the first end-of-sequence token; if that leaves none there are no drafts (no other match is
   tried, as in transformers).
 
+One rule of our own, off by default (`unambiguous_unigram=True` turns it on; the runtime's drafter does): where no
+n-gram larger than one matches and the last token's earlier occurrences are followed by different tokens (a common
+token such as a separator), nothing is drafted: the earliest occurrence's continuation is a guess that a verify pass
+would mostly reject. A 1-gram whose occurrences all agree on the next token (a token seen once, typically) still
+drafts from the earliest one.
+
 Deliberately different: transformers clips the copied span by `max_length` as an index into the sequence and
 crops the accepted tokens to the length budget afterwards; here the caller passes the budget as `num_tokens`
 (the tokens it may still accept), so the drafts are the part of transformers' drafts its budget lets through.
@@ -37,6 +43,7 @@ class PromptLookup:
 
     max_ngram: int = 2
     eos_ids: tuple[int, ...] = ()
+    unambiguous_unigram: bool = False  # True: no drafts from a 1-gram whose occurrences disagree on the next token
 
     def __post_init__(self) -> None:
         n = self.max_ngram
@@ -45,6 +52,8 @@ class PromptLookup:
         eos = self.eos_ids
         if not isinstance(eos, tuple) or not all(isinstance(e, (int, np.integer)) for e in eos):
             raise ValueError(f"PromptLookup(eos_ids={eos!r}): expected a tuple of token ids (ints).")
+        if not isinstance(self.unambiguous_unigram, bool):
+            raise ValueError(f"PromptLookup(unambiguous_unigram={self.unambiguous_unigram!r}): expected a bool.")
 
     def propose(self, tokens, num_tokens: int) -> np.ndarray:
         """(L,) token ids so far (prompt then output) -> (<= num_tokens,) int64 drafts for the next positions
@@ -72,6 +81,10 @@ class PromptLookup:
             best_n, best_hits = n, hits
         if best_hits is None:
             return _NONE
+        if best_n == 1 and self.unambiguous_unigram:
+            following = t[1:length][best_hits]  # the token after each occurrence of the last token
+            if (following != following[0]).any():
+                return _NONE
         start = int(best_hits.argmax()) + best_n  # the earliest occurrence of the largest matching n-gram
         drafts = t[start : start + num_tokens].astype(np.int64)
         if self.eos_ids:
