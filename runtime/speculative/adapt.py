@@ -22,10 +22,11 @@ without a match measure it for free).
 Runs (`next_k(continuing=...)`, `observe(..., continuing=...)`, optional): a drafter that copies (prompt lookup)
 is right in runs, so one per-draft rate misjudges both ends of a run. Told whether a round continues a run (the
 previous round verified drafts and accepted them all) or starts one, the rule keeps two more rates, each from the
-same prior and forgetting alike: `start` for the first draft of a round that starts a run and `run` for every other
-examined draft, and expects E = 1 + a0 (1 + r + ... + r^(k-1)) tokens, a0 = `run` when continuing, else `start`.
-A match that keeps failing to start drops to plain steps (or probes of one draft where one is cheap), a run that
-keeps being accepted grows to max_k; rounds without `continuing` use the single rate as before.
+same prior, each forgetting as it learns: `start` (f) for the first draft of a round that starts a run and `run`
+(r) for every other examined draft.  The k for a start and the k within a run are chosen together, maximising the
+long-run tokens per second of that two-state process (`_best_pair`): a start is worth its own tokens plus the run
+it may open, so rare starts of long runs are still tried, with few drafts.  Starts that never take drop to plain
+steps (and probes), runs that keep being accepted grow to max_k; rounds without `continuing` use the single rate.
 
 `next_k` costs a few microseconds (it runs between two decode steps): the cost table is rebuilt only when a
 measurement changed it.
@@ -118,21 +119,25 @@ class AdaptiveK:
 
     def _cost_table(self) -> list[float]:
         if self._costs is None:
-            self._costs = [self._estimate(k) for k in range(self.max_k + 1)]
+            sec, prior = self._seconds, self._prior_cost
+            measured = [k for k, v in enumerate(sec) if v is not None]
+            table, j = [], 0  # measured[j]: the first measured k >= the current one
+            for k in range(self.max_k + 1):
+                while j < len(measured) and measured[j] < k:
+                    j += 1
+                lo = measured[j - 1] if j else None
+                hi = measured[j] if j < len(measured) else None
+                if hi == k:
+                    table.append(sec[k])
+                elif lo is not None and hi is not None:
+                    table.append(sec[lo] + (sec[hi] - sec[lo]) * (k - lo) / (hi - lo))
+                elif lo is not None or hi is not None:
+                    near = lo if lo is not None else hi
+                    table.append(sec[near] * prior[k] / prior[near])
+                else:
+                    table.append(prior[k])
+            self._costs = table
         return self._costs
-
-    def _estimate(self, k: int) -> float:
-        if self._seconds[k] is not None:
-            return self._seconds[k]
-        below = [j for j in range(k) if self._seconds[j] is not None]
-        above = [j for j in range(k + 1, self.max_k + 1) if self._seconds[j] is not None]
-        if below and above:
-            lo, hi = below[-1], above[0]
-            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (k - lo) / (hi - lo)
-        if below or above:
-            near = below[-1] if below else above[0]
-            return self._seconds[near] * self._prior_cost[k] / self._prior_cost[near]
-        return self._prior_cost[k]
 
     def next_k(self, continuing: bool | None = None) -> int:
         """How many tokens to draft this round (0: a plain decode step).  ``continuing``: None for the single
@@ -140,24 +145,48 @@ class AdaptiveK:
         where it starts one (the run-aware rates)."""
         costs = self._cost_table()
         if continuing is None:
-            first = run = self._accepted / self._examined
+            a = self._accepted / self._examined
+            best, best_rate = 0, 1.0 / costs[0]
+            tokens, p = 1.0, 1.0  # E(a, k) = 1 + a + ... + a^k, summed term by term
+            for k in range(1, self.max_k + 1):
+                p *= a
+                tokens += p
+                rate = tokens / costs[k]
+                if rate > best_rate * (1 + 1e-12):  # ties go to the smaller k
+                    best, best_rate = k, rate
         else:
-            run = self._run[0] / self._run[1]
-            first = run if continuing else self._start[0] / self._start[1]
-        best, best_rate = 0, 1.0 / costs[0]
-        tokens, p = 1.0, first  # E(k) = 1 + first * (1 + run + ... + run^(k-1)), summed term by term
-        for k in range(1, self.max_k + 1):
-            tokens += p
-            p *= run
-            rate = tokens / costs[k]
-            if rate > best_rate * (1 + 1e-12):  # ties go to the smaller k
-                best, best_rate = k, rate
+            best = self._best_pair(costs)[continuing]
         if best == 0 and self.max_k > 0 and self._plain_rounds + 1 >= self._probe_every:
             return 1  # a probe: acceptance may have changed while nothing was drafted
         timed = any(s is not None for s in self._seconds)
         every = self._probe_every * (1 if self._seconds[0] is None else 4)
         if best > 0 and timed and self._since_plain + 1 >= every:
             return 0  # a probe: the plain step's cost may have changed, or was never measured
+        return best
+
+    def _best_pair(self, costs: list[float]) -> tuple[int, int]:
+        """(k at a start, k within a run) maximising the long-run tokens per second of the two-state process: a
+        start of kf drafts emits 1 + f (1 + r + ... + r^(kf-1)) tokens and enters a run with probability
+        f r^(kf-1); a run of kc drafts per round emits 1 + r + ... + r^kc per round and lasts 1 / (1 - r^kc) rounds;
+        so a cycle (a start and the run it may open) yields (E_f + P T) / (c(kf) + P C), T and C a run's tokens
+        and time.  (0, 0): plain steps (a cycle of one step, one token)."""
+        f = self._start[0] / self._start[1]
+        r = min(self._run[0] / self._run[1], 1 - 1e-9)  # a run that never ends: its own rate, in the limit
+        runs = []  # per kc: (tokens, seconds) of a whole run
+        tokens, p = 1.0, 1.0
+        for k in range(1, self.max_k + 1):
+            p *= r
+            tokens += p
+            runs.append((k, tokens / (1 - p), costs[k] / (1 - p)))
+        best, best_rate = (0, 0), 1.0 / costs[0]
+        start, p = 1.0, f  # E_f(kf) and P(kf) = f r^(kf-1)
+        for kf in range(1, self.max_k + 1):
+            start += p
+            for kc, run_tokens, run_seconds in runs:
+                rate = (start + p * run_tokens) / (costs[kf] + p * run_seconds)
+                if rate > best_rate * (1 + 1e-12):  # ties go to the smaller k
+                    best, best_rate = (kf, kc), rate
+            p *= r
         return best
 
     def observe(self, proposed: int, accepted: int, seconds: float | None = None,
@@ -198,9 +227,11 @@ class AdaptiveK:
             return
         first = self._run if continuing else self._start
         rest = self._run
-        for rate in (self._start, self._run):
-            rate[0] *= m
-            rate[1] *= m
+        first[0] *= m  # each rate forgets only as it learns: a start followed by a long run must not fade faster
+        first[1] *= m  # than one followed by plain steps
+        if accepted and rest is not first:
+            rest[0] *= m
+            rest[1] *= m
         first[0] += accepted > 0
         first[1] += 1
         if accepted:  # the drafts after the first: accepted - 1 accepted, one more examined if one was rejected
