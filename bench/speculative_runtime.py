@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SOFT_TOKENS = 70
 MAX_NEW_TOKENS = 40
+SHORT_ROUNDS = 4  # one-word answers: one or two decode steps each, a round is a few ms: more rounds per median
 COPY_MIN_GIVEN = 10  # the "copy" questions: continue prompts of >= 10 terms (the answer repeats them)
 
 
@@ -151,7 +152,8 @@ def demo_pair(artifact: Path, k: int, *, rounds: int, n_continue: int, n_short: 
                    **interleaved(model, _questions(("continue",), n_continue, COPY_MIN_GIVEN), lookup, rounds, log)}
     short = {"plain": {}, "assistant_auto": modes["assistant_auto"], "prompt_lookup_auto": modes["prompt_lookup_auto"]}
     out["one_word_kinds"] = {"questions": n_short, "kinds": list(SHORT_KINDS),
-                             **interleaved(model, _questions(SHORT_KINDS, n_short), short, rounds, log)}
+                             "rounds": SHORT_ROUNDS * rounds,
+                             **interleaved(model, _questions(SHORT_KINDS, n_short), short, SHORT_ROUNDS * rounds, log)}
     out["assistant_step"] = assistant_step(model, threads)
     return out
 

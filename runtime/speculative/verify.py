@@ -217,11 +217,22 @@ _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _seen_costs(backend, draft: str) -> list[float] | None:
-    """The prior `AdaptiveK.verify_cost` for a new sequence: measured costs where seen, 1 (the default) elsewhere."""
+    """The prior `AdaptiveK.verify_cost` for a new sequence: the costs seen, a K never measured on the line between
+    the measured ones around it, or beyond the last one on the line from the plain step (1) through it."""
     try:
         seen = _COSTS.get(backend, {}).get(draft)
     except TypeError:
         return None
     if seen is None or len(seen) != backend.max_draft_tokens + 1:
         return None
-    return [1.0 if c is None else c for c in seen]
+    known = [(0, 1.0)] + [(k, c) for k, c in enumerate(seen) if k and c is not None]
+    if len(known) == 1:
+        return None
+    out = []
+    for k in range(len(seen)):
+        lo = max((p for p in known if p[0] <= k), key=lambda p: p[0])
+        hi = min((p for p in known if p[0] >= k), key=lambda p: p[0], default=None)
+        if hi is None:  # beyond the last measured K: its slope from the plain step
+            hi, lo = lo, known[0]
+        out.append(lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (k - lo[0]) / (hi[0] - lo[0]))
+    return out
