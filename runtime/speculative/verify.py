@@ -47,7 +47,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_call: list[int] = field(default_factory=list)
-    k_per_round: list[int] = field(default_factory=list)  # the K asked of the drafter each round (0: plain step)
+    k_per_round: list[int] = field(default_factory=list)  # drafts verified each round (0: a plain step)
 
     @property
     def acceptance(self) -> float | None:
