@@ -189,11 +189,13 @@ class AdaptiveK:
             p *= r
         return best
 
-    def observe(self, proposed: int, accepted: int, seconds: float | None = None,
-                continuing: bool | None = None) -> None:
-        """One round: `proposed` drafts verified (fewer than `next_k()` where the drafter had fewer), `accepted`
-        of them accepted, `seconds` it took from drafting to the verdict (None: not timed); `continuing` as told
-        to `next_k` (None: the run-aware rates learn nothing from this round)."""
+    def plain_round(self) -> None:
+        """A plain round not timed, the cheapest report (the caller's rounds without a match: it times one in a
+        few, `observe(0, 0, seconds)`); the same as `observe(0, 0)`."""
+        self._plain_rounds += 1
+        self._since_plain = 0
+
+    def _check_round(self, proposed, accepted, seconds, continuing) -> None:
         if isinstance(proposed, bool) or not isinstance(proposed, numbers.Integral) or not 0 <= proposed <= self.max_k:
             raise ValueError(f"observe(proposed={proposed!r}): expected an integer in [0, {self.max_k}] (max_k).")
         if isinstance(accepted, bool) or not isinstance(accepted, numbers.Integral) or not 0 <= accepted <= proposed:
@@ -202,6 +204,15 @@ class AdaptiveK:
             raise ValueError(f"observe(seconds={seconds!r}): expected the round's duration, a number > 0, or None.")
         if continuing is not None and not isinstance(continuing, bool):
             raise ValueError(f"observe(continuing={continuing!r}): expected True, False or None.")
+
+    def observe(self, proposed: int, accepted: int, seconds: float | None = None,
+                continuing: bool | None = None) -> None:
+        """One round: `proposed` drafts verified (fewer than `next_k()` where the drafter had fewer), `accepted`
+        of them accepted, `seconds` it took from drafting to the verdict (None: not timed); `continuing` as told
+        to `next_k` (None: the run-aware rates learn nothing from this round)."""
+        if not (type(proposed) is int and type(accepted) is int and 0 <= accepted <= proposed <= self.max_k
+                and type(seconds) is float and 0 < seconds < math.inf and type(continuing) in (bool, type(None))):
+            self._check_round(proposed, accepted, seconds, continuing)  # the loop's own calls skip the slow checks
         if seconds is not None and not self._warm[proposed]:
             self._warm[proposed] = True
         elif seconds is not None:

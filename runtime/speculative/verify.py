@@ -139,6 +139,7 @@ class _Row:
         prompt, made, max_len = self.n, 0, len(tokens) - backend.max_draft_tokens - 2
         pending = [token]
         continuing = False  # the previous round verified drafts and accepted all of them
+        plain = 0  # plain rounds so far
         while True:
             for tok in pending:  # emit as the plain loop does: the j-th new token is fed at position prompt + j
                 made += 1
@@ -173,7 +174,11 @@ class _Row:
                 pending = sampler.choose(logits, rng).tolist()
                 stats.decode_steps += 1
                 if adaptive is not None:
-                    adaptive.observe(0, 0, max(clock() - start, 1e-9))
+                    plain += 1
+                    if plain % 8 == 1:  # one plain round in 8 is timed: the cost being beaten stays measured
+                        adaptive.observe(0, 0, max(clock() - start, 1e-9))
+                    else:
+                        adaptive.plain_round()
                 continuing = False
                 continue
             # a verify call (over the newest token alone where the assistant drafted nothing: its hidden is needed)
@@ -199,20 +204,17 @@ class _Row:
             continuing = bool(drafts) and accepted == len(drafts)
 
     def _keep_costs(self) -> None:
-        if self.adaptive is None:
-            return
-        try:
-            seen = _COSTS.setdefault(self.backend, {}).setdefault(self.draft, [None] * (self.adaptive.max_k + 1))
-        except TypeError:  # a backend that cannot be a weak key: no memory across sequences
-            return
-        for k, cost in enumerate(self.adaptive.measured_costs()):
-            if cost is not None:
-                seen[k] = cost if seen[k] is None else seen[k] + 0.25 * (cost - seen[k])
+        """Leave the row's `AdaptiveK` for the next sequence to read (`_seen_costs`: not here, after the last token)."""
+        if self.adaptive is not None:
+            try:
+                _COSTS.setdefault(self.backend, {}).setdefault(self.draft, [None, []])[1].append(self.adaptive)
+            except TypeError:  # a backend that cannot be a weak key: no memory across sequences
+                pass
 
 
-# per engine and drafter: the costs per K in decode steps measured by earlier sequences (`AdaptiveK.measured_costs`,
-# averaged over sequences: each is a ratio of two noisy medians), a new sequence's prior: a short answer ends before
-# it has measured anything
+# per engine and drafter: [the costs per K in decode steps measured by earlier sequences (`AdaptiveK.measured_costs`,
+# averaged over sequences: each is a ratio of two noisy medians), the rows ended since]: a new sequence's prior (a
+# short answer ends before it has measured anything)
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -220,9 +222,19 @@ def _seen_costs(backend, draft: str) -> list[float] | None:
     """The prior `AdaptiveK.verify_cost` for a new sequence: the costs seen, a K never measured on the line between
     the measured ones around it, or beyond the last one on the line from the plain step (1) through it."""
     try:
-        seen = _COSTS.get(backend, {}).get(draft)
+        memory = _COSTS.get(backend, {}).get(draft)
     except TypeError:
         return None
+    if memory is None:
+        return None
+    seen, finished = memory
+    for adaptive in finished:  # the rows ended since the last read: their measured costs, averaged in
+        if seen is None or len(seen) != adaptive.max_k + 1:
+            seen = memory[0] = [None] * (adaptive.max_k + 1)
+        for k, cost in enumerate(adaptive.measured_costs()):
+            if cost is not None:
+                seen[k] = cost if seen[k] is None else seen[k] + 0.25 * (cost - seen[k])
+    finished.clear()
     if seen is None or len(seen) != backend.max_draft_tokens + 1:
         return None
     known = [(0, 1.0)] + [(k, c) for k, c in enumerate(seen) if k and c is not None]
