@@ -233,7 +233,7 @@ class OrtBackend:
         self.window = (engine.get("attention_inputs") or {}).get("window")
         self.ring_slots = (engine.get("attention_inputs") or {}).get("ring_slots")  # rings with slack: speculative
         self.max_draft_tokens = speculative_record(self.root, manifest)
-        self._verify_bound = BoundVerify(self)
+        self._verify_bound = BoundVerify(self, prefill_feeds, is_cache)
         check_engine_inputs(self.root, [n for ins, _ in self.io.values() for n in ins], self.window)
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         # --ort-sliding window engines: GroupQueryAttention's windowed sliding caches, no image rows

@@ -40,8 +40,12 @@ def words(arr: np.ndarray, code: str) -> memoryview:
 class BoundVerify:
     """Per backend: ``call(ids, past, cache)`` -> (logits (1, n, V), hidden (1, n, H)) views."""
 
-    def __init__(self, backend) -> None:
-        self.backend = backend
+    def __init__(self, backend, prefill_feeds, is_cache) -> None:
+        """``prefill_feeds`` and ``is_cache``: `runtime.ort_backend`'s (passed in: that module imports this one)."""
+        self.backend, self.feeds = backend, prefill_feeds
+        names_in, names_out = backend.io["prefill"]
+        self.past = [x for x in names_in if is_cache(x)]
+        self.present = [x for x in names_out if is_cache(x)]
         self.bound: dict[int, dict] = {}  # n -> binding state
         self.cache = None  # the cache every binding reads (and holds: no other request's cache stays alive)
         self.values: list = []
@@ -83,11 +87,7 @@ class BoundVerify:
         return state["logits"], state["hidden"]
 
     def _bind_cache(self, state: dict, cache: list) -> None:
-        from runtime.ort_backend import is_cache
-
-        names_in, names_out = self.backend.io["prefill"]
-        past = [x for x in names_in if is_cache(x)]
-        present = [x for x in names_out if is_cache(x)]
+        past, present, names_out = self.past, self.present, self.backend.io["prefill"][1]
         if len(past) != len(cache) or len(present) != len(cache):
             raise ValueError(f"verify: the engine has {len(past)} cache inputs and {len(present)} cache outputs, "
                              f"the cache {len(cache)} buffers")
@@ -98,13 +98,11 @@ class BoundVerify:
         bind_gqa(binding, present, names_out, cache, [True] * len(cache))
 
     def _bind(self, n: int) -> dict:
-        from runtime.ort_backend import prefill_feeds
-
         b = self.backend
         ort = b._ort
         names_in, names_out = b.io["prefill"]
         lens = np.array([n], np.int64)
-        feeds = prefill_feeds(PrefillInputs(np.zeros((1, n), np.int64), np.zeros(1, np.int64), lens,
+        feeds = self.feeds(PrefillInputs(np.zeros((1, n), np.int64), np.zeros(1, np.int64), lens,
                                             logits_index=np.arange(n, dtype=np.int64)[None]), b.manifest)
         binding = b.sessions["prefill"].io_binding()
         arrays = {}
