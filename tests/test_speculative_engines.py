@@ -240,8 +240,6 @@ def test_verify_at_every_length_while_the_rings_fill(form):
     caches in turn (the bindings follow the cache): each equals decode steps on a cache prefilled alike."""
     name, model = form
     b = model.backend
-    if name in ("tensorrt", "tensorrt-emulated"):
-        pytest.skip("the kept bindings are ONNX Runtime's; the TensorRT forms are covered by the tests above")
     rng = np.random.default_rng(3)
     r = ring_slots(PRESETS[PRESET].text, K)
     ids = [int(t) for t in rng.integers(3, 290, r + 2 * K + 8)]
