@@ -170,7 +170,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.only_demo:
         result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-        result["runtime"] = runtime_runs(a, None)
+        old, new = result.get("runtime", {}), runtime_runs(a, None)
+        kept = [k for k in old if k not in new]  # runs this one does not repeat (the bench model's replay)
+        result["runtime"] = {**{k: old[k] for k in kept}, **new, **({"kept_from_earlier_run": kept} if kept else {})}
         _write(result)
         return 0
     if not (a.checkpoint / "config.json").is_file():

@@ -58,13 +58,15 @@ class Backend(Protocol):
     """K of a speculative artifact (``manifest.speculative.max_draft_tokens``): `verify` takes up to K + 1 tokens per
     row; 0 for an artifact exported without ``--speculative`` (no `verify`)."""
 
-    def verify(self, input_ids: Any, past_lens: Any, cache: Any, seq_lens: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def verify(self, input_ids: Any, past_lens: Any, cache: Any, seq_lens: Any = None, *,
+               copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """A verify call: ``input_ids`` (B, n) (the last accepted token, then the drafts) at positions ``past_lens``
         (B,) .. on ``cache``, n <= `verify_tokens` (``seq_lens``: rows of fewer valid tokens, right-padded) ->
         logits (B, n, vocab) and the final-normed hidden states (B, n, hidden) after every new token (float32;
         transformers' ``hidden_states[-1]``, what the Gemma 4 assistant reads); their keys and values are written.
         Taking tokens back is the caller's: continue at a shorter ``past_lens``.  A backend may run rows one by one
-        (ONNX Runtime's ring engines: GroupQueryAttention takes several tokens with past context at batch 1 only)."""
+        (ONNX Runtime's ring engines: GroupQueryAttention takes several tokens with past context at batch 1 only).
+        ``copy=False`` allows views of buffers the next verify call overwrites."""
         ...
 
     def verify_tokens(self, past_lens: Any) -> int:

@@ -30,6 +30,8 @@ from runtime.manifest import ArtifactError, check_external_data
 from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
 from runtime.ort_attention import (attention_feeds, bind_gqa, check_engine_inputs, decode_inputs,
                                    window_verify_tokens)
+from runtime.ort_verify import BoundVerify
+from runtime.ort_verify import words as _words
 from runtime.prompt import PrefillInputs
 
 __all__ = ["OrtBackend", "cache_shape", "engine_feeds", "is_cache", "logits_index", "prefill_feeds", "sliding_slots",
@@ -169,15 +171,6 @@ class _Cache(list):
         self.views: dict[tuple[int, int], _Cache] = {}
 
 
-def _words(arr: np.ndarray, code: str) -> memoryview:
-    """A flat memoryview of the C-contiguous array ``arr`` as ``code`` ("q" int64, "i" int32) items: writes go
-    straight into its memory, with no numpy call."""
-    if not arr.flags.c_contiguous or np.dtype(code) != arr.dtype:
-        raise ValueError(f"a bound decode input of dtype {arr.dtype} (contiguous: {arr.flags.c_contiguous}); "
-                         f"expected a contiguous {np.dtype(code)} array")
-    return memoryview(arr.reshape(-1)).cast("B").cast(code)
-
-
 class _Writer:
     """The decode step's bound integer inputs as flat memoryviews (`_words`): token ids and past lengths, and on
     GroupQueryAttention-only engines seqlens_k and the total length."""
@@ -240,6 +233,7 @@ class OrtBackend:
         self.window = (engine.get("attention_inputs") or {}).get("window")
         self.ring_slots = (engine.get("attention_inputs") or {}).get("ring_slots")  # rings with slack: speculative
         self.max_draft_tokens = speculative_record(self.root, manifest)
+        self._verify_bound = BoundVerify(self, prefill_feeds, is_cache)
         check_engine_inputs(self.root, [n for ins, _ in self.io.values() for n in ins], self.window)
         self.cache_specs = [i for i in manifest["graphs"]["decode"]["inputs"] if is_cache(i["name"])]
         # --ort-sliding window engines: GroupQueryAttention's windowed sliding caches, no image rows
@@ -334,8 +328,10 @@ class OrtBackend:
         in_place = [self.one_graph or not self._is_sliding(i) for i in range(len(cache))]
         return self._run("prefill", feeds, cache, in_place)
 
-    def verify(self, input_ids, past_lens, cache: list, seq_lens=None) -> tuple[np.ndarray, np.ndarray]:
-        """`runtime.backend.Backend.verify`: (B, n) tokens -> logits (B, n, V), final-normed hidden (B, n, H)."""
+    def verify(self, input_ids, past_lens, cache: list, seq_lens=None, *, copy: bool = True):
+        """`runtime.backend.Backend.verify`: (B, n) tokens -> logits (B, n, V), final-normed hidden (B, n, H).  One
+        row of one-graph engines runs on kept bindings (`runtime.ort_verify`); ``copy=False``: views of their
+        buffers, which the next call of as many tokens overwrites."""
         ids = np.asarray(input_ids, np.int64)
         if ids.ndim != 2 or not ids.shape[1]:
             raise InputError(f"verify: input_ids of shape {ids.shape}; expected (batch, n >= 1)")
@@ -347,10 +343,13 @@ class OrtBackend:
             raise InputError(f"verify: {n} tokens per row; this engine verifies at most "
                              f"{self.verify_tokens(past_lens)} here (the artifact's speculative.max_draft_tokens "
                              f"{self.max_draft_tokens} + 1, less where the cache cannot take them back)")
+        if self.one_graph and b == 1 and (seq_lens is None or np.all(np.asarray(seq_lens) == n)):
+            out = self._verify_bound.call(ids[0].tolist(), int(np.asarray(past_lens).reshape(-1)[0]), cache)
+            return (out[0].copy(), None if out[1] is None else out[1].copy()) if copy else out
         lens = np.full(b, n, np.int64) if seq_lens is None else np.asarray(seq_lens, np.int64).reshape(-1)
         index = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
-        inputs = PrefillInputs(ids, np.asarray(past_lens, np.int64).reshape(-1), lens, logits_index=index)
-        return self._prefill(inputs, cache)
+        return self._prefill(PrefillInputs(ids, np.asarray(past_lens, np.int64).reshape(-1), lens,
+                                           logits_index=index), cache)
 
     def verify_tokens(self, past_lens) -> int:
         """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1, on windowed engines (--ort-sliding window)

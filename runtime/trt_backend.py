@@ -269,9 +269,10 @@ class TrtBackend:
         cache[:] = new_cache
         return out.numpy(), None if hidden is None else hidden.numpy()
 
-    def verify(self, input_ids, past_lens, cache: list, seq_lens=None) -> tuple[np.ndarray, np.ndarray]:
+    def verify(self, input_ids, past_lens, cache: list, seq_lens=None, *, copy: bool = True):
         """`runtime.backend.Backend.verify` on the prefill profile (the plugin takes any batch with past context):
-        (B, n) tokens -> logits (B, n, V) and final-normed hidden states (B, n, hidden)."""
+        (B, n) tokens -> logits (B, n, V) and final-normed hidden states (B, n, hidden); ``copy`` has no effect
+        (the host arrays are new each call)."""
         ids = np.asarray(input_ids, np.int64)
         if ids.ndim != 2 or not ids.shape[1]:
             raise InputError(f"verify: input_ids of shape {ids.shape}; expected (batch, n >= 1)")

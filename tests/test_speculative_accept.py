@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime.sampling import Greedy, Sample
-from runtime.speculative.accept import Accepted, accept
+from runtime.speculative.accept import Accepted, accept, accept_greedy
 
 V = 6
 START = 0
@@ -278,3 +278,23 @@ def test_seeded_through_the_generator():
 def test_bad_arguments_raise(args, message):
     with pytest.raises(ValueError, match=message):
         accept(*args[:3], np.random.default_rng(0), *args[3:])
+
+
+def test_accept_greedy_with_ties_and_nan():
+    """The decode loop's unchecked greedy acceptance (one argmax) against the plain reference, on logits full of
+    ties (small integers); NaN in a row whose choice counts raises, in a row after the first rejection it is not read."""
+    rng = np.random.default_rng(4)
+    for _ in range(500):
+        k, vocab = int(rng.integers(0, 8)), int(rng.integers(2, 6))
+        logits = rng.integers(0, 3, (k + 1, vocab)).astype(np.float32)
+        drafts = [int(np.argmax(logits[i])) if rng.random() < 0.7 else int(rng.integers(0, vocab)) for i in range(k)]
+        tokens, n = accept_greedy(drafts, logits)
+        ref = _plain_greedy(drafts, logits)
+        assert list(tokens) == ref and n == len(ref) - 1, (drafts, tokens, ref)
+    logits = np.zeros((3, 4), np.float32)
+    logits[:, 1] = 1.0
+    bad = logits.copy()
+    bad[2, 0] = np.nan
+    assert accept_greedy([2, 1], bad) == ((1,), 0)  # rejected at 0: rows 1 and 2 never decide
+    with pytest.raises(ValueError, match="NaN"):
+        accept_greedy([1, 1], bad)

@@ -174,3 +174,86 @@ def test_recovers_when_acceptance_rises():
 def test_bad_arguments_raise(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def _simulate_runs(ctl, start: float, run: float, seconds, rounds: int, seed: int, policy=None):
+    """Acceptance in runs (a copying drafter): a round that starts a run has its first draft accepted with
+    probability `start`, every other draft (and a continuing round's first) with `run`.  ``policy``: (k when
+    starting, k when continuing) instead of the controller.  -> tokens per second."""
+    rng = np.random.default_rng(seed)
+    continuing, tokens, total = False, 0, 0.0
+    for _ in range(rounds):
+        k = ctl.next_k(continuing) if policy is None else policy[continuing]
+        n = 0
+        while n < k and rng.random() < (run if continuing or n else start):
+            n += 1
+        if policy is None:
+            ctl.observe(k, n, seconds(k), continuing)
+        tokens += n + 1
+        total += seconds(k)
+        continuing = k > 0 and n == k
+    return tokens / total
+
+
+@pytest.mark.parametrize("start, run", [(0.1, 0.95), (0.4, 0.9), (0.05, 0.6), (0.9, 0.9)])
+def test_run_aware_rates_near_the_best_fixed_pair(start, run):
+    """Against every fixed pair (k starting, k continuing), simulated on the same draws: the run-aware rule gets
+    >= 90 % of the best pair's tokens per second."""
+    seconds = _round_seconds(lambda k: 1 + 0.08 * k, 0.0)
+    best = max(_simulate_runs(None, start, run, seconds, 3000, seed=7, policy=(a, b))
+               for a in range(7) for b in range(7))
+    got = _simulate_runs(AdaptiveK(6), start, run, seconds, 3000, seed=7)
+    assert got >= 0.9 * best, (got * STEP, best * STEP)
+
+
+def test_run_aware_rates_beat_one_rate_on_runs():
+    """Rare starts, long runs: one per-draft rate averages them into a middling guess; the run-aware rule drafts
+    little at a start and much within a run."""
+    seconds = _round_seconds(lambda k: 1 + 0.3 * k, 0.0)
+    aware = _simulate_runs(AdaptiveK(6), 0.1, 0.97, seconds, 3000, seed=8)
+    rng = np.random.default_rng(8)
+    one, continuing, tokens, total = AdaptiveK(6), False, 0, 0.0
+    for _ in range(3000):  # the same process, the controller told nothing about runs
+        k = one.next_k()
+        n = 0
+        while n < k and rng.random() < (0.97 if continuing or n else 0.1):
+            n += 1
+        one.observe(k, n, seconds(k))
+        tokens, total, continuing = tokens + n + 1, total + seconds(k), k > 0 and n == k
+    assert aware > 1.1 * tokens / total, (aware * STEP, tokens / total * STEP)
+
+
+def test_starts_that_never_take_drop_to_plain_steps():
+    seconds = _round_seconds(lambda k: 1.3 + 0.05 * k, 0.0)
+    ctl = AdaptiveK(6)
+    ks = []
+    for _ in range(400):
+        k = ctl.next_k(False)
+        ctl.observe(k, 0, seconds(k), False)
+        ks.append(k)
+    assert np.mean(np.array(ks[50:]) == 0) >= 1 - 1 / 16 - 0.01, np.bincount(ks[50:])
+
+
+def test_one_stalled_round_does_not_rule_a_width_out():
+    """With the plain step measured, a width's one timed round that stalled (another process ran) is weighed
+    against the prior's guess for it, and the lower median keeps the guess; rounds that agree override it."""
+    ctl = AdaptiveK(4, verify_cost=[1.0, 1.1, 1.2, 1.3, 1.4])
+    for _ in range(4):
+        ctl.observe(0, 0, STEP)
+    ctl.observe(3, 3, 5 * STEP)  # warm-up
+    ctl.observe(3, 3, 50 * STEP)  # stalled
+    assert ctl.cost(3) == pytest.approx(1.3 * STEP)
+    assert ctl.next_k() > 0
+    ctl.observe(3, 3, 2 * STEP)
+    ctl.observe(3, 3, 2 * STEP)
+    assert ctl.cost(3) == pytest.approx(2 * STEP)  # measured rounds outvote the guess
+
+
+def test_measured_costs_need_rounds_of_their_own():
+    ctl = AdaptiveK(2, verify_cost=[1.0, 1.5, 2.0])
+    assert ctl.measured_costs() == [None, None, None]
+    for _ in range(4):  # the first is the warm-up
+        ctl.observe(0, 0, STEP)
+        ctl.observe(2, 1, 1.5 * STEP)
+    assert ctl.measured_costs() == [pytest.approx(1.0), None, pytest.approx(1.5)]
+    assert AdaptiveK(2).measured_costs(min_rounds=1) == [None, None, None]

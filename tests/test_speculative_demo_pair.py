@@ -90,3 +90,27 @@ def test_int8_demo_assistant_keeps_greedy_and_acceptance(demo_pair, demo_pair_in
     fp32 = _acceptance(runtime.load(demo_pair, backend="onnxruntime"), questions)
     assert int8.drafted >= 6 * 3 * K
     assert int8.acceptance >= fp32.acceptance - 0.03, (int8.accepted, int8.drafted, fp32.accepted, fp32.drafted)
+
+
+def test_prompt_lookup_copies_the_repeated_terms(demo_pair):
+    """``continue`` answers whose last terms repeat the prompt's (>= 10 given): prompt lookup, K fixed and "auto",
+    gives plain greedy's tokens, drafts nothing while the answer's terms are new (its separator is ambiguous, the
+    new terms are not in the prompt) and has most drafts accepted once they repeat; the plain answer says which
+    tokens repeat, the reference for what can be drafted."""
+    model = runtime.load(demo_pair, backend="onnxruntime")
+    questions = [ex for ex in examples("heldout", 200, seed=0)
+                 if ex.kind == "continue" and ex.question.count(",") + 1 >= 10][:4]
+    assert len(questions) == 4
+    for k in (K, "auto"):
+        stats = SpecStats()
+        passes = tokens = 0
+        for ex in questions:
+            plain = runtime.generate(model, prompt_text(ex), max_new_tokens=40, temperature=0.0)
+            before = stats.verify_calls + stats.decode_steps
+            spec = runtime.generate(model, prompt_text(ex), max_new_tokens=40, temperature=0.0,
+                                    draft="prompt_lookup", num_draft_tokens=k, spec_stats=stats)
+            assert spec.tokens == plain.tokens, (k, ex.question)
+            passes += stats.verify_calls + stats.decode_steps - before
+            tokens += len(plain.tokens) - 1
+        assert stats.acceptance >= 0.9, (k, stats.accepted, stats.drafted)
+        assert tokens / passes >= 2.0, (k, tokens, passes)  # >= 10 of 19 terms copied: long runs in few passes

@@ -232,3 +232,40 @@ def test_plain_artifacts_unchanged_and_refuse_verify(artifact_store, spec_artifa
         runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="assistant", num_draft_tokens=2)
     with pytest.raises(InputError, match="'auto'"):
         runtime.generate(spec_model, [2, 5, 6], max_new_tokens=3, draft="prompt_lookup", num_draft_tokens=0)
+
+
+def test_verify_at_every_length_while_the_rings_fill(form):
+    """Verify calls of every width (ONNX Runtime: one row on kept bindings, `runtime.ort_verify`) at every past
+    length from an almost empty cache until the rings have wrapped (the geometry's shapes change on the way), on two
+    caches in turn (the bindings follow the cache): each equals decode steps on a cache prefilled alike."""
+    name, model = form
+    b = model.backend
+    rng = np.random.default_rng(3)
+    r = ring_slots(PRESETS[PRESET].text, K)
+    ids = [int(t) for t in rng.integers(3, 290, r + 2 * K + 8)]
+    caches = [b.new_cache(1, MAX_LEN), b.new_cache(1, MAX_LEN)]
+    for c in caches:
+        b.prefill(PrefillInputs(np.array([ids[:2]]), np.array([0]), np.array([2])), c)
+    past, done = 2, [2, 2]  # done: the positions each cache holds (every token written is ids' own)
+    while past + K + 1 < len(ids):
+        n = 1 + (past % (K + 1))
+        if n > b.verify_tokens([past]):
+            n = 1
+        cache = caches[past % 2]
+        for q in range(done[past % 2], past):  # catch up where the other cache moved on
+            b.decode([ids[q]], [q], cache)
+        done[past % 2] = max(done[past % 2], past + n)
+        logits, hidden = b.verify(np.array([ids[past:past + n]]), [past], cache, copy=False)
+        held = logits.copy()
+        steps = b.new_cache(1, MAX_LEN)
+        b.prefill(PrefillInputs(np.array([ids[:past]]), np.array([0]), np.array([past])), steps)
+        for j in range(n):
+            assert_close(held[0, j], b.decode([ids[past + j]], [past + j], steps)[0], f"{name}: past {past} n {n} j {j}")
+        assert hidden.shape == (1, n, PRESETS[PRESET].text.hidden_size)
+        past += 1
+    # copy=True: arrays of the caller's; copy=False: the next call of as many tokens may overwrite them
+    kept, _ = b.verify(np.array([ids[1:3]]), [1], caches[0])
+    again = kept.copy()
+    other, _ = b.verify(np.array([ids[5:7]]), [1], caches[0])
+    np.testing.assert_array_equal(kept, again)
+    assert not np.array_equal(other, kept)

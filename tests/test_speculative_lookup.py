@@ -120,3 +120,54 @@ def test_inputs_of_other_types():
 def test_bad_arguments_raise(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def _plain_lookup(tokens, num: int, max_ngram: int, eos=(), unambiguous: bool = False) -> list[int]:
+    """Prompt lookup from its definition, in plain Python: the largest n-gram (n <= max_ngram, not the whole
+    sequence) ending the sequence that occurs earlier followed by a token; its earliest occurrence's continuation,
+    cut before an end-of-sequence token.  ``unambiguous``: a 1-gram match whose occurrences are followed by
+    different tokens drafts nothing."""
+    t = [int(x) for x in tokens]
+    size = len(t)
+    for n in range(min(max_ngram, size - 1), 0, -1):
+        starts = [i for i in range(size - n) if t[i:i + n] == t[size - n:]]
+        if not starts:
+            continue
+        if unambiguous and n == 1 and len({t[i + 1] for i in starts}) > 1:
+            return []
+        out = t[starts[0] + n: starts[0] + n + num]
+        for j, x in enumerate(out):
+            if x in eos:
+                return out[:j]
+        return out
+    return []
+
+
+def test_unambiguous_unigram_against_plain_reference():
+    """The option against the plain-Python definition; the definition without it is transformers' (checked here
+    too, so the reference is tied to transformers and the option differs only where a 1-gram is ambiguous)."""
+    fired = kept = 0
+    for tokens, num, max_ngram, eos in list(_cases())[:800]:
+        ours = PromptLookup(max_ngram=max_ngram, eos_ids=eos, unambiguous_unigram=True).propose(tokens, num)
+        ref = _plain_lookup(tokens, num, max_ngram, eos, unambiguous=True)
+        assert ours.tolist() == ref, (tokens.tolist(), num, max_ngram, eos)
+        plain = _plain_lookup(tokens, num, max_ngram, eos)
+        assert plain == _reference(tokens.tolist(), num, max_ngram, eos)
+        fired += bool(plain) and not ref
+        kept += bool(ref)
+    assert fired > 50 and kept > 100, (fired, kept)
+
+
+def test_unambiguous_unigram_by_hand():
+    """A separator seen after every term drafts nothing; a token seen once (or always followed alike) drafts."""
+    seq = np.array([40, 41, 10, 3, 11, 3, 12, 3, 13, 42, 20, 3])  # "10 , 11 , 12 , 13 ? 20 ,"
+    assert PromptLookup().propose(seq, 3).tolist() == [11, 3, 12]  # transformers: the first "," 's continuation
+    assert PromptLookup(unambiguous_unigram=True).propose(seq, 3).tolist() == []
+    seq = np.array([40, 41, 10, 3, 11, 3, 12, 3, 13, 42, 20, 3, 11])  # "... 11": a 2-gram (",", 11) matches
+    assert PromptLookup(unambiguous_unigram=True).propose(seq, 4).tolist() == [3, 12, 3, 13]
+    seq = np.array([40, 41, 10, 3, 11, 3, 12, 3, 13, 42, 20, 12])  # "12" seen once: its continuation
+    assert PromptLookup(unambiguous_unigram=True).propose(seq, 2).tolist() == [3, 13]
+    seq = np.array([7, 8, 1, 7, 8, 2, 9, 7])  # 7 always followed by 8: not ambiguous
+    assert PromptLookup(unambiguous_unigram=True, max_ngram=1).propose(seq, 2).tolist() == [8, 1]
+    with pytest.raises(ValueError, match="unambiguous_unigram"):
+        PromptLookup(unambiguous_unigram=1)

@@ -20,13 +20,14 @@ as after any step) and handles one sequence per call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.sampling import Greedy, Sample, Sampler
 
-__all__ = ["Accepted", "accept"]
+__all__ = ["Accepted", "accept", "accept_greedy"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,22 @@ def accept(
 
 
 def _accept_greedy(drafts: list[int], logits: np.ndarray, rng: np.random.Generator) -> Accepted:
-    greedy = Greedy()
-    for i in range(len(drafts) + 1):  # row by row: the rows after the first mismatch are never needed
-        best = int(greedy.choose(logits[i : i + 1], rng)[0])
-        if i == len(drafts) or best != drafts[i]:
-            return Accepted(tuple(drafts[:i]) + (best,), i)
-    raise AssertionError("unreachable: the last row always returns")
+    return Accepted(*accept_greedy(drafts, logits))
+
+
+def accept_greedy(drafts: list[int], logits: np.ndarray) -> tuple[tuple[int, ...], int]:
+    """`accept` for greedy decoding, unchecked (for the decode loop: one argmax over the rows, Python ints after
+    it): ``drafts`` a list of K ints, ``logits`` a (K + 1, V) float array -> (tokens to emit, drafts accepted).
+    The argmax is `Greedy`'s (lowest id among ties; NaN in a row that decides raises)."""
+    best = logits.argmax(axis=-1).tolist()
+    i = 0
+    k = len(drafts)
+    while i < k and best[i] == drafts[i]:
+        i += 1
+    for row in range(i + 1):  # NaN wins argmax: a row whose choice counted must not hold one
+        if math.isnan(logits.item(row, best[row])):
+            raise ValueError("The logits contain NaN; the model produced invalid numbers (check the precision/engine).")
+    return (*drafts[:i], best[i]), i
 
 
 def _draw(weights: np.ndarray, rng: np.random.Generator) -> int:

@@ -18,6 +18,7 @@ artifact's K, told each round's proposed and accepted drafts and its wall time.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,13 +26,13 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.sampling import Greedy
-from runtime.speculative.accept import accept
+from runtime.speculative.accept import accept, accept_greedy
 from runtime.speculative.adapt import AdaptiveK
 from runtime.speculative.prompt_lookup import PromptLookup
 
 __all__ = ["ASSISTANT", "DRAFTERS", "SpecStats", "check_draft", "speculative"]
 
-_LOOKUP = PromptLookup(max_ngram=2)
+_LOOKUP = PromptLookup(max_ngram=2, unambiguous_unigram=True)  # transformers' rules but ambiguous 1-grams
 ASSISTANT = "assistant"  # drafts by the artifact's assistant graph (needs `make export-assistant`)
 # Context-only drafters: (tokens: int64 array of the row so far, k) -> up to k draft token ids.
 DRAFTERS: dict[str, Callable[[np.ndarray, int], object]] = {"prompt_lookup": _LOOKUP.propose}
@@ -46,7 +47,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_call: list[int] = field(default_factory=list)
-    k_per_round: list[int] = field(default_factory=list)  # the K asked of the drafter each round (0: plain step)
+    k_per_round: list[int] = field(default_factory=list)  # drafts verified each round (0: a plain step)
 
     @property
     def acceptance(self) -> float | None:
@@ -107,70 +108,143 @@ class _Row:
     """One row's state: its tokens (int64 array, cached ones then the pending ones), the drafter and K."""
 
     def __init__(self, backend, cache, context, max_len: int, num_draft_tokens, draft: str, assistant):
-        self.backend, self.cache, self.assistant = backend, cache, assistant
+        self.backend, self.cache, self.assistant, self.draft = backend, cache, assistant, draft
         self.tokens = np.zeros(max_len + backend.max_draft_tokens + 2, np.int64)
         self.n = len(context)  # tokens in self.tokens
         self.tokens[: self.n] = context
         self.drafter = None if draft == ASSISTANT else DRAFTERS[draft]
-        self.adaptive = AdaptiveK(backend.max_draft_tokens) if num_draft_tokens == "auto" else None
+        self.adaptive = None
+        if num_draft_tokens == "auto":  # the costs seen by the previous sequence on this engine are the prior
+            self.adaptive = AdaptiveK(backend.max_draft_tokens, verify_cost=_seen_costs(backend, draft))
         self.k_max = backend.max_draft_tokens if num_draft_tokens == "auto" else num_draft_tokens
         self.hidden = None  # assistant: the target's final-norm hidden at the position before the newest token
         self.written = len(context)  # positions the target has written (rejected drafts included)
 
-    def _drafts(self, token: int, cached: int, k: int) -> list[int]:
-        if k < 1:
-            return []
-        if self.assistant is None:
-            return [int(t) for t in self.drafter(self.tokens[: self.n], k)]
-        if self.hidden is None:
+    def _assistant_drafts(self, token: int, cached: int, k: int) -> list[int]:
+        if k < 1 or self.hidden is None:
             return []
         out = self.assistant.draft(self.cache, [token], self.hidden[None], [cached], k, written=[self.written])
         return out.tokens[0].tolist()
 
     def run(self, row, token, sampler, rng, max_new_tokens, stop_ids, stats) -> Iterator[tuple[int, int, str | None]]:
-        backend, cache = self.backend, self.cache
-        prompt, made, max_len = self.n, 0, len(self.tokens) - backend.max_draft_tokens - 2
+        """The round loop.  A context drafter (prompt lookup) drafts first, as many as fit (it costs ~nothing), so
+        a round without a match is a plain decode step that never consults `AdaptiveK`; with a match, "auto" cuts
+        the drafts to `AdaptiveK.next_k`, told whether the round continues a run (the previous round's drafts were
+        all accepted).  Per round: Python ints and lists, one backend call, one argmax (greedy)."""
+        backend, cache, adaptive, drafter = self.backend, self.cache, self.adaptive, self.drafter
+        decode, verify, tokens = backend.decode, backend.verify, self.tokens
+        fixed_room = None if getattr(backend, "sliding_slots", None) is not None else backend.verify_tokens([0]) - 1
+        greedy = isinstance(sampler, Greedy)
+        clock = time.perf_counter
+        prompt, made, max_len = self.n, 0, len(tokens) - backend.max_draft_tokens - 2
         pending = [token]
+        continuing = False  # the previous round verified drafts and accepted all of them
+        plain = 0  # plain rounds so far
         while True:
             for tok in pending:  # emit as the plain loop does: the j-th new token is fed at position prompt + j
                 made += 1
                 if tok in stop_ids:
                     yield row, tok, "stop"
+                    self._keep_costs()
                     return
                 yield row, tok, None
                 if prompt + made >= max_len or made >= max_new_tokens:
+                    self._keep_costs()
                     return
-            self.tokens[self.n: self.n + len(pending)] = pending
+            tokens[self.n: self.n + len(pending)] = pending
             self.n += len(pending)
             token = pending[-1]
             cached = prompt + made - 1  # the newest token is fed at this position
-            room = min(self.k_max, backend.verify_tokens([cached]) - 1, max_new_tokens - made - 1,
-                       max_len - 1 - cached)
-            k = min(room, self.adaptive.next_k()) if self.adaptive is not None else room
-            start = time.perf_counter()
-            drafts = self._drafts(token, cached, k)
-            stats.k_per_round.append(k)
-            if not drafts and self.assistant is None:  # a plain decode step
-                logits = backend.decode([token], [cached], cache, copy=False)
+            room = min(self.k_max, backend.verify_tokens([cached]) - 1 if fixed_room is None else fixed_room,
+                       max_new_tokens - made - 1, max_len - 1 - cached)
+            start = clock() if adaptive is not None else 0.0
+            if drafter is not None:
+                drafts = drafter(tokens[: self.n], room) if room > 0 else []
+                drafts = drafts.tolist() if isinstance(drafts, np.ndarray) else [int(t) for t in drafts]
+                if drafts and adaptive is not None:
+                    k = adaptive.next_k(continuing)
+                    if k < len(drafts):
+                        drafts = drafts[:k]
+            else:
+                k = min(room, adaptive.next_k()) if adaptive is not None else room
+                drafts = self._assistant_drafts(token, cached, k)
+            stats.k_per_round.append(len(drafts))
+            if not drafts and self.assistant is None:  # a plain decode step, as the plain loop's
+                logits = decode([token], [cached], cache, copy=False)
                 pending = sampler.choose(logits, rng).tolist()
                 stats.decode_steps += 1
-                self._observe(0, 0, start)
+                if adaptive is not None:
+                    plain += 1
+                    if plain % 8 == 1:  # one plain round in 8 is timed: the cost being beaten stays measured
+                        adaptive.observe(0, 0, max(clock() - start, 1e-9))
+                    else:
+                        adaptive.plain_round()
+                continuing = False
                 continue
             # a verify call (over the newest token alone where the assistant drafted nothing: its hidden is needed)
-            logits, hidden = backend.verify(np.array([[token, *drafts]], np.int64), [cached], cache)
+            logits, hidden = verify(np.array([[token, *drafts]], np.int64), [cached], cache, copy=False)
             self.written = max(self.written, cached + 1 + len(drafts))
-            got = accept(drafts, logits[0], sampler, rng)
-            pending = list(got.tokens)
-            self.hidden = np.array(hidden[0, got.num_accepted], np.float32)  # a copy: buffers may be reused
+            if greedy:
+                pending, accepted = accept_greedy(drafts, logits[0])
+            else:
+                got = accept(drafts, logits[0], sampler, rng)
+                pending, accepted = got.tokens, got.num_accepted
+            if self.assistant is not None:
+                self.hidden = np.array(hidden[0, accepted], np.float32)  # a copy: buffers may be reused
             if drafts:
                 stats.verify_calls += 1
                 stats.drafted += len(drafts)
-                stats.accepted += got.num_accepted
-                stats.accepted_per_call.append(got.num_accepted)
+                stats.accepted += accepted
+                stats.accepted_per_call.append(accepted)
             else:
                 stats.decode_steps += 1
-            self._observe(len(drafts), got.num_accepted, start)
+            if adaptive is not None:
+                adaptive.observe(len(drafts), accepted, max(clock() - start, 1e-9),
+                                 continuing if drafter is not None and drafts else None)
+            continuing = bool(drafts) and accepted == len(drafts)
 
-    def _observe(self, proposed: int, accepted: int, start: float) -> None:
+    def _keep_costs(self) -> None:
+        """Leave the row's `AdaptiveK` for the next sequence to read (`_seen_costs`: not here, after the last token)."""
         if self.adaptive is not None:
-            self.adaptive.observe(proposed, accepted, max(time.perf_counter() - start, 1e-9))
+            try:
+                _COSTS.setdefault(self.backend, {}).setdefault(self.draft, [None, []])[1].append(self.adaptive)
+            except TypeError:  # a backend that cannot be a weak key: no memory across sequences
+                pass
+
+
+# per engine and drafter: [the costs per K in decode steps measured by earlier sequences (`AdaptiveK.measured_costs`,
+# averaged over sequences: each is a ratio of two noisy medians), the rows ended since]: a new sequence's prior (a
+# short answer ends before it has measured anything)
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _seen_costs(backend, draft: str) -> list[float] | None:
+    """The prior `AdaptiveK.verify_cost` for a new sequence: the costs seen, a K never measured on the line between
+    the measured ones around it, or beyond the last one on the line from the plain step (1) through it."""
+    try:
+        memory = _COSTS.get(backend, {}).get(draft)
+    except TypeError:
+        return None
+    if memory is None:
+        return None
+    seen, finished = memory
+    for adaptive in finished:  # the rows ended since the last read: their measured costs, averaged in
+        if seen is None or len(seen) != adaptive.max_k + 1:
+            seen = memory[0] = [None] * (adaptive.max_k + 1)
+        for k, cost in enumerate(adaptive.measured_costs()):
+            if cost is not None:
+                seen[k] = cost if seen[k] is None else seen[k] + 0.25 * (cost - seen[k])
+    finished.clear()
+    if seen is None or len(seen) != backend.max_draft_tokens + 1:
+        return None
+    known = [(0, 1.0)] + [(k, c) for k, c in enumerate(seen) if k and c is not None]
+    if len(known) == 1:
+        return None
+    out = []
+    for k in range(len(seen)):
+        lo = max((p for p in known if p[0] <= k), key=lambda p: p[0])
+        hi = min((p for p in known if p[0] >= k), key=lambda p: p[0], default=None)
+        if hi is None:  # beyond the last measured K: its slope from the plain step
+            hi, lo = lo, known[0]
+        out.append(lo[1] if hi[0] == lo[0] else lo[1] + (hi[1] - lo[1]) * (k - lo[0]) / (hi[0] - lo[0]))
+    return out

@@ -1,0 +1,120 @@
+"""Verify calls of one sequence on a one-graph ONNX Runtime engine, on IOBindings kept between calls.
+
+`Backend.verify` through `OrtBackend._run` binds every input and cache anew and wraps every output per call: on
+the demo model that Python costs about as much as the graph (~0.25 ms of a ~0.65 ms pass over 7 tokens).  Here,
+as the decode step does (`OrtBackend._decode_bound`), one binding per number of tokens n is kept: the caches stay
+bound in place (a one-graph engine writes every cache in place; another request's cache is bound anew into every
+kept binding and the rest kept, ~0.04 ms each against ~0.15 ms for a whole binding on the demo; no binding holds
+an earlier request's cache), the call writes its token ids and past length into arrays the binding already reads,
+the attention geometry (`runtime.ort_attention.attention_inputs`) into the bound arrays of the same shape (bound
+anew where the shape changed: the ring bias grows while the rings fill), and the logits and hidden states land in
+the buffers the first call of that n allocated.
+
+Only text calls of one row with every token valid (what `runtime.speculative.verify` makes); other calls take
+`OrtBackend._run`.  The results are views of buffers the next call with the same n overwrites (`copy=False`).
+"""
+
+from __future__ import annotations
+
+import operator
+from array import array
+
+import numpy as np
+
+from runtime.ort_attention import INPUTS as ATTENTION_INPUTS
+from runtime.ort_attention import attention_inputs, bind_gqa
+from runtime.prompt import PrefillInputs
+
+__all__ = ["BoundVerify", "words"]
+
+
+def words(arr: np.ndarray, code: str) -> memoryview:
+    """A flat memoryview of the C-contiguous array ``arr`` as ``code`` ("q" int64, "i" int32) items: writes go
+    straight into its memory, with no numpy call (the bound decode step's and verify call's integer inputs)."""
+    if not arr.flags.c_contiguous or np.dtype(code) != arr.dtype:
+        raise ValueError(f"a bound input of dtype {arr.dtype} (contiguous: {arr.flags.c_contiguous}); "
+                         f"expected a contiguous {np.dtype(code)} array")
+    return memoryview(arr.reshape(-1)).cast("B").cast(code)
+
+
+class BoundVerify:
+    """Per backend: ``call(ids, past, cache)`` -> (logits (1, n, V), hidden (1, n, H)) views."""
+
+    def __init__(self, backend, prefill_feeds, is_cache) -> None:
+        """``prefill_feeds`` and ``is_cache``: `runtime.ort_backend`'s (passed in: that module imports this one)."""
+        self.backend, self.feeds = backend, prefill_feeds
+        names_in, names_out = backend.io["prefill"]
+        self.past = [x for x in names_in if is_cache(x)]
+        self.present = [x for x in names_out if is_cache(x)]
+        self.bound: dict[int, dict] = {}  # n -> binding state
+        self.cache = None  # the cache every binding reads (and holds: no other request's cache stays alive)
+        self.values: list = []
+
+    def call(self, ids: list[int], past: int, cache: list) -> tuple[np.ndarray, np.ndarray | None]:
+        if (cache is not self.cache or len(cache) != len(self.values)
+                or not all(map(operator.is_, self.values, cache))):
+            self.cache, self.values = cache, list(cache)  # another request's cache: only the caches are bound anew
+            for state in self.bound.values():
+                self._bind_cache(state, cache)
+        n = len(ids)
+        state = self.bound.get(n)
+        if state is None:
+            state = self.bound[n] = self._bind(n)
+            self._bind_cache(state, cache)
+        state["ids"][:] = array("q", ids)
+        state["past"][0] = past
+        b = self.backend
+        record = b.engine.get("attention_inputs") or {}
+        if state["attention"]:
+            values = attention_inputs(np.array([past], np.int64), state["lens"], n, window=record.get("window"),
+                                      want=state["attention"], slots=record.get("ring_slots"))
+            arrays, binding = state["arrays"], state["binding"]
+            for key, value in values.items():
+                arr = arrays.get(key)
+                if arr is not None and arr.shape == value.shape:
+                    arr[...] = value
+                    continue
+                arr = arrays[key] = np.ascontiguousarray(value)
+                binding.bind_ortvalue_input(ATTENTION_INPUTS[key], b._ort.OrtValue.ortvalue_from_numpy(arr))
+        b.sessions["prefill"].run_with_iobinding(state["binding"])
+        if state["logits"] is None:  # first call of this n: keep ORT's output buffers and write later calls there
+            outs = state["binding"].get_outputs()
+            state["binding"].bind_ortvalue_output("logits", outs[0])
+            state["logits"] = outs[0].numpy()
+            if state["has_hidden"]:
+                state["binding"].bind_ortvalue_output("hidden", outs[1])
+                state["hidden"] = outs[1].numpy()
+        return state["logits"], state["hidden"]
+
+    def _bind_cache(self, state: dict, cache: list) -> None:
+        past, present, names_out = self.past, self.present, self.backend.io["prefill"][1]
+        if len(past) != len(cache) or len(present) != len(cache):
+            raise ValueError(f"verify: the engine has {len(past)} cache inputs and {len(present)} cache outputs, "
+                             f"the cache {len(cache)} buffers")
+        binding = state["binding"]
+        for p_in, p_out, value in zip(past, present, cache):
+            binding.bind_ortvalue_input(p_in, value)
+            binding.bind_ortvalue_output(p_out, value)
+        bind_gqa(binding, present, names_out, cache, [True] * len(cache))
+
+    def _bind(self, n: int) -> dict:
+        b = self.backend
+        ort = b._ort
+        names_in, names_out = b.io["prefill"]
+        lens = np.array([n], np.int64)
+        feeds = self.feeds(PrefillInputs(np.zeros((1, n), np.int64), np.zeros(1, np.int64), lens,
+                                            logits_index=np.arange(n, dtype=np.int64)[None]), b.manifest)
+        binding = b.sessions["prefill"].io_binding()
+        arrays = {}
+        for name in names_in:
+            if name in feeds:
+                arrays[name] = np.ascontiguousarray(feeds[name])
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arrays[name]))
+        binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        has_hidden = "hidden" in names_out
+        if has_hidden:
+            binding.bind_output("hidden", "cpu")
+        attention = [k for k, v in ATTENTION_INPUTS.items() if v in names_in]
+        return {"binding": binding, "arrays": arrays, "lens": lens, "attention": attention,
+                "ids": words(arrays["input_ids"], "q"), "past": words(arrays["past_lens"], "q"),
+                "logits": None, "hidden": None, "has_hidden": has_hidden}
