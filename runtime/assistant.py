@@ -211,18 +211,24 @@ class AssistantRunner:
         return Drafts(np.stack(out_tokens, 1), np.stack(out_logits, 1), hidden)
 
     def _draft_loop(self, values, fixed, tokens, hidden, num_tokens: int) -> Drafts:
-        """All ``num_tokens`` steps in one call of the loop graph; the embedding table bound by its address."""
-        binding = self.loop.io_binding()
-        for key, value in values.items():
-            binding.bind_ortvalue_input(key, value)
-        for key, arr in {**fixed, "token": tokens, "hidden": hidden,
-                         "num_tokens": np.array(num_tokens, np.int64)}.items():
-            binding.bind_cpu_input(key, arr)
-        table = self.embedding.table
-        binding.bind_input("embed_table", "cpu", 0, table.dtype, list(table.shape), table.ctypes.data)
-        for name in ("tokens", "logits", "next_hidden"):
+        """All ``num_tokens`` steps in one call of the loop graph.  One binding is kept: the embedding table bound
+        once by its address, the target caches rebound only when other buffers come (a new request's cache)."""
+        binding, bound = getattr(self, "_loop_binding", (None, None))
+        if binding is None:
+            binding = self.loop.io_binding()
+            table = self.embedding.table
+            binding.bind_input("embed_table", "cpu", 0, table.dtype, list(table.shape), table.ctypes.data)
+        key = tuple((name, id(value)) for name, value in values.items())
+        if key != bound:
+            for name, value in values.items():
+                binding.bind_ortvalue_input(name, value)
+        self._loop_binding = (binding, key)
+        self._loop_values = values  # the bound buffers stay alive while bound
+        for name, arr in {**fixed, "token": tokens, "hidden": hidden,
+                          "num_tokens": np.array(num_tokens, np.int64)}.items():
+            binding.bind_cpu_input(name, arr)
+        for name in ("tokens", "logits", "next_hidden"):  # fresh outputs: their shapes change with B and K
             binding.bind_output(name)
         self.loop.run_with_iobinding(binding)
         out_tokens, logits, next_hidden = binding.copy_outputs_to_cpu()
         return Drafts(out_tokens, logits, next_hidden)
-

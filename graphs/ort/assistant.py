@@ -16,7 +16,7 @@ was most of a round.  This form runs the K steps inside one ``Loop``:
 Inputs: the step graph's, minus ``token_embeds``, plus ``token`` (B,) (the round's last target token),
 ``num_tokens`` (a scalar: K) and ``embed_table`` (V, hidden); outputs ``tokens`` (B, K), ``logits`` (B, K, V) and
 ``next_hidden`` (B, hidden): what K step calls return.  The RMSNorms are fused first (`graphs.ort.norms`) and
-float-to-float casts dropped.  Same arithmetic as the step graph up to float rounding of the fused norms
+casts to a value's own type dropped.  Same arithmetic as the step graph up to float rounding of the fused norms
 (tests/test_assistant_loop.py compares the two).  Written by ``make build-engine`` (onnxruntime) when the artifact
 has an assistant, and by ``make export-assistant`` when the artifact has an ONNX Runtime engine
 (``python -m graphs.ort.assistant --artifact DIR``); built from the step form ONNX Runtime runs on this CPU
@@ -54,16 +54,22 @@ def _lower_step(step: Path):
 
     from graphs.ort.norms import fuse_skip_norms, lower_norms
     from graphs.ort.scale_fold import fold_scales_into_norms
+    from graphs.ort.shapes import constant_shapes
 
     model = ir.load(str(step))
     common.ShapeInferencePass()(model)  # value types, for the casts below
     lower_norms(model, log=lambda *_: None)
     fuse_skip_norms(model, log=lambda *_: None)
     fold_scales_into_norms(model)
-    for node in [n for n in model.graph if n.op_type == "Cast" and n.domain == ""]:
+    constant_shapes(model)  # Reshape/Expand shapes computed from other tensors' dims: constants where they can be
+    for node in [n for n in model.graph if n.op_type in ("Cast", "CastLike") and n.domain == ""]:
         src, out = node.inputs[0], node.outputs[0]
-        to = node.attributes.get("to")
-        if to is None or src.dtype is None or src.dtype != ir.DataType(to.as_int()) or out.is_graph_output():
+        if node.op_type == "Cast":
+            to = node.attributes.get("to")
+            want = None if to is None else ir.DataType(to.as_int())
+        else:
+            want = node.inputs[1].dtype
+        if want is None or src.dtype is None or src.dtype != want or out.is_graph_output():
             continue
         out.replace_all_uses_with(src)
         model.graph.remove(node, safe=True)
