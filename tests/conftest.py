@@ -60,6 +60,22 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pairs(workdir):
+    """name -> (transformers target, transformers assistant, our assistant, its checkpoint dir) of
+    `exporter.assistant.ASSISTANT_PRESETS[name]`, built once per session (tests/assistant_ref.py)."""
+    from tests.assistant_ref import reference_pair  # it imports this module: not at import time
+
+    store = {}
+
+    def get(name):
+        if name not in store:
+            store[name] = reference_pair(name, workdir)
+        return store[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def reference_store(workdir):
     """preset -> (transformers model, checkpoint dir); built lazily."""
     store: dict[str, tuple] = {}

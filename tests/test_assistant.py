@@ -15,22 +15,9 @@ import torch
 from exporter.assistant import ASSISTANT_PRESETS, AssistantConfig, load_assistant
 from exporter.config import PRESETS
 from exporter.weights import CheckpointError
-from tests.assistant_ref import (OurCaches, prompt, record_rounds, reference_pair, reference_ranges,
-                                 scaled_embedding)
+from tests.assistant_ref import OurCaches, prompt, record_rounds, reference_ranges, scaled_embedding
 
 K = 4  # drafts per round
-
-
-@pytest.fixture(scope="module")
-def pairs(workdir):
-    store = {}
-
-    def get(name):
-        if name not in store:
-            store[name] = reference_pair(name, workdir)
-        return store[name]
-
-    return get
 
 
 def _step(ours, target, token, hidden, rg, caches):

@@ -20,21 +20,9 @@ from exporter.config import PRESETS
 from exporter.export_assistant import export_assistant, export_graph
 from runtime.assistant import AssistantRunner, clean_ranges
 from runtime.manifest import ArtifactError, read_manifest
-from tests.assistant_ref import OurCaches, prompt, record_rounds, reference_pair, reference_ranges, scaled_embedding
+from tests.assistant_ref import OurCaches, prompt, record_rounds, reference_ranges, scaled_embedding
 
 K = 4
-
-
-@pytest.fixture(scope="module")
-def pairs(workdir):
-    store = {}
-
-    def get(name):
-        if name not in store:
-            store[name] = reference_pair(name, workdir)
-        return store[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def _table_dtype(root: Path, manifest: dict) -> int:
     return int(rec["data_type"])
 
 
-def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int | None = None, log=print) -> dict:
+def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, log=print) -> dict:
     """Write the loop form of ``root``'s assistant into ``stage`` (``assistant.onnx`` + its weights), optimised by
     ONNX Runtime and checked to load; returns its ``assistant.loop`` record (file paths under `DIR`)."""
     import onnxruntime as ort
@@ -185,12 +185,11 @@ def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int
     rel, config = ort_graph(record)  # the step form this CPU runs (an INT8 assistant's MatMulNBits form where exact)
     step = root / rel
     hidden = int(manifest["model_config"]["text"]["hidden_size"])
-    proto = loop_model(_lower_step(step), hidden=hidden, table_dtype=_table_dtype(root, manifest),
+    table_dtype = _table_dtype(root, manifest)
+    proto = loop_model(_lower_step(step), hidden=hidden, table_dtype=table_dtype,
                        scale=math.sqrt(hidden))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     for key, value in config.items():
         opts.add_session_config_entry(key, value)
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(step.parent))
@@ -206,7 +205,7 @@ def build_ort_assistant(root: Path, manifest: dict, stage: Path, *, threads: int
     log(f"[build-engine] onnxruntime assistant: {len(proto.graph.node) - 4} nodes once per round, {len(body.node)} "
         f"per draft in one Loop -> {FILE}")
     return {"file": FILE, "from": rel, "from_sha256": manifest["files"][rel],
-            "embed_table_dtype": "float16" if _table_dtype(root, manifest) == 10 else "float32"}
+            "embed_table_dtype": "float16" if table_dtype == 10 else "float32"}
 
 
 def add_ort_assistant(artifact: str | Path, *, manifest: dict | None = None, log=print) -> dict:
