@@ -31,7 +31,6 @@ import contextlib
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from bench.serve_baselines import (
     static_batches,
 )
 from bench.serve_load import Request, idle_ttft, make_requests, run_level, server
-from bench.serve_report import markdown, percentile, ratios, summarize, verdicts
+from bench.serve_report import markdown, paired_median, percentile, ratios, summarize, verdicts
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 LEVELS = (1, 2, 4, 8, 16)
@@ -67,7 +66,7 @@ def _log(msg: str) -> None:
     print(f"[bench-serve] {msg}", flush=True)
 
 
-def _level_requests(conc: int, s: dict, conc1_requests: int = 4):
+def _level_requests(conc: int, s: dict, conc1_requests: int = 8):
     n = conc1_requests if conc == 1 else max(4, 2 * conc)
     return make_requests(n, conc, s["prompt_lens"], s["answer_lens"])
 
@@ -87,11 +86,6 @@ def _chunk_ms(model, length: int, repeats: int = 3) -> float:
 
 def _rows(recs) -> list[dict]:
     return [{k: v for k, v in r.as_dict().items() if k != "itl"} for r in recs]
-
-
-def _paired_median(recs, gens) -> float | None:
-    pairs = [x.decode_tok_s / y.decode_tok_s for x, y in zip(recs, gens) if x.decode_tok_s and y.decode_tok_s]
-    return round(statistics.median(pairs), 3) if pairs else None
 
 
 def _conc1(url: str, name: str, model, reqs, compare_url: str | None) -> dict:
@@ -116,7 +110,7 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
     levels = tuple(c for c in a.concurrency if full or c in (1, 8))
     reqs = {c: _level_requests(c, s, a.conc1_requests) for c in levels}
     set8 = reqs.get(8) or _level_requests(8, s)
-    baselines = not a.no_baselines
+    baselines, conc1_paired = not a.no_baselines, None
     out: dict = {"artifact": repo_path(artifact), "levels": {}, "baselines": {}, "records": {}}
     with contextlib.ExitStack() as stack:
         threads = a.threads if a.server_threads == "same" else None if a.server_threads == "default" else int(
@@ -145,15 +139,13 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
                 runs = _conc1(url, name, model, reqs[1], compare_url)
                 (recs, wall), (gens, gwall) = runs["server"], runs["generate"]
                 out["baselines"]["generate_conc1"] = summarize(gens, gwall)
-                out["conc1_vs_generate_decode_paired_median"] = _paired_median(recs, gens)
+                conc1_paired = paired_median(recs, gens)
                 if compare_url:
                     crecs, cwall = runs["compare"]
                     level1, gen = summarize(crecs, cwall), out["baselines"]["generate_conc1"]
-                    out["compare"].update(
-                        level1=level1, records=_rows(crecs),
-                        conc1_vs_generate_decode=ratios({1: level1}, {"generate_seq": gen}, None)[
-                            "conc1_vs_generate_decode"],
-                        conc1_vs_generate_decode_paired_median=_paired_median(crecs, gens))
+                    r1 = ratios({1: level1}, {"generate_seq": gen}, None, paired_median(crecs, gens))
+                    out["compare"].update(level1=level1, records=_rows(crecs), **{
+                        k: r1[k] for k in ("conc1_vs_generate_decode", "conc1_vs_generate_decode_of_p50s")})
             else:
                 recs, wall = run_level(url, name, reqs[conc], conc, seed=conc, time_limit_s=s["time_limit_s"])
             out["levels"][conc] = summarize(recs, wall)
@@ -209,8 +201,7 @@ def measure_engine(name: str, artifact: Path, genai: Path | None, s: dict, a, *,
             if c8["itl_max_ms"] else None}
     out["ratios"] = ratios(out["levels"], {**out["baselines"],
                                            "generate_seq": out["baselines"].get("generate_conc1")},
-                           out.get("idle_ttft_ms", {}).get("p99"))
-    out["ratios"]["conc1_vs_generate_decode_paired_median"] = out.pop("conc1_vs_generate_decode_paired_median", None)
+                           out.get("idle_ttft_ms", {}).get("p99"), conc1_paired)
     out["verdicts"] = verdicts(out["ratios"])  # n/a where a window engine has no such baseline
     return out
 
@@ -240,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=_levels, default=LEVELS, metavar="LIST",
                     help="concurrency levels, e.g. 1,8 (default 1,2,4,8,16; window engines run 1 and 8 of them); the "
                          "baselines on the concurrency-8 requests need 8 among them")
-    ap.add_argument("--conc1-requests", type=int, default=4, metavar="N",
-                    help="requests at concurrency 1, each followed by the same through runtime.generate (default 4)")
+    ap.add_argument("--conc1-requests", type=int, default=8, metavar="N",
+                    help="requests at concurrency 1, each run in turn with the same through runtime.generate "
+                         "(default 8); the ratio to runtime.generate is the median of the pairs' ratios")
     ap.add_argument("--no-baselines", action="store_true", help="only the levels and, at concurrency 1, "
                     "runtime.generate: no static batches, in-process engine, onnxruntime-genai, logit movement")
     ap.add_argument("--compare-src", type=Path, default=None, metavar="DIR",

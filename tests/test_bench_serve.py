@@ -51,7 +51,10 @@ def test_ratios_and_verdicts_against_the_targets():
     assert r["conc8_vs_genai8"] == 1.0
     assert r["conc8_vs_engine8_in_process"] is None
     assert r["ttft_p99_conc8_vs_idle"] == 2.5
-    assert r["conc1_vs_generate_decode"] == 0.95
+    assert r["conc1_vs_generate_decode"] == r["conc1_vs_generate_decode_of_p50s"] == 0.95
+    paired = ratios(levels, base, 100.0, conc1_paired=0.9)  # the paired median decides where measured
+    assert (paired["conc1_vs_generate_decode"], paired["conc1_vs_generate_decode_of_p50s"]) == (0.9, 0.95)
+    assert verdicts(paired)["conc1_vs_generate_decode"]["pass"] is False
     v = verdicts(r)
     assert {k: x["pass"] for k, x in v.items()} == {
         "conc8_vs_conc1": True, "conc8_vs_static8": False, "conc8_vs_genai8": True, "ttft_p99_conc8_vs_idle": True,
@@ -80,9 +83,22 @@ def test_concurrency_option_and_the_before_after_table():
             _levels(bad)
     one = summarize([Record(16, 3, itl=[0.01, 0.01], tokens=3, chunks=3, finish="length")], 1.0)
     run = {"git": "abc1234", "engines": {"ours-int4": {
-        "levels": {1: one}, "ratios": {"conc1_vs_generate_decode": 0.912, "conc1_vs_generate_decode_paired_median": 0.9},
+        "levels": {1: one}, "ratios": {"conc1_vs_generate_decode": 0.912, "conc1_vs_generate_decode_of_p50s": 0.9},
         "compare": {"src": "76af01c", "level1": one, "conc1_vs_generate_decode": 0.85,
-                    "conc1_vs_generate_decode_paired_median": 0.84}}}}
+                    "conc1_vs_generate_decode_of_p50s": 0.84}}}}
     table = markdown(run)
     assert "| ours-int4 | abc1234 | 100.0 | 0.912 (0.900) |" in table
     assert "| ours-int4 | 76af01c | 100.0 | 0.850 (0.840) |" in table
+
+
+def test_paired_median_pairs_requests_in_order():
+    from bench.serve_report import paired_median
+
+    def rec(rate):  # 5 tokens, 4 gaps of 1/rate seconds: decode_tok_s == rate
+        return Record(8, 5, itl=[1 / rate] * 4, tokens=5, chunks=5, finish="length")
+
+    served = [rec(9.0), rec(30.0), rec(50.0), Record(8, 1, tokens=1)]  # the last has no decode rate: left out
+    alone = [rec(10.0), rec(20.0), rec(100.0), rec(10.0)]
+    # per pair 0.9, 1.5, 0.5 -> median 0.9; the unpaired medians (30 vs 20) would say 1.5
+    assert paired_median(served, alone) == 0.9
+    assert paired_median([], alone) is None
