@@ -155,7 +155,7 @@ def test_refusals_leave_the_artifact_unchanged(artifact_store, tiny, tmp_path, c
         assert err.startswith("assistant-int4: error:") and words in err and err.count("\n") == 1, err
     run = subprocess.run(["make", "-s", "-o", ".venv/.installed", "export-assistant", f"PY={sys.executable}",
                           f"ASSISTANT={ckpt}", f"OUT={art}", "PRECISION=int4", "INT4_METHOD=gptq"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "INT4_METHOD=gptq; expected awq or rtn" in run.stderr, run.stderr
     assert (art / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in art.iterdir()) == listing
