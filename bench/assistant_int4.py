@@ -104,9 +104,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     arts = build()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True).stdout
-    result = {"machine": {"cpu_threads": 2}, "commit": commit.strip(), "K": K,
-              "calibration": json.loads((arts[f"int4-b{BLOCKS[0]}-awq"] / "manifest.json").read_text())[
-                  "assistant"]["quantization"],
+    calibration = json.loads((arts[f"int4-b{BLOCKS[0]}-awq"] / "manifest.json").read_text())["assistant"][
+        "quantization"]
+    calibration["data"] = calibration["data"].removeprefix(f"{ROOT}/")  # the built-in set: a repository path
+    result = {"machine": {"cpu_threads": 2}, "commit": commit.strip(), "K": K, "calibration": calibration,
               "awq_search": awq_search(arts), "accuracy": accuracy(arts, a.questions)}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
