@@ -104,12 +104,13 @@ export: $(STAMP)
 
 # Not in `make help` yet: tests/test_readme.py wants every help target named in README.md (see docs/speculative.md)
 # PRECISION=fp32 (default here, whatever PRECISION defaults to for calibrate) | int8 (calib.assistant_int8, CALIB_DATA)
-# | int4 (calib.assistant_int4, BLOCK_SIZE)
+# | int4 (calib.assistant_int4, BLOCK_SIZE, INT4_METHOD=awq|rtn: AWQ on drafting rounds by default, CALIB_DATA)
 ASSISTANT_PRECISION = $(if $(filter command line environment,$(origin PRECISION)),$(PRECISION),fp32)
 ASSISTANT_MODULE = $(if $(filter int8,$(ASSISTANT_PRECISION)),calib.assistant_int8,$(if $(filter int4,$(ASSISTANT_PRECISION)),calib.assistant_int4,exporter.export_assistant))
 export-assistant: $(STAMP)
 	@case "$(ASSISTANT_PRECISION)" in fp32|int8|int4) ;; *) echo "make export-assistant: PRECISION=$(ASSISTANT_PRECISION); expected fp32, int8 or int4" >&2; exit 2;; esac
-	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(and $(filter int4,$(ASSISTANT_PRECISION)),$(BLOCK_SIZE)), --block-size $(BLOCK_SIZE))$(if $(and $(filter int8,$(ASSISTANT_PRECISION)),$(CALIB_DATA)), --data $(CALIB_DATA))
+	@case "$(ASSISTANT_PRECISION):$(INT4_METHOD)" in int4:awq|int4:rtn|fp32:*|int8:*) ;; *) echo "make export-assistant: INT4_METHOD=$(INT4_METHOD); expected awq or rtn" >&2; exit 2;; esac
+	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(and $(filter int4,$(ASSISTANT_PRECISION)),$(BLOCK_SIZE)), --block-size $(BLOCK_SIZE))$(if $(filter int4,$(ASSISTANT_PRECISION)), --int4-method $(INT4_METHOD))$(if $(and $(filter int8 int4:awq,$(ASSISTANT_PRECISION) $(ASSISTANT_PRECISION):$(INT4_METHOD)),$(CALIB_DATA)), --data $(CALIB_DATA))
 	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)

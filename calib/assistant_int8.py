@@ -2,11 +2,10 @@
 
 `exporter.export_assistant` traces the fp32 step graph; `quantize_int8` then rewrites it in place:
 
-1. statistics: the target runs greedy speculative generation (`runtime.generate`, ``draft="assistant"``, the
-   artifact's ONNX Runtime engine) on calibration prompts (`calib.data`: the built-in ``assistant`` set, prompts
-   with long answers, or ``--data``), the staged fp32 assistant drafting through `_Recorder` (the runner's drafting
-   loop on a session whose every Linear input is an extra output): every draft step of every round adds its Linear
-   inputs to `calib.stats.TensorStats`;
+1. statistics (`calib.assistant_stats`, shared with the INT4 AWQ path): the target runs greedy speculative
+   generation (`runtime.generate`, ``draft="assistant"``, the artifact's ONNX Runtime engine) on calibration prompts
+   (`calib.data`: the built-in ``assistant`` set, prompts with long answers, or ``--data``), the staged fp32
+   assistant drafting: every draft step of every round adds its Linear inputs to `calib.stats.TensorStats`;
 2. the target's INT8 form (`calib.qdq.quantize_graph`): static per-tensor activation scales (``amax / 127``), int8
    weights per output channel, explicit ``QuantizeLinear -> DequantizeLinear`` (TensorRT-legal), on every Linear
    (projections, q/o, MLPs, the LM head); SmoothQuant (`calib.smoothquant`) folded first when ``alpha`` is given;
@@ -34,109 +33,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from exporter.export_assistant import GRAPH, export_assistant, target_caches
+from calib.assistant_stats import collect_assistant_stats
+from exporter.export_assistant import GRAPH, export_assistant
 from runtime.staging import error_message
 
-__all__ = ["collect_assistant_stats", "quantize_int8", "write_int8"]
+__all__ = ["quantize_int8", "write_int8"]
 
 ORT_GRAPH = "assistant.ort.onnx"  # beside GRAPH: the 8-bit MatMulNBits form ONNX Runtime runs
 SCALES = "int8_scales.json"
-
-
-class _Recorder:
-    """Stands in for `runtime.assistant.AssistantRunner` in `runtime.generate`: drafts as it does (the same inputs,
-    steps and ranges: `runtime.assistant.clean_ranges`) with the fp32 graph at ``graph``, and adds every Linear
-    input of every step to ``stats`` (activation value name -> TensorStats)."""
-
-    def __init__(self, graph: Path, root: Path, manifest: dict, names: list[str]):
-        from calib.stats import augmented_session
-        from exporter.config import ModelConfig
-        from runtime.assistant import TargetEmbedding
-
-        self.session = augmented_session(graph.parent, graph.name, names)
-        self.names, self.stats, self.steps = names, {}, 0
-        self.embedding = TargetEmbedding(root, manifest)
-        caches = target_caches(ModelConfig.from_json_dict(manifest["model_config"]))
-        order = [s["name"] for s in manifest["graphs"]["decode"]["inputs"]
-                 if s["name"].startswith(("past_key_", "past_value_"))]
-        self.cache_index = {k: order.index(v) for k, v in caches.items()}
-        self.window = int(manifest["model_config"]["text"]["sliding_window"])
-
-    def draft(self, cache, tokens, hidden, position, num_tokens: int, *, written=None):
-        from calib.stats import EDGES, TensorStats
-        from runtime.assistant import Drafts, clean_ranges
-
-        position = np.asarray(position, np.int64).reshape(-1)
-        values = {k: cache[i] for k, i in self.cache_index.items()}
-        shape = values["ring_key"].shape  # an OrtValue's is a method, an array's a tuple
-        ring = int((shape() if callable(shape) else shape)[2])
-        feeds = dict(values, position=position, **clean_ranges(position, position if written is None else written,
-                                                               self.window, ring))
-        feeds["full_slots"] = np.arange(max(1, int(feeds["full_len"].max())), dtype=np.int64)
-        token, hidden = np.asarray(tokens, np.int64).reshape(-1), np.ascontiguousarray(hidden, np.float32)
-        out_tokens, out_logits = [], []
-        for _ in range(num_tokens):
-            feeds |= {"token_embeds": self.embedding(token), "hidden": hidden}
-            logits, hidden, token, *acts = self.session.run(["logits", "next_hidden", "token", *self.names], feeds)
-            for name, x in zip(self.names, acts):
-                if name not in self.stats:
-                    self.stats[name] = TensorStats(np.zeros(x.shape[-1], np.float32), np.zeros(len(EDGES) - 1, np.int64),
-                                                   sample_rows=0)
-                self.stats[name].update(x)
-            out_tokens.append(token)
-            out_logits.append(logits)
-            self.steps += 1
-        return Drafts(np.stack(out_tokens, 1), np.stack(out_logits, 1), hidden)
-
-
-def collect_assistant_stats(graph: Path, artifact: Path, *, data_dir=None, max_new_tokens: int = 32, log=print):
-    """`calib.stats.Stats` of the Linear inputs of the fp32 assistant graph ``graph`` (module -> TensorStats) over
-    the drafting rounds of greedy speculative generation on the calibration prompts, by the target of ``artifact``."""
-    import onnx_ir as ir
-
-    import runtime
-    from calib.data import prompts_for
-    from calib.stats import Stats
-    from exporter.linears import find_linears
-    from runtime.errors import InputError
-
-    model = runtime.load(artifact, backend="onnxruntime")
-    manifest = model.manifest
-    by_value: dict[str, list[str]] = {}
-    for module, lin in find_linears(ir.load(str(graph))).items():
-        by_value.setdefault(lin.activation.name, []).append(module)
-    recorder = _Recorder(graph, Path(artifact), manifest, sorted(by_value))
-    model._assistant = recorder  # runtime.generate drafts through it (LoadedModel.assistant_runner) ...
-    model.manifest = dict(manifest, assistant={"file": str(graph)})  # ... once check_draft sees an assistant
-    prompts = prompts_for(data_dir, "assistant", manifest["model_config"],
-                          has_tokenizer=bool(manifest.get("tokenizer")))
-    k = int(model.backend.max_draft_tokens or 0)
-    if k < 1:
-        raise ValueError(f"{artifact}: exported without --speculative K, so its target cannot verify drafts and the "
-                         "assistant has no drafting rounds to calibrate on; export it with `make export SPECULATIVE=K`")
-    ran, skipped = 0, []
-    for p in prompts.prompts:
-        try:
-            runtime.generate(model, p.text if p.ids is None else p.ids, images=p.images or None,
-                             audio=p.audio or None, max_new_tokens=max_new_tokens, temperature=0.0,
-                             max_soft_tokens=prompts.max_soft_tokens, draft="assistant", num_draft_tokens=k)
-            ran += 1
-        except InputError as e:  # too long for max_len, or the artifact cannot draft: say which
-            if "max_len" not in str(e):
-                raise ValueError(f"{p.name}: speculative generation with the assistant failed: {e}") from None
-            skipped.append(p.name)
-    if skipped:
-        log(f"[assistant-int8] skipped {len(skipped)} prompt(s) longer than the artifact's max_len, e.g. {skipped[0]}")
-    missing = sorted(m for v, ms in by_value.items() if v not in recorder.stats for m in ms)
-    if not ran or missing:
-        raise ValueError(f"{prompts.source}: the assistant drafted {recorder.steps} steps on {ran} prompt(s); no "
-                         f"statistics for {missing or 'any Linear'}")
-    log(f"[assistant-int8] statistics: {recorder.steps} draft steps over {ran} prompts from {prompts.source}")
-    tensors = {m: recorder.stats[v] for v, ms in by_value.items() for m in ms}
-    return Stats(tensors, {"data": prompts.source, "prompts": ran, "draft_steps": recorder.steps,
-                           "max_new_tokens": max_new_tokens})
 
 
 def quantize_int8(path: Path, *, artifact: str | Path, smoothquant: float | None = 0.5, data_dir=None,
@@ -144,7 +48,8 @@ def quantize_int8(path: Path, *, artifact: str | Path, smoothquant: float | None
     """`export_assistant`'s rewrite: statistics on drafting rounds (`collect_assistant_stats`), then `write_int8`."""
     if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
         raise ValueError(f"SmoothQuant alpha={smoothquant}; expected a value in [0, 1] or none")
-    stats = collect_assistant_stats(path, Path(artifact), data_dir=data_dir, max_new_tokens=max_new_tokens, log=log)
+    stats = collect_assistant_stats(path, Path(artifact), data_dir=data_dir, max_new_tokens=max_new_tokens,
+                                    tag="assistant-int8", log=log)
     return write_int8(path, stats, smoothquant=smoothquant, log=log)
 
 

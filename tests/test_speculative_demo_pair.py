@@ -4,7 +4,10 @@ form, as ``make export-assistant`` writes it), ONNX Runtime engine.  On held-out
 `runtime.generate` without drafts) and the target accepts at least half of the drafts (a real acceptance check on the
 trained pair: transformers measured 0.87 on this task, bench/results/speculative_demo.json).  The same with the
 assistant quantized to INT8 (`calib.assistant_int8`, calibrated on drafting rounds of the built-in ``assistant``
-prompts): greedy tokens exact, acceptance within 3 points of the fp32 assistant's on the same questions."""
+prompts): greedy tokens exact, acceptance within 3 points of the fp32 assistant's on the same questions.  And with
+the assistant INT4, AWQ calibrated on the same drafting rounds (`calib.assistant_int4`, the default method): the
+same graph form as round-to-nearest's (int4 DequantizeLinear -> MatMul, fused by ONNX Runtime into MatMulNBits,
+plus the AWQ input Muls), greedy tokens exact, acceptance within 3 points of fp32's."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -111,3 +115,51 @@ def test_prompt_lookup_copies_the_repeated_terms(demo_pair):
             tokens += len(plain.tokens) - 1
         assert stats.acceptance >= 0.9, (k, stats.accepted, stats.drafted)
         assert tokens / passes >= 2.0, (k, tokens, passes)  # >= 10 of 19 terms copied: long runs in few passes
+
+
+def _assistant_int4(demo_pair, out: Path, method: str) -> Path:
+    shutil.copytree(demo_pair, out)
+    subprocess.run([sys.executable, "-m", "calib.assistant_int4", "--assistant", "demo/assistant", "--artifact",
+                    str(out), "--int4-method", method], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-m", "graphs.ort.assistant", "--artifact", str(out), "--if-engine"], check=True,
+                   cwd=ROOT, capture_output=True)
+    return out
+
+
+def _fused_ops(graph: Path, tmp: Path) -> Counter:
+    """Op types of ``graph`` after ONNX Runtime's optimiser (what its session runs)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp / f"{graph.parent.parent.name}-optimized.onnx")
+    ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def test_int4_awq_demo_assistant_form_keeps_greedy_and_acceptance(demo_pair, tmp_path_factory):
+    import onnx
+
+    tmp = tmp_path_factory.mktemp("demo-pair-int4")
+    arts = {m: _assistant_int4(demo_pair, tmp / m, m) for m in ("awq", "rtn")}
+    manifests = {m: json.loads((a / "manifest.json").read_text()) for m, a in arts.items()}
+    rec = manifests["awq"]["assistant"]
+    assert rec["precision"].startswith("int4") and "AWQ" in rec["precision"]
+    assert rec["quantization"]["method"] == "awq" and rec["quantization"]["draft_steps"] > 100
+    assert rec["quantization"]["scales"] in manifests["awq"]["files"] and "loop" in rec
+    steps = {m: a / rec["file"] for m, a in arts.items()}
+    written = {m: Counter(n.op_type for n in onnx.load(str(p), load_external_data=False).graph.node)
+               for m, p in steps.items()}
+    linears = rec["quantization"]["linears"]
+    assert written["awq"]["DequantizeLinear"] == written["rtn"]["DequantizeLinear"] == linears == 13
+    assert written["awq"] - written["rtn"] == Counter(Mul=3)  # pre_projection's and the two o_projs' AWQ Muls
+    fused = {m: _fused_ops(p, tmp) for m, p in steps.items()}
+    assert fused["awq"]["MatMulNBits"] == fused["rtn"]["MatMulNBits"] == linears
+    assert "DequantizeLinear" not in fused["awq"] and fused["awq"] - fused["rtn"] == Counter(Mul=3)
+    questions = [ex for ex in examples("heldout", 100, seed=0) if ex.kind == "continue"][8:14]
+    model = runtime.load(arts["awq"], backend="onnxruntime")
+    assert model.assistant_runner().loop is not None
+    awq = _acceptance(model, questions)
+    fp32 = _acceptance(runtime.load(demo_pair, backend="onnxruntime"), questions)
+    assert awq.drafted >= 6 * 3 * K
+    assert awq.acceptance >= fp32.acceptance - 0.03, (awq.accepted, awq.drafted, fp32.accepted, fp32.drafted)
