@@ -212,7 +212,7 @@ def add_trt_assistant(artifact: str | Path, *, dtype: str | None = None, max_bat
         raise ValueError(f"{root}: no TensorRT engine of the target; build both with "
                          f"`make build-engine BACKEND=tensorrt OUT={root}`")
     dtype = dtype or target.get("dtype", "bf16")
-    dtype = dtype if dtype in ("bf16", "fp16", "fp32") else "fp32"  # a Q/DQ target records its precision
+    dtype = dtype if dtype in ("bf16", "fp16", "fp32") else "bf16"  # a Q/DQ target records its precision
     stage = root / temp_name("engines")
     stage.mkdir()
     try:
