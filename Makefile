@@ -111,6 +111,7 @@ export-assistant: $(STAMP)
 	@case "$(ASSISTANT_PRECISION)" in fp32|int8|int4) ;; *) echo "make export-assistant: PRECISION=$(ASSISTANT_PRECISION); expected fp32, int8 or int4" >&2; exit 2;; esac
 	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(and $(filter int4,$(ASSISTANT_PRECISION)),$(BLOCK_SIZE)), --block-size $(BLOCK_SIZE))$(if $(and $(filter int8,$(ASSISTANT_PRECISION)),$(CALIB_DATA)), --data $(CALIB_DATA))
 	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
+	$(PY) -m graphs.trt_assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \

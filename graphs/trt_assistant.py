@@ -118,8 +118,7 @@ def prepare_assistant(step: str | Path, *, dtype: str, precision: str = "fp32"):
     """The step graph at ``step`` prepared for TensorRT (module docstring): (onnx_ir model, report).  ``dtype``
     bf16/fp16 casts an fp32 assistant's Linears; fp32, or a quantized assistant, keeps the graph's precision."""
     import onnx_ir as ir
-    import onnx_ir.passes.common as common
-
+    from onnx_ir.passes import common
     from onnxscript.optimizer import fold_constants
 
     from exporter.cast_precision import DTYPES, cast_linears
@@ -174,7 +173,13 @@ def build_assistant_engine(root: Path, manifest: dict, stage: Path, *, dtype: st
     """Prepare the assistant's step graph under ``stage``/cast, build its engine as ``stage``/assistant.engine and
     return its record (``assistant.engines.tensorrt``); the cast copy is removed."""
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+    )
 
     t0 = time.perf_counter()
     record = manifest["assistant"]
@@ -229,6 +234,17 @@ def add_trt_assistant(artifact: str | Path, *, dtype: str | None = None, max_bat
     return write_manifest(root, dict(manifest, assistant=assistant))
 
 
+def _unavailable() -> str | None:
+    """Why this machine cannot build the engine (`graphs.build.tensorrt_unavailable_reason`, which imports this
+    module's importer), or None."""
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except ImportError as e:
+        return f"tensorrt or torch is not importable ({e})"
+    return None if torch.cuda.is_available() else "no CUDA device is visible to torch"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m graphs.trt_assistant", description=__doc__.split("\n")[0])
     p.add_argument("--artifact", required=True, help="an artifact with an assistant and a target TensorRT engine")
@@ -239,10 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.if_engine:
-            from graphs.build import tensorrt_unavailable_reason
-
             has = "tensorrt" in read_manifest(a.artifact, verify=False).get("engines", {})
-            reason = None if not has else tensorrt_unavailable_reason()
+            reason = None if not has else _unavailable()
             if not has or reason:
                 print(f"trt-assistant: {a.artifact}: {'no target TensorRT engine' if not has else reason}; "
                       "no TensorRT assistant engine built")

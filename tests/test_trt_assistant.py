@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-import torch
 from onnx import TensorProto, helper
 
 import runtime
@@ -30,7 +29,12 @@ from exporter.export import export_artifact
 from exporter.export_assistant import export_assistant, export_graph
 from exporter.stream import fake_model
 from graphs.build import build_engine
-from graphs.trt_assistant import ENGINE_FILE, assistant_profile, check_tensorrt_ops, prepare_assistant
+from graphs.trt_assistant import (
+    ENGINE_FILE,
+    assistant_profile,
+    check_tensorrt_ops,
+    prepare_assistant,
+)
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError, read_manifest
 from runtime.speculative import verify as spec
@@ -136,7 +140,7 @@ def _graph(nodes, inputs, inits=()):
     g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           list(inits))
     model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 24)]))
-    import onnx_ir.passes.common as common
+    from onnx_ir.passes import common
 
     common.ShapeInferencePass()(model)
     return model
@@ -255,7 +259,7 @@ def test_refusals_name_the_command(emulated, art):
     """On TensorRT, draft='assistant' needs the assistant's current engine: without an assistant, without its
     engine, and with an engine built from another assistant graph, the reason and the command; the runner refuses
     the same before touching TensorRT."""
-    ort_model, trt_model = emulated
+    _, trt_model = emulated
     backend = trt_model.backend
     spec.check_draft(backend, "assistant", K, trt_model.manifest)  # the recorded engine: accepted
     no_assistant = {k: v for k, v in trt_model.manifest.items() if k != "assistant"}
@@ -275,6 +279,20 @@ def test_refusals_name_the_command(emulated, art):
         spec.check_draft(type("B", (), {"name": "other", "max_draft_tokens": K})(), "assistant", K)
 
 
+def test_cli_without_a_target_engine(art, capsys):
+    """``python -m graphs.trt_assistant``: one error line naming the command that builds both engines (exit 2);
+    ``--if-engine`` (what ``make export-assistant`` runs) says why it built nothing and exits 0; nothing written."""
+    from graphs.trt_assistant import main
+
+    files = read_manifest(art)["files"]
+    assert main(["--artifact", str(art)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trt-assistant: error:") and "make build-engine BACKEND=tensorrt" in err
+    assert main(["--artifact", str(art), "--if-engine"]) == 0
+    assert "no target TensorRT engine" in capsys.readouterr().out
+    assert read_manifest(art)["files"] == files and not (art / ENGINE_FILE).exists()
+
+
 # ---------------------------------------------------------------------------------------------- the runner
 def test_runner_drafts_transformers_tokens_round_for_round(emulated, pairs):
     """Every round of transformers' assisted generate (prompt of 2 windows + 3, 2 windows of new tokens, K = 4):
@@ -283,7 +301,7 @@ def test_runner_drafts_transformers_tokens_round_for_round(emulated, pairs):
     _, trt_model = emulated
     runner = trt_model.assistant_runner()
     target, ref, _, _ = pairs("tiny-assistant")
-    seq, rounds = record_rounds(target, ref, prompt(2 * WINDOW + 3, 3), num_draft=4, max_new_tokens=2 * WINDOW)
+    _, rounds = record_rounds(target, ref, prompt(2 * WINDOW + 3, 3), num_draft=4, max_new_tokens=2 * WINDOW)
     caches, layers = None, len(PRESETS["tiny"].text.layer_types)
     assert len(rounds) > 10
     for i, r in enumerate(rounds):
