@@ -112,6 +112,7 @@ export-assistant: $(STAMP)
 	@case "$(ASSISTANT_PRECISION):$(INT4_METHOD)" in int4:awq|int4:rtn|fp32:*|int8:*) ;; *) echo "make export-assistant: INT4_METHOD=$(INT4_METHOD); expected awq or rtn" >&2; exit 2;; esac
 	$(PY) -m $(ASSISTANT_MODULE) --assistant $(ASSISTANT) --artifact $(OUT)$(if $(and $(filter int4,$(ASSISTANT_PRECISION)),$(BLOCK_SIZE)), --block-size $(BLOCK_SIZE))$(if $(filter int4,$(ASSISTANT_PRECISION)), --int4-method $(INT4_METHOD))$(if $(and $(filter int8 int4:awq,$(ASSISTANT_PRECISION) $(ASSISTANT_PRECISION):$(INT4_METHOD)),$(CALIB_DATA)), --data $(CALIB_DATA))
 	$(PY) -m graphs.ort.assistant --artifact $(OUT) --if-engine
+	$(PY) -m graphs.trt_assistant --artifact $(OUT) --if-engine
 
 build-engine: $(STAMP)
 	$(PY) -m graphs.build --artifact $(OUT) --backend $(BACKEND) --dtype $(DTYPE) \

@@ -14,6 +14,9 @@
    (``EngineStat.TOTAL_WEIGHTS_SIZE``), the shared scratch and the device memory the load took; then the decode
    step of the one engine (its decode profile) timed against an engine of the decode plugin graph alone on the same
    cache (``tensorrt_decode_cost``: the price of one copy of the weights).
+4. The drafting assistant on TensorRT (``tensorrt_assistant``): a tiny ``--speculative 3`` artifact with a random
+   assistant, both engines built; greedy ``draft="assistant"`` equals plain greedy token for token (K = 1 and 3),
+   the TensorRT runner's first drafts beside the ONNX Runtime runner's.
 Needs only numpy, torch with CUDA and triton (no network, no ``make install``): ``python bench/gpu_check.py
 --quick`` (about 2 minutes on an H100 class GPU; well within 8).  Without CUDA it says so and exits 2.
 """
@@ -205,10 +208,61 @@ def tensorrt_check(results, work: Path):
     }
     print(f"[gpu-check] tensorrt: {json.dumps(results['tensorrt'])}", flush=True)
     try:
+        assistant_check(results, work)
+    except Exception as e:  # a check that could not run: reported as failed with the reason
+        results["tensorrt_assistant"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        print(f"[gpu-check] tensorrt_assistant: {e}", flush=True)
+    try:
         decode_cost(results, art, trt_model)
     except Exception as e:  # a measurement: report why it did not run, keep the checks above
         results["tensorrt_decode_cost"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"[gpu-check] tensorrt_decode_cost: {e}", flush=True)
+
+
+def assistant_check(results, work: Path, k: int = 3):
+    """The drafting assistant on TensorRT: a tiny target exported with --speculative K and a random tiny assistant,
+    both engines built (fp32); greedy with draft='assistant' equals plain greedy token for token (batch of two, K
+    = 1 and K), and its first drafts equal the ONNX Runtime runner's."""
+    import runtime
+    from exporter.assistant import ASSISTANT_PRESETS, random_assistant
+    from exporter.config import PRESETS
+    from exporter.export import export_artifact
+    from exporter.export_assistant import export_assistant
+    from exporter.weights import random_model
+    from graphs.build import build_engine
+    from runtime.speculative.verify import SpecStats
+
+    art = work / "tiny-spec"
+    export_artifact(random_model(PRESETS["tiny"], seed=0), art, max_len=64, speculative=k, log=lambda *_: None)
+    export_assistant(random_assistant(ASSISTANT_PRESETS["tiny-assistant"][1], seed=1), art, log=lambda *_: None)
+    t0 = time.perf_counter()
+    build_engine(art, "auto", dtype="fp32", log=lambda *_: None)
+    built = time.perf_counter() - t0
+    model = runtime.load(art, backend="tensorrt")
+    prompts = [[2, 17, 33, 45, 80, 17, 33, 45], [2, 9, 11]]
+    plain = [g.tokens for g in runtime.generate(model, prompts, max_new_tokens=24)]
+    out = {"build_seconds": round(built, 1), "runner": type(model.assistant_runner()).__name__}
+    equal = True
+    for n in (1, k):
+        stats = SpecStats()
+        got = [g.tokens for g in runtime.generate(model, prompts, max_new_tokens=24, draft="assistant",
+                                                  num_draft_tokens=n, spec_stats=stats)]
+        equal = equal and got == plain
+        out[f"k{n}"] = {"greedy_tokens_equal": got == plain, "drafted": stats.drafted, "accepted": stats.accepted}
+    ort_model = runtime.load(art, backend="onnxruntime")
+    drafts = {}
+    for key, m in (("tensorrt", model), ("onnxruntime", ort_model)):
+        from runtime.prompt import PrefillInputs
+
+        cache = m.backend.new_cache(1, 64)
+        logits = m.backend.prefill(PrefillInputs(np.array([prompts[0]]), np.zeros(1, np.int64),
+                                                 np.array([len(prompts[0])])), cache)
+        hidden = np.random.default_rng(0).standard_normal((1, PRESETS["tiny"].text.hidden_size)).astype(np.float32)
+        drafts[key] = m.assistant_runner().draft(cache, logits.argmax(-1), hidden, [len(prompts[0])], k).tokens.tolist()
+    out["drafts"], out["drafts_equal"] = drafts, drafts["tensorrt"] == drafts["onnxruntime"]  # recorded: TF32 may differ
+    out["ok"] = bool(equal and out["k1"]["drafted"] > 0)
+    results["tensorrt_assistant"] = out
+    print(f"[gpu-check] tensorrt_assistant: {json.dumps(out)}", flush=True)
 
 
 def decode_cost(results, art: Path, trt_model, blocks: int = 7, steps: int = 20):

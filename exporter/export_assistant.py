@@ -15,7 +15,8 @@ fp16 after `calib.embedding`).  The assistant's LM head is its own (tied to its 
 
 INT4 weights: `python -m calib.assistant_int4` (the same export, its graph rewritten by `calib.int4`); W8A8 INT8:
 `python -m calib.assistant_int8` (calibrated on the assistant's inputs in drafting rounds of the target).
-Not done: activation-aware (AWQ) INT4 with calibration data, a TensorRT engine for the assistant.
+Its TensorRT engine is built from this graph by ``make build-engine BACKEND=tensorrt`` (`graphs.trt_assistant`).
+Not done: activation-aware (AWQ) INT4 with calibration data.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
   the lowering left an attention node, e.g. ``--no-plugins``: else the prefill graph serves decode, one session)
   with their weights in external data, so loading does not redo them.  The saved graphs are checked to run.
 * ``tensorrt``: one engine from the prefill plugin graph with a prefill and a decode profile, so the GPU holds the
-  weights once (`graphs.build_tensorrt`, ``engines/model.engine``); needs an NVIDIA GPU, ``tensorrt`` >= 10.6,
+  weights once (`graphs.build_tensorrt`, ``engines/model.engine``), and the assistant's engine when the artifact has
+  one (`graphs.trt_assistant`, ``engines/assistant.engine``); needs an NVIDIA GPU, ``tensorrt`` >= 10.6,
   torch with CUDA and triton, else it stops with the reason.
 * ``auto``: TensorRT where it can build, and the ONNX Runtime form in every case (it runs everywhere).
 
@@ -232,6 +233,11 @@ def build_engine(artifact: str | Path, backend: str = "auto", *, plugins: bool =
         from graphs.build_tensorrt import build_tensorrt
 
         engines["tensorrt"] = build_tensorrt(root, manifest, sources, dtype=dtype, log=log)
+        trt_assistant = engines["tensorrt"].pop("assistant", None)
+        if trt_assistant is not None:  # recorded beside the assistant's other forms
+            assistant = dict(manifest["assistant"])
+            assistant["engines"] = dict(assistant.get("engines", {}), tensorrt=trt_assistant)
+            manifest = dict(manifest, assistant=assistant)
     elif backend == "auto":
         log(f"[build-engine] TensorRT not used: {reason or 'no plugin graphs'}; building the ONNX Runtime form")
     if backend == "auto" and manifest.get("precision") == "bf16" and "tensorrt" in engines:

@@ -27,6 +27,8 @@ config enables ``PreviewFeature.ALIASED_PLUGIN_IO_10_03``, without which TensorR
 aliasing (present_* = past_*, the in-place KV cache).  The engine is built into a staging directory that replaces
 ``engines/`` only when it is complete (a failed build leaves the artifact as it was, and a rebuild leaves no engine
 of an older layout behind); it is recorded with the TensorRT version, its profiles, their indices and the chunk.
+An artifact with an assistant gets the assistant's engine in the same staging directory
+(``engines/assistant.engine``, `graphs.trt_assistant`): both or neither.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
                    opt_seq: int = 512, max_soft_tokens: int = 1120, prefill_chunk: int = PREFILL_CHUNK,
                    log=print) -> dict:
     """``dtype``: bf16 / fp16 casts an fp32 artifact's Linears for the GPU (Q/DQ artifacts keep their precision);
-    fp32 builds the graph as it is.  ``sources``: the plugin graphs (only ``prefill`` is built)."""
+    fp32 builds the graph as it is.  ``sources``: the plugin graphs (only ``prefill`` is built).  An artifact with
+    an assistant also gets its engine (`graphs.trt_assistant`), recorded under the returned record's
+    ``assistant`` key (`graphs.build` moves it to ``assistant.engines.tensorrt``)."""
     import shutil
 
     import tensorrt as trt
@@ -129,6 +133,7 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
     import plugins.tensorrt_plugins  # noqa: F401  (registers gemma4::FusedAttention and gemma4::PatchEmbed)
     from runtime.staging import replace_dir, temp_name
 
+    requested = dtype  # the assistant's Linears follow DTYPE even beside a Q/DQ target
     stage = root / temp_name("engines")  # this process's own; graphs.build cleans those of dead ones
     stage.mkdir()
     sources = {"prefill": sources["prefill"]}
@@ -142,6 +147,11 @@ def build_tensorrt(root: Path, manifest: dict, sources: dict[str, str], *, dtype
         record.update(_build(root, manifest, sources["prefill"], stage, max_batch=max_batch, opt_seq=opt_seq,
                              max_soft_tokens=max_soft_tokens, prefill_chunk=record["prefill_chunk"], log=log))
         shutil.rmtree(stage / "cast", ignore_errors=True)
+        if "assistant" in manifest:  # its engine beside the target's: engines/ gets both or neither
+            from graphs.trt_assistant import build_assistant_engine
+
+            record["assistant"] = build_assistant_engine(root, manifest, stage, dtype=requested,
+                                                         max_batch=max_batch, log=log)
         replace_dir(stage, root / Path(ENGINE_FILE).parent, log=log)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

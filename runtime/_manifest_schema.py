@@ -133,7 +133,8 @@ _ENGINE = _obj({"prefill": _relpath, "decode": _relpath})
 _ASSISTANT_CACHES = ("full_key", "full_value", "ring_key", "ring_value")
 _ASSISTANT = _obj({"file": _relpath, "inputs": _IO, "outputs": _IO,
                    "target_caches": _obj({k: _str for k in _ASSISTANT_CACHES})},
-                  {"engines": _obj({}, {"onnxruntime": _obj({"file": _relpath})}),
+                  {"engines": _obj({}, {"onnxruntime": _obj({"file": _relpath}),
+                                        "tensorrt": _obj({"file": _relpath, "from": _relpath, "from_sha256": _str})}),
                    "loop": _obj({"file": _relpath, "from": _relpath, "from_sha256": _str})})
 _MODEL_CONFIG = _obj(
     {
@@ -188,6 +189,8 @@ def opened_paths(manifest: dict[str, Any]) -> dict[str, str]:
         out["assistant.file"] = manifest["assistant"]["file"]
         if "onnxruntime" in manifest["assistant"].get("engines", {}):
             out["assistant.engines.onnxruntime.file"] = manifest["assistant"]["engines"]["onnxruntime"]["file"]
+        if "tensorrt" in manifest["assistant"].get("engines", {}):
+            out["assistant.engines.tensorrt.file"] = manifest["assistant"]["engines"]["tensorrt"]["file"]
         if "loop" in manifest["assistant"]:
             out["assistant.loop.file"] = manifest["assistant"]["loop"]["file"]
     return out

@@ -29,7 +29,8 @@ address; else (an older artifact, a re-exported assistant, or a loop built from 
 it calls the step graph K times.  Same drafts (tests/test_assistant_runtime.py runs every drafting test on both).
 An INT8 assistant (`calib.assistant_int8`) also has an 8-bit MatMulNBits form of its Q/DQ graph: `ort_graph` says
 which one the session loads.
-Not here: verification, acceptance and the generate loop; TensorRT caches (device buffers) are not read.
+Not here: verification, acceptance and the generate loop; the TensorRT backend's caches (device tensors: its own
+engine, `runtime.trt_assistant`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,12 @@ class LoadedModel:
     def assistant_runner(self):
         """The artifact's assistant (`runtime.assistant.AssistantRunner`), loaded on first use and kept: its session
         costs tens of ms to create, and one per request left extra ONNX Runtime thread pools competing with the
-        target's on the same cores.  It takes the target backend's thread count."""
+        target's on the same cores.  It takes the target backend's thread count.  On the TensorRT backend: the
+        assistant's TensorRT engine on the backend's stream and caches (`runtime.trt_assistant`)."""
+        if self._assistant is None and getattr(self.backend, "name", None) == "tensorrt":
+            from runtime.trt_assistant import TrtAssistantRunner
+
+            self._assistant = TrtAssistantRunner(self.root, self.manifest, self.backend)
         if self._assistant is None:
             from runtime.assistant import AssistantRunner
 

@@ -174,9 +174,10 @@ def test_greedy_speculative_equals_plain(form, monkeypatch):
 
 
 def test_assistant_drafts_refused_off_the_ring_engine(window_artifact):
-    """The assistant reads ring-layout caches in place: the window form (and TensorRT) refuse draft='assistant'."""
+    """The assistant reads ring-layout caches in place: the window form refuses draft='assistant' (TensorRT:
+    tests/test_trt_assistant.py)."""
     model = runtime.load(window_artifact, backend="onnxruntime")
-    with pytest.raises(InputError, match="ring engine only"):
+    with pytest.raises(InputError, match="ring engine and on TensorRT"):
         spec.check_draft(model.backend, "assistant", 2)
 
 

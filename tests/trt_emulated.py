@@ -62,7 +62,8 @@ class _FakeContext:
 
 
 _FAKE_TRT = type("trt", (), {"TensorIOMode": type("M", (), {"INPUT": "in"}),
-                             "ExecutionContextAllocationStrategy": type("S", (), {"USER_MANAGED": "user-managed"})})
+                             "ExecutionContextAllocationStrategy": type("S", (), {"USER_MANAGED": "user-managed"}),
+                             "DataType": type("D", (), {"FLOAT": "float", "INT64": "int64", "INT32": "int32"})})
 
 
 def _host_array(ptr: int, shape, dtype) -> np.ndarray:
@@ -101,6 +102,10 @@ class _EmulatedEngine(_FakeEngine):
         inputs = [i.name for i in session.get_inputs()]
         super().__init__(inputs, [o.name for o in session.get_outputs()], aliases)
         self.session = session
+
+    def get_tensor_dtype(self, name):
+        types = {t.name: t.type for t in self.session.get_inputs() + self.session.get_outputs()}
+        return {"tensor(float)": "float", "tensor(int64)": "int64"}[types[name]]
 
     def create_execution_context(self, strategy):
         assert strategy == "user-managed"
@@ -141,3 +146,19 @@ def emulated_trt_backend(art, *, prefill_chunk: int = 16):
 
     b._capture = lambda: b.captures.append(1) or Replay()
     return b
+
+
+def emulated_trt_assistant(art, backend, prepared):
+    """A `runtime.trt_assistant.TrtAssistantRunner` on ``backend`` (`emulated_trt_backend`) over an engine emulated
+    by ONNX Runtime running ``prepared`` (the assistant graph as `graphs.trt_assistant.prepare_assistant` made it)
+    on the addresses the runner bound; its ``context`` records the shapes and addresses."""
+    import onnxruntime as ort
+
+    from runtime.trt_assistant import TrtAssistantRunner
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(prepared), opts, providers=["CPUExecutionProvider"])
+    runner = TrtAssistantRunner.__new__(TrtAssistantRunner)
+    runner._setup(art, read_manifest(art), backend, _EmulatedEngine(session, {}), _FAKE_TRT)
+    return runner

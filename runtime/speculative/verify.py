@@ -10,8 +10,9 @@ decode step.  Rows run one at a time on views of their cache rows (`Backend.rows
 acceptance and K, and ONNX Runtime's ring engines run several tokens with past context one row per call anyway.
 
 Drafters: ``"prompt_lookup"`` (`prompt_lookup.PromptLookup` on the row's tokens, kept in an int64 array) and
-``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner`, fed the target's final-norm
-hidden state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` per row up to the
+``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's ring engine,
+its TensorRT engine `runtime.trt_assistant.TrtAssistantRunner` on TensorRT, fed the target's final-norm hidden
+state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` per row up to the
 artifact's K, told each round's proposed and accepted drafts and its wall time.
 """
 
@@ -56,7 +57,8 @@ class SpecStats:
 
 def check_draft(backend, draft: str, num_draft_tokens, manifest: dict | None = None) -> None:
     """Refuse an unknown drafter, a bad K, an artifact that cannot verify K drafts, or one without the assistant
-    that ``draft="assistant"`` needs, with the reason.  ``num_draft_tokens``: an integer >= 1, or ``"auto"``."""
+    (on TensorRT: without the assistant's current TensorRT engine) that ``draft="assistant"`` needs, with the
+    reason and the command that fixes it.  ``num_draft_tokens``: an integer >= 1, or ``"auto"``."""
     if draft not in DRAFTERS and draft != ASSISTANT:
         raise InputError(f"draft={draft!r}; expected one of {', '.join([*DRAFTERS, ASSISTANT])} or None")
     if num_draft_tokens != "auto" and (isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int)
@@ -73,10 +75,15 @@ def check_draft(backend, draft: str, num_draft_tokens, manifest: dict | None = N
     if draft == ASSISTANT and manifest is not None and manifest.get("assistant") is None:
         raise InputError("draft='assistant': the artifact has no assistant; add one with `make export-assistant "
                          "ASSISTANT=<checkpoint dir> OUT=<artifact>`")
-    if draft == ASSISTANT and (getattr(backend, "name", None) != "onnxruntime"
-                               or getattr(backend, "sliding_slots", None) is not None):
-        raise InputError("draft='assistant' runs on the ONNX Runtime ring engine only (the assistant reads the "
-                         "target's cache buffers in place in the ring layout); this backend is "
+    name = getattr(backend, "name", None)
+    if draft == ASSISTANT and name == "tensorrt":  # its own engine: `runtime.trt_assistant`
+        from runtime.trt_assistant import trt_engine_problem
+
+        if manifest is not None and (problem := trt_engine_problem(getattr(backend, "root", "<artifact>"), manifest)):
+            raise InputError(f"draft='assistant' on TensorRT: {problem}; or use draft='prompt_lookup'")
+    elif draft == ASSISTANT and (name != "onnxruntime" or getattr(backend, "sliding_slots", None) is not None):
+        raise InputError("draft='assistant' runs on the ONNX Runtime ring engine and on TensorRT (the assistant "
+                         "reads the target's cache buffers in place in the ring layout); this backend is "
                          f"{getattr(backend, 'name', type(backend).__name__)!r}"
                          f"{' with --ort-sliding window' if getattr(backend, 'sliding_slots', None) else ''}: "
                          "rebuild with `make build-engine BACKEND=onnxruntime` or use draft='prompt_lookup'")
