@@ -4,8 +4,9 @@
 the demo model that Python costs about as much as the graph (~0.25 ms of a ~0.65 ms pass over 7 tokens).  Here,
 as the decode step does (`OrtBackend._decode_bound`), one binding per batch and number of tokens (B, n) is kept:
 the caches stay bound in place (a one-graph engine writes every cache in place; another request's cache is bound
-anew into every kept binding and the rest kept, ~0.04 ms each against ~0.15 ms for a whole binding on the demo; no
-binding holds an earlier request's cache), the call writes its token ids, past lengths and row lengths into arrays
+anew into every kept binding of its batch size and the rest kept, ~0.04 ms each against ~0.15 ms for a whole binding
+on the demo; bindings of other batch sizes, row views of the previous request's cache, are dropped: no binding holds
+an earlier request's cache; a binding meeting another view of the same cache is bound to it alone), the call writes its token ids, past lengths and row lengths into arrays
 the binding already reads, the attention geometry (`runtime.ort_attention.attention_inputs`) into the bound arrays
 of the same shape (bound anew where the shape changed: the ring bias grows while the rings fill), and the logits and
 hidden states land in the buffers the first call of that (B, n) allocated.
@@ -49,21 +50,26 @@ class BoundVerify:
         self.past = [x for x in names_in if is_cache(x)]
         self.present = [x for x in names_out if is_cache(x)]
         self.bound: dict[tuple[int, int], dict] = {}  # (B, n) -> binding state
-        self.cache = None  # the cache every binding reads (and holds: no other request's cache stays alive)
-        self.values: list = []
+        self.root = None  # id of the memory every binding's cache lies in (a row view's base): one request's
 
     def call(self, ids: np.ndarray, past: list[int], lens: list[int],
              cache: list) -> tuple[np.ndarray, np.ndarray | None]:
-        if (cache is not self.cache or len(cache) != len(self.values)
-                or not all(map(operator.is_, self.values, cache))):
-            self.cache, self.values = cache, list(cache)  # another request's cache: only the caches are bound anew
-            for state in self.bound.values():
-                self._bind_cache(state, cache)
         b, n = ids.shape
         state = self.bound.get((b, n))
-        if state is None:
-            state = self.bound[(b, n)] = self._bind(b, n)
-            self._bind_cache(state, cache)
+        if (state is None or state["cache"] is not cache or len(cache) != len(state["values"])
+                or not all(map(operator.is_, state["values"], cache))):
+            root = _root(cache)
+            if root != self.root:  # another request's cache: no binding may keep the previous one alive; those of
+                self.root = root  # this call's batch size are bound to it, the others (row views) dropped
+                self.bound = {key: st for key, st in self.bound.items() if key[0] == b}
+                for st in self.bound.values():
+                    self._bind_cache(st, cache)
+                state = self.bound.get((b, n))
+            if state is None:
+                state = self.bound[(b, n)] = self._bind(b, n)
+                self._bind_cache(state, cache)
+            elif state["cache"] is not cache:  # another view of the same cache (rows finished): this binding only
+                self._bind_cache(state, cache)
         state["ids"][:] = array("q", ids.tobytes())
         state["past"][:] = array("q", past)
         state["lens"][:] = lens
@@ -97,6 +103,7 @@ class BoundVerify:
             raise ValueError(f"verify: the engine has {len(past)} cache inputs and {len(present)} cache outputs, "
                              f"the cache {len(cache)} buffers")
         binding = state["binding"]
+        state["cache"], state["values"] = cache, list(cache)
         for p_in, p_out, value in zip(past, present, cache):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
@@ -125,3 +132,12 @@ class BoundVerify:
                 "ids": words(arrays["input_ids"], "q"), "past": words(arrays["past_lens"], "q"),
                 "seq_lens": words(arrays["seq_lens"], "q"),
                 "logits": None, "hidden": None, "has_hidden": has_hidden}
+
+
+def _root(cache: list) -> int:
+    """id of the memory ``cache`` lies in: the base arrays of `OrtBackend.rows` views, else the cache itself."""
+    arrays = getattr(cache, "arrays", None)
+    if not arrays:
+        return id(cache)
+    first = arrays[0]
+    return id(first if first.base is None else first.base)

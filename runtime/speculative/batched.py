@@ -51,12 +51,13 @@ PER_ROW_REASON = ("plain batched steps while more than one row runs: this engine
 class _Row:
     """One row's state: its tokens (int64 array: cached ones, then the pending ones), what it emitted."""
 
-    __slots__ = ("tokens", "n", "prompt", "made", "pending", "done", "continuing", "hidden", "written")
+    __slots__ = ("tokens", "n", "tail", "prompt", "made", "pending", "done", "continuing", "hidden", "written")
 
     def __init__(self, context, size: int, first: int):
         self.tokens = np.zeros(size, np.int64)
         self.n = self.prompt = self.written = len(context)
         self.tokens[: self.n] = context
+        self.tail: list[int] = []  # emitted tokens not yet in ``tokens`` (written when the row drafts)
         self.made = 0
         self.pending = [first]
         self.done = False
@@ -94,8 +95,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                     r.done = True
                     break
             if not r.done:
-                r.tokens[r.n: r.n + len(r.pending)] = r.pending
-                r.n += len(r.pending)
+                r.tail += r.pending
         running = [i for i in range(lo, hi) if not rows[i].done]
         if not running:
             keep_costs()
@@ -122,6 +122,10 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                     continue
                 room = min(k_max, room, max_new_tokens - r.made - 1, max_len - 1 - c)
                 if drafter is not None:
+                    if r.tail:
+                        r.tokens[r.n: r.n + len(r.tail)] = r.tail
+                        r.n += len(r.tail)
+                        r.tail = []
                     d = drafter(r.tokens[: r.n], room) if room > 0 else []
                     d = d.tolist() if isinstance(d, np.ndarray) else [int(t) for t in d]
                     if d and adaptive is not None:

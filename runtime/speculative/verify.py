@@ -108,7 +108,10 @@ def speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[in
     key = (draft, len(contexts))
     adaptive = None
     if num_draft_tokens == "auto":
-        adaptive = AdaptiveK(backend.max_draft_tokens, verify_cost=_seen_costs(backend, key))
+        # before a batch of this size has measured anything: a batched pass costing 1 + k / 2 steps (padded rows
+        # cost as much as valid ones), not 1: a start then needs the rows' drafts to pay; measured costs replace it
+        prior = _seen_costs(backend, key) or [1 + k / 2 for k in range(backend.max_draft_tokens + 1)]
+        adaptive = AdaptiveK(backend.max_draft_tokens, verify_cost=prior)
     yield from run_batch(backend, cache, first, contexts, adaptive=adaptive, drafter=DRAFTERS.get(draft),
                          k_max=backend.max_draft_tokens if adaptive is not None else num_draft_tokens,
                          assistant=assistant if draft == ASSISTANT else None, sampler=sampler, rng=rng,
