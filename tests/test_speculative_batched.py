@@ -201,7 +201,9 @@ def test_assistant_batched_rounds_equal_plain(ring_artifact, monkeypatch):
         got = runtime.generate(model, prompts, draft="assistant", num_draft_tokens=k, spec_stats=stats, **kw)
         _check(got, want, f"assistant K={k}")
         assert stats.drafted > 0 and stats.plain_reason is None, stats
-        assert drafted and drafted[0] == len(prompts), f"the first drafting round drafts all rows at once: {drafted}"
+        # several rows drafted in one call (K fixed: all rows from the first drafting round; "auto" starts from a
+        # prior that does not pay at these random weights' acceptance and drafts on its probes)
+        assert drafted and (drafted[0] == len(prompts) if k == K else max(drafted) > 1), drafted
         assert model.backend.calls[0] == ("verify", 3, 1)  # the first round: each row's hidden state, one call
         assert len(model.backend.calls) == len(stats.k_per_round)
 

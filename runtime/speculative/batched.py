@@ -188,7 +188,8 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                     else:
                         adaptive.learn(len(d), got, cont)
             r.continuing = bool(d) and got == len(d)
-        if adaptive is not None and timed is not None:
+        if adaptive is not None:  # a round without drafts (the assistant's hidden states) is a plain round
+            timed = timed or (0, 0, None)
             adaptive.observe(timed[0], timed[1], max(clock() - start, 1e-9), timed[2])
 
 
