@@ -114,6 +114,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
         cached = [r.prompt + r.made - 1 for r in span]  # each row's newest token is fed at this position
         start = clock()
         drafts = [[] for _ in span]
+        ks: dict = {}
         if speculate:
             vt = None if fixed_room is not None else (backend.verify_tokens([c]) - 1 for c in cached)
             for j, (r, c) in enumerate(zip(span, cached)):
@@ -128,8 +129,10 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                         r.tail = []
                     d = drafter(r.tokens[: r.n], room) if room > 0 else []
                     d = d.tolist() if isinstance(d, np.ndarray) else [int(t) for t in d]
-                    if d and adaptive is not None:
-                        d = d[: adaptive.next_k(r.continuing)]
+                    if d and adaptive is not None:  # next_k changes nothing: once per run state and round
+                        if r.continuing not in ks:
+                            ks[r.continuing] = adaptive.next_k(r.continuing)
+                        d = d[: ks[r.continuing]]
                     drafts[j] = d
                 elif r.hidden is not None:  # the assistant: how many this row takes
                     drafts[j] = min(room, adaptive.next_k()) if adaptive is not None else room
