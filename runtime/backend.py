@@ -61,13 +61,19 @@ class Backend(Protocol):
     def verify(self, input_ids: Any, past_lens: Any, cache: Any, seq_lens: Any = None, *,
                copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """A verify call: ``input_ids`` (B, n) (the last accepted token, then the drafts) at positions ``past_lens``
-        (B,) .. on ``cache``, n <= `verify_tokens` (``seq_lens``: rows of fewer valid tokens, right-padded) ->
+        (B,) .. on ``cache``, row i's ``seq_lens[i]`` <= `verify_tokens` ([past_lens[i]]) (``seq_lens``: rows of
+        fewer valid tokens, right-padded; the padding enters no cache a later call reads) ->
         logits (B, n, vocab) and the final-normed hidden states (B, n, hidden) after every new token (float32;
         transformers' ``hidden_states[-1]``, what the Gemma 4 assistant reads); their keys and values are written.
         Taking tokens back is the caller's: continue at a shorter ``past_lens``.  A backend may run rows one by one
         (ONNX Runtime's ring engines: GroupQueryAttention takes several tokens with past context at batch 1 only).
         ``copy=False`` allows views of buffers the next verify call overwrites."""
         ...
+
+    batched_verify: bool
+    """Whether one `verify` call runs all its rows in one pass (the window engine, TensorRT), so speculative rounds of
+    several rows cost about one batched step (`runtime.speculative.batched`); false where rows run one per call
+    (ONNX Runtime's ring engine), which then decodes plain batched steps while several rows run."""
 
     def verify_tokens(self, past_lens: Any) -> int:
         """The most tokens per row one `verify` call may take now (at least 1) such that any of them but the first

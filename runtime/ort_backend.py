@@ -215,6 +215,7 @@ class OrtBackend:
                 "saturate on this CPU (checked on worst-case inputs: `int8_dot_products_exact`); rebuild the engine "
                 "here with `make build-engine BACKEND=onnxruntime` (it then takes ORT's exact u8 x u8 kernels)")
         self.per_sequence_continuation = engine.get("prefill_with_past") == "per_sequence"
+        self.batched_verify = not self.per_sequence_continuation  # Backend.batched_verify: the ring engine runs rows
         if self.one_graph != (rels["prefill"] == rels["decode"]):
             raise ArtifactError(f"{self.root}: engines.onnxruntime has one_graph={engine.get('one_graph')!r} but "
                                 f"prefill {rels['prefill']!r} and decode {rels['decode']!r}; refused")
@@ -339,17 +340,18 @@ class OrtBackend:
         if not self.max_draft_tokens:
             raise InputError(f"{self.root}: verify needs an artifact exported with --speculative K (logits at every "
                              "new token, rings with slack); this one was exported without it")
-        if n > self.verify_tokens(past_lens):
-            raise InputError(f"verify: {n} tokens per row; this engine verifies at most "
-                             f"{self.verify_tokens(past_lens)} here (the artifact's speculative.max_draft_tokens "
-                             f"{self.max_draft_tokens} + 1, less where the cache cannot take them back)")
-        if self.one_graph and b == 1 and (seq_lens is None or np.all(np.asarray(seq_lens) == n)):
-            out = self._verify_bound.call(ids[0].tolist(), int(np.asarray(past_lens).reshape(-1)[0]), cache)
-            return (out[0].copy(), None if out[1] is None else out[1].copy()) if copy else out
         lens = np.full(b, n, np.int64) if seq_lens is None else np.asarray(seq_lens, np.int64).reshape(-1)
+        past = np.asarray(past_lens, np.int64).reshape(-1)  # each row's valid tokens count (padding enters no cache)
+        most = [self.verify_tokens([p]) for p in past] if self.sliding_slots is not None else [self.verify_tokens(0)]
+        if (lens > np.array(most)).any() or n > self.max_draft_tokens + 1:
+            raise InputError(f"verify: {lens.tolist()} tokens per row; this engine verifies at most "
+                             f"{', '.join(map(str, most))} here (the artifact's speculative.max_draft_tokens "
+                             f"{self.max_draft_tokens} + 1, less where the cache cannot take them back)")
+        if self.one_graph and (b == 1 or self.batched_verify) and (lens >= 1).all():
+            out = self._verify_bound.call(ids, past.tolist(), lens.tolist(), cache)
+            return (out[0].copy(), None if out[1] is None else out[1].copy()) if copy else out
         index = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n))
-        return self._prefill(PrefillInputs(ids, np.asarray(past_lens, np.int64).reshape(-1), lens,
-                                           logits_index=index), cache)
+        return self._prefill(PrefillInputs(ids, past, lens, logits_index=index), cache)
 
     def verify_tokens(self, past_lens) -> int:
         """`runtime.backend.Backend.verify_tokens`: max_draft_tokens + 1, on windowed engines (--ort-sliding window)

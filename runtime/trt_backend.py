@@ -68,6 +68,7 @@ class _Cache(list):
 
 class TrtBackend:
     name = "tensorrt"
+    batched_verify = True  # `Backend.batched_verify`: the plugin takes several rows with past context in one call
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
         import tensorrt as trt

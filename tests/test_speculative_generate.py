@@ -8,6 +8,8 @@ drafts its round drafts what transformers' drafter does on the accepted tokens."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,7 @@ from runtime.prompt import PrefillInputs
 from runtime.sampling import Sample
 from runtime.speculative import verify as spec
 from tests.assistant_ref import prompt, reference_pair
+from tests.speculative_doubles import RowByRow
 from tests.test_speculative_accept import _chi2_pvalue
 
 PRESET, K, MAX_LEN = "tiny", 3, 200
@@ -145,7 +148,9 @@ def test_adaptive_k_keeps_greedy_tokens(spec_artifact):
 @pytest.mark.parametrize("form", ["loop", "step"])
 def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_store, monkeypatch, form):
     """Greedy with the assistant's drafts equals plain greedy token for token, prompt and output each several
-    sliding windows long (rings wrap, rejected drafts written), batch of two rows; K = 1 and K.  Every round feeds
+    sliding windows long (rings wrap, rejected drafts written), batch of two rows in batched rounds (the ring engine
+    verifies one row per call and would decode a batch plainly: `RowByRow` verifies the rows of a call one by one
+    on row views and says it batches); K = 1 and K.  Every round feeds
     the assistant the row's newest token at its position and the target's final-norm hidden state at the position
     before it: transformers' ``hidden_states[-1]`` of the target on the sequence so far (random weights: the drafts
     are almost never accepted, so the wiring is checked at its inputs)."""
@@ -163,6 +168,7 @@ def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_stor
     monkeypatch.setattr(AssistantRunner, "draft", spy)
     target, _ = reference_store(PRESET)
     model = runtime.load(spec_artifact, backend="onnxruntime")
+    model = dataclasses.replace(model, backend=RowByRow(model.backend))
     assert model.assistant_runner().loop is not None
     if form == "step":  # the step graph called K times (an artifact without the loop form)
         model.assistant_runner().loop = None
@@ -179,15 +185,18 @@ def test_assistant_drafts_give_plain_greedy_tokens(spec_artifact, reference_stor
         assert stats.drafted > 0 and stats.accepted < stats.drafted, stats
         seqs = [[*p, *a.tokens] for p, a in zip(prompts, plain)]
         checked = 0
-        for tokens, hidden, position in calls[:: max(1, len(calls) // 12)]:
-            pos = int(position[0])
-            row = [s for s in seqs if len(s) > pos and s[pos] == int(tokens[0])]
-            assert row, "the assistant was fed a token that is not the sequence's at its position"
-            with torch.no_grad():
-                want = target(input_ids=torch.tensor([row[0][:pos]]), output_hidden_states=True).hidden_states[-1]
-            want = want[0, -1].numpy()
-            assert np.abs(hidden[0] - want).max() <= 1e-4 * np.abs(want).max(), f"K={k} position {pos}"
-            checked += 1
+        assert max(len(c[0]) for c in calls) == len(prompts), "the rows should draft in one call"
+        for tokens, hidden, position in calls[:: max(1, len(calls) // 6)]:
+            for j in range(len(tokens)):  # every row of the call (the rows run alike: none finishes early)
+                pos = int(position[j])
+                rows = [seqs[j]] if len(tokens) == len(seqs) else seqs  # a call of every row: row j is j
+                row = [s for s in rows if len(s) > pos and s[pos] == int(tokens[j])]
+                assert row, "the assistant was fed a token that is not the sequence's at its position"
+                with torch.no_grad():
+                    want = target(input_ids=torch.tensor([row[0][:pos]]), output_hidden_states=True).hidden_states[-1]
+                want = want[0, -1].numpy()
+                assert np.abs(hidden[j] - want).max() <= 1e-4 * np.abs(want).max(), f"K={k} position {pos}"
+                checked += 1
         assert checked >= 6
         calls.clear()
 

@@ -164,6 +164,26 @@ class AdaptiveK:
             return 0  # a probe: the plain step's cost may have changed, or was never measured
         return best
 
+    @property
+    def probe_due(self) -> bool:
+        """`next_k` would draft one token as a probe now (plain rounds in a row have reached ``probe_every``)."""
+        return self.max_k > 0 and self._plain_rounds + 1 >= self._probe_every
+
+    def expected_tokens(self, k: int, continuing: bool | None = None) -> float:
+        """The tokens a round of k drafts is expected to emit (the target's own included), by the single per-draft
+        rate (``continuing`` None) or the run-aware ones: a start 1 + f (1 + r + ... + r^(k-1)), within a run
+        1 + r + ... + r^k.  A batched round weighs its rows' drafts with it (`runtime.speculative.batched`)."""
+        if continuing is None:
+            first = rest = self._accepted / self._examined
+        else:
+            rest = self._run[0] / self._run[1]
+            first = rest if continuing else self._start[0] / self._start[1]
+        tokens, p = 1.0, first
+        for _ in range(k):
+            tokens += p
+            p *= rest
+        return tokens
+
     def _best_pair(self, costs: list[float]) -> tuple[int, int]:
         """(k at a start, k within a run) maximising the long-run tokens per second of the two-state process: a
         start of kf drafts emits 1 + f (1 + r + ... + r^(kf-1)) tokens and enters a run with probability
@@ -231,6 +251,16 @@ class AdaptiveK:
             return
         self._plain_rounds = 0
         self._since_plain += 1
+        self.learn(proposed, accepted, continuing)
+
+    def learn(self, proposed: int, accepted: int, continuing: bool | None = None) -> None:
+        """The acceptance of one more row's drafts in a round already reported by `observe` (a batched round: one
+        `observe` with the round's time, `learn` for every other row that drafted): the rates learn, the costs and
+        the probes' counters do not."""
+        if not (type(proposed) is int and type(accepted) is int and 0 <= accepted <= proposed <= self.max_k):
+            self._check_round(proposed, accepted, None, continuing)
+        if not proposed:
+            return
         m = self._memory
         self._accepted = m * self._accepted + accepted
         self._examined = m * self._examined + accepted + (accepted < proposed)

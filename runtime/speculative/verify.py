@@ -6,13 +6,13 @@ sampler and generator: greedy gives plain greedy decoding's tokens exactly; samp
 sampling, drafts as point masses: both drafters here are deterministic) gives plain sampling's distribution.  The
 row's length then moves past what was kept; the rejected tokens' keys and values are overwritten or masked by
 position from then on (`runtime.backend`: no rollback call exists or is needed).  A round without drafts is a plain
-decode step.  Rows run one at a time on views of their cache rows (`Backend.rows`): each gets its own drafts,
-acceptance and K, and ONNX Runtime's ring engines run several tokens with past context one row per call anyway.
+decode step.  This module runs one row (`_Row`); several rows run in batched rounds (`batched`: one target call
+per round for all rows, or plain batched steps where the engine verifies one row per call).
 
 Drafters: ``"prompt_lookup"`` (`prompt_lookup.PromptLookup` on the row's tokens, kept in an int64 array) and
 ``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's ring engine,
 its TensorRT engine `runtime.trt_assistant.TrtAssistantRunner` on TensorRT, fed the target's final-norm hidden
-state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` per row up to the
+state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` (per batch) up to the
 artifact's K, told each round's proposed and accepted drafts and its wall time.
 """
 
@@ -29,6 +29,7 @@ from runtime.errors import InputError
 from runtime.sampling import Greedy
 from runtime.speculative.accept import accept, accept_greedy
 from runtime.speculative.adapt import AdaptiveK
+from runtime.speculative.batched import run_batch
 from runtime.speculative.prompt_lookup import PromptLookup
 
 __all__ = ["ASSISTANT", "DRAFTERS", "SpecStats", "check_draft", "speculative"]
@@ -48,7 +49,9 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_call: list[int] = field(default_factory=list)
-    k_per_round: list[int] = field(default_factory=list)  # drafts verified each round (0: a plain step)
+    k_per_round: list[int] = field(default_factory=list)  # drafts verified each round (0: a plain step; a batch:
+    # the most any row verified)
+    plain_reason: str | None = None  # why a batch decoded plain steps instead of speculating (`batched`)
 
     @property
     def acceptance(self) -> float | None:
@@ -104,11 +107,23 @@ def speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[in
     rng = rng if rng is not None else np.random.default_rng()
     stats = stats if stats is not None else SpecStats()
     first = sampler.choose(np.asarray(first_logits), rng).tolist()
-    rows = len(contexts)
-    for i in range(rows):
-        view = backend.rows(cache, i, i + 1) if rows > 1 else cache
-        row = _Row(backend, view, contexts[i], max_len, num_draft_tokens, draft, assistant)
-        yield from row.run(i, first[i], sampler, rng, max_new_tokens, stop_ids, stats)
+    if len(contexts) == 1:
+        row = _Row(backend, cache, contexts[0], max_len, num_draft_tokens, draft, assistant)
+        yield from row.run(0, first[0], sampler, rng, max_new_tokens, stop_ids, stats)
+        return
+    # several rows: one target call per round for all of them (`batched`); K and its costs per batch size
+    key = (draft, len(contexts))
+    adaptive = None
+    if num_draft_tokens == "auto":
+        # before a batch of this size has measured anything: a batched pass costing 1 + k / 2 steps (padded rows
+        # cost as much as valid ones), not 1: a start then needs the rows' drafts to pay; measured costs replace it
+        prior = _seen_costs(backend, key) or [1 + k / 2 for k in range(backend.max_draft_tokens + 1)]
+        adaptive = AdaptiveK(backend.max_draft_tokens, verify_cost=prior)
+    yield from run_batch(backend, cache, first, contexts, adaptive=adaptive, drafter=DRAFTERS.get(draft),
+                         k_max=backend.max_draft_tokens if adaptive is not None else num_draft_tokens,
+                         assistant=assistant if draft == ASSISTANT else None, sampler=sampler, rng=rng,
+                         max_new_tokens=max_new_tokens, max_len=max_len, stop_ids=stop_ids, stats=stats,
+                         keep_costs=lambda: _keep_costs(backend, key, adaptive))
 
 
 class _Row:
@@ -211,12 +226,17 @@ class _Row:
             continuing = bool(drafts) and accepted == len(drafts)
 
     def _keep_costs(self) -> None:
-        """Leave the row's `AdaptiveK` for the next sequence to read (`_seen_costs`: not here, after the last token)."""
-        if self.adaptive is not None:
-            try:
-                _COSTS.setdefault(self.backend, {}).setdefault(self.draft, [None, []])[1].append(self.adaptive)
-            except TypeError:  # a backend that cannot be a weak key: no memory across sequences
-                pass
+        _keep_costs(self.backend, self.draft, self.adaptive)
+
+
+def _keep_costs(backend, key, adaptive) -> None:
+    """Leave an `AdaptiveK` for the next sequence to read (`_seen_costs`: not here, after the last token); ``key``:
+    the drafter, with the batch size for a batch (a batched round's costs are not a single row's)."""
+    if adaptive is not None:
+        try:
+            _COSTS.setdefault(backend, {}).setdefault(key, [None, []])[1].append(adaptive)
+        except TypeError:  # a backend that cannot be a weak key: no memory across sequences
+            pass
 
 
 # per engine and drafter: [the costs per K in decode steps measured by earlier sequences (`AdaptiveK.measured_costs`,
@@ -225,7 +245,7 @@ class _Row:
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _seen_costs(backend, draft: str) -> list[float] | None:
+def _seen_costs(backend, draft) -> list[float] | None:
     """The prior `AdaptiveK.verify_cost` for a new sequence: the costs seen, a K never measured on the line between
     the measured ones around it, or beyond the last one on the line from the plain step (1) through it."""
     try:
