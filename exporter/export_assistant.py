@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ from runtime.staging import check_writable_artifact, error_message, replace_dir,
 __all__ = ["assistant_io", "export_assistant", "target_caches"]
 
 OPSET = 24
+OFFSET = "sliding_offset"  # the optional input: position p in ring slot (p - offset) mod R; default [0]
 GRAPH = "assistant/assistant.onnx"
 ORT_FORM = "ort-assistant"  # graphs.ort.assistant.DIR
 
@@ -71,6 +73,8 @@ def assistant_io(model: AssistantModel, target: ModelConfig) -> tuple[list[dict]
         {"name": "full_value", "dtype": f32, "shape": ["batch", t.num_global_kv_heads, "max_len", t.global_head_dim]},
         {"name": "ring_key", "dtype": f32, "shape": ["batch", t.num_kv_heads, "ring_slots", t.head_dim]},
         {"name": "ring_value", "dtype": f32, "shape": ["batch", t.num_kv_heads, "ring_slots", t.head_dim]},
+        # optional (an initializer of [0] backs it: a ring; callers that predate it feed nothing): (B,) or (1,)
+        {"name": "sliding_offset", "dtype": "int64", "shape": ["offset_rows"]},
     ]
     outputs = [
         {"name": "logits", "dtype": f32, "shape": ["batch", cfg.text.vocab_size]},
@@ -101,11 +105,12 @@ def _example(model: AssistantModel, target: ModelConfig):
         torch.randn(batch, t.num_global_kv_heads, max_len, t.global_head_dim),
         torch.randn(batch, t.num_global_kv_heads, max_len, t.global_head_dim),
         torch.randn(batch, t.num_kv_heads, ring, t.head_dim), torch.randn(batch, t.num_kv_heads, ring, t.head_dim),
+        torch.tensor([0, 3, 5]),
     )
     b, n = Dim("batch", min=1, max=1024), Dim("max_len", min=2, max=1 << 22)
     r, f = Dim("ring_slots", min=2, max=1 << 20), Dim("full_read", min=1, max=1 << 22)
     dyn = ({0: b}, {0: b}, {0: b}, {0: f}, {0: b}, {0: b}, {0: b}, {0: b, 2: n}, {0: b, 2: n}, {0: b, 2: r},
-           {0: b, 2: r})
+           {0: b, 2: r}, {0: b})  # the offset's rows: traced as the batch, named offset_rows after (1 or B)
     return args, (dyn,)
 
 
@@ -126,7 +131,11 @@ def export_graph(model: AssistantModel, target: ModelConfig, path: Path) -> None
         )
     program.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
-    _name_dims(proto, inputs + outputs)
+    _name_dims(proto, [*inputs[:-1], dict(inputs[-1], shape=["batch"]), *outputs])
+    proto.graph.input[-1].type.tensor_type.shape.dim[0].dim_param = inputs[-1]["shape"][0]  # 1 or B rows
+    # the default of the optional input: an initializer of the same name (ONNX Runtime feeds it when the caller
+    # does not), so a ring's callers that predate the input run the graph unchanged
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), OFFSET))
     onnx.save(proto, str(path))
     got = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
     if got != ([i["name"] for i in inputs], [o["name"] for o in outputs]):
@@ -197,8 +206,10 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
 def _check_loads(path: Path) -> None:
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # not the warning that the optional input's default (an initializer) is no constant
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; reported with the file
         raise RuntimeError(f"{path}: ONNX Runtime cannot load the exported assistant graph ({e})") from None
 
