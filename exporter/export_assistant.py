@@ -4,9 +4,10 @@ One call of the graph is one draft (`exporter.assistant.AssistantModel.step`); t
 (`runtime.assistant`), or runs its ONNX Runtime loop form (`graphs.ort.assistant`, K drafts in one call), which
 ``make export-assistant`` writes next when the artifact has an ONNX Runtime engine (an older one is removed here).  Its cache inputs are the target's last full and last sliding layer caches, in the target's
 layout: the runtime binds the very OrtValues the target backend writes (IOBinding, no copy), so the graph reads
-them in place and writes nothing.  The manifest's ``assistant`` record names the graph, its inputs and outputs,
-which target cache inputs feed it (``target_caches``) and the assistant's config; the files are listed with their
-sha256 like every other file.
+them in place and writes nothing.  Its optional input ``sliding_offset`` (default ``[0]``, an initializer of the
+same name) places position p in sliding slot (p - offset) mod R: 0 on rings, E(T) on ONNX Runtime's windowed
+cache.  The manifest's ``assistant`` record names the graph, its inputs and outputs, which target cache inputs feed
+it (``target_caches``) and the assistant's config; the files are listed with their sha256 like every other file.
 
 The target's input embedding of each drafted token is a graph *input* (``token_embeds``): the runtime gathers that
 row from the target's own table (memory-mapped from the target graph's external data: `runtime.assistant`), so the
@@ -69,12 +70,12 @@ def assistant_io(model: AssistantModel, target: ModelConfig) -> tuple[list[dict]
         {"name": "full_len", "dtype": "int64", "shape": ["batch"]},
         {"name": "sliding_start", "dtype": "int64", "shape": ["batch"]},
         {"name": "sliding_end", "dtype": "int64", "shape": ["batch"]},
+        # optional (an initializer of [0] backs it: a ring; callers that predate it feed nothing): (B,) or (1,)
+        {"name": OFFSET, "dtype": "int64", "shape": ["offset_rows"]},
         {"name": "full_key", "dtype": f32, "shape": ["batch", t.num_global_kv_heads, "max_len", t.global_head_dim]},
         {"name": "full_value", "dtype": f32, "shape": ["batch", t.num_global_kv_heads, "max_len", t.global_head_dim]},
         {"name": "ring_key", "dtype": f32, "shape": ["batch", t.num_kv_heads, "ring_slots", t.head_dim]},
         {"name": "ring_value", "dtype": f32, "shape": ["batch", t.num_kv_heads, "ring_slots", t.head_dim]},
-        # optional (an initializer of [0] backs it: a ring; callers that predate it feed nothing): (B,) or (1,)
-        {"name": "sliding_offset", "dtype": "int64", "shape": ["offset_rows"]},
     ]
     outputs = [
         {"name": "logits", "dtype": f32, "shape": ["batch", cfg.text.vocab_size]},
@@ -126,13 +127,20 @@ def export_graph(model: AssistantModel, target: ModelConfig, path: Path) -> None
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _Step(model).eval(), args, dynamo=True, opset_version=OPSET, dynamic_shapes=dyn,
-            input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
+            input_names=[i["name"] for i in inputs if i["name"] != OFFSET] + [OFFSET],  # step's argument order
+            output_names=[o["name"] for o in outputs],
             external_data=True, optimize=False, verbose=False,  # ORT optimises at load
         )
     program.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
-    _name_dims(proto, [*inputs[:-1], dict(inputs[-1], shape=["batch"]), *outputs])
-    proto.graph.input[-1].type.tensor_type.shape.dim[0].dim_param = inputs[-1]["shape"][0]  # 1 or B rows
+    _name_dims(proto, [dict(i, shape=["batch"]) if i["name"] == OFFSET else i for i in inputs] + outputs)
+    by_name = {i.name: i for i in proto.graph.input}
+    by_name[OFFSET].type.tensor_type.shape.dim[0].dim_param = "offset_rows"  # 1 or B rows
+    ordered = [onnx.ValueInfoProto() for _ in inputs]  # traced last (step's keyword), listed beside its kin
+    for vi, spec in zip(ordered, inputs):
+        vi.CopyFrom(by_name[spec["name"]])
+    del proto.graph.input[:]
+    proto.graph.input.extend(ordered)
     # the default of the optional input: an initializer of the same name (ONNX Runtime feeds it when the caller
     # does not), so a ring's callers that predate the input run the graph unchanged
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), OFFSET))

@@ -7,7 +7,10 @@ token's predecessor; step i + 1 takes the embedding of draft i and the hidden st
 round query at the same ``position`` (the last token's) and read the same target entries:
 
 * full layer: slots ``[0, full_len)``;
-* sliding layer: ring slots (position p in slot p % R) holding positions ``[sliding_start, sliding_end)``.
+* sliding layer: ring slots (position p in slot p % R) holding positions ``[sliding_start, sliding_end)``; on the
+  ONNX Runtime window engine (``--ort-sliding window``, the engine record's ``sliding_slots``), GroupQueryAttention's
+  compacting cache of C slots, which after T tokens holds positions ``[E(T), T)`` from slot 0
+  (`runtime.ort_attention.window_offset`): the graph's ``sliding_offset`` input is then E(``written``), R = C.
 
 By default (`clean_ranges`) a row reads what the target has *accepted* before its last token, ``[0, position)``,
 and on the sliding layer the last ``window + 1`` of those positions (the reference's ``|q - k| <= window``), as far
@@ -17,7 +20,10 @@ window + K + 1 slots (`exporter.model.ring_slots`) whatever was accepted, one fe
 transformers' candidate generator reads the same in the first round after a prefill; after a verify that rejected
 drafts it reads their keys and values too (it cuts the shared tensors to the sequence length by index: full
 ``[0, position + 1)``, sliding the last ``window + 1`` positions written, ``[written - window - 1, written)``):
-pass ``ranges`` to reproduce it (tests/assistant_ref.py `reference_ranges`).
+pass ``ranges`` to reproduce it (tests/assistant_ref.py `reference_ranges`).  A windowed cache holds the last
+``window`` positions only right after it compacts: the round after the compacting call, if it accepted no draft,
+reads one position the compaction dropped, which `AssistantRunner.evicting` copies before that call (the caller
+passes it to `draft` as ``evicted``; that round then reads a copy of the sliding cache with it in front).
 
 The target cache buffers are bound with IOBinding (OrtValues of `runtime.ort_backend.OrtBackend.new_cache`, or
 numpy arrays wrapped without a copy); the graph only reads them.  The target's embedding rows come from its own

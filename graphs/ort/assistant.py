@@ -13,7 +13,8 @@ was most of a round.  This form runs the K steps inside one ``Loop``:
   fp32 and times sqrt(hidden), as `runtime.assistant.TargetEmbedding` computes it;
 * each step's argmax token and hidden state are carried to the next step; its logits and token are collected.
 
-Inputs: the step graph's, minus ``token_embeds``, plus ``token`` (B,) (the round's last target token),
+Inputs: the step graph's, minus ``token_embeds`` (``sliding_offset`` keeps its default), plus ``token`` (B,) (the
+round's last target token),
 ``num_tokens`` (a scalar: K) and ``embed_table`` (V, hidden); outputs ``tokens`` (B, K), ``logits`` (B, K, V) and
 ``next_hidden`` (B, hidden): what K step calls return.  The RMSNorms are fused first (`graphs.ort.norms`) and
 casts to a value's own type dropped.  Same arithmetic as the step graph up to float rounding of the fused norms

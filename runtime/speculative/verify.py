@@ -10,10 +10,12 @@ decode step.  Rows run one at a time on views of their cache rows (`Backend.rows
 acceptance and K, and ONNX Runtime's ring engines run several tokens with past context one row per call anyway.
 
 Drafters: ``"prompt_lookup"`` (`prompt_lookup.PromptLookup` on the row's tokens, kept in an int64 array) and
-``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's ring engine,
+``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's engines,
 its TensorRT engine `runtime.trt_assistant.TrtAssistantRunner` on TensorRT, fed the target's final-norm hidden
-state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` per row up to the
-artifact's K, told each round's proposed and accepted drafts and its wall time.
+state that `Backend.verify` returns; on the ONNX Runtime window engine each verify call is preceded by
+`AssistantRunner.evicting`, which keeps the entry a compaction drops for the next round).  K: a fixed number, or
+``"auto"``: `adapt.AdaptiveK` per row up to the artifact's K, told each round's proposed and accepted drafts and its
+wall time.
 """
 
 from __future__ import annotations
