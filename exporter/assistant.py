@@ -16,8 +16,9 @@ assistant's logits (the reference applies none).
 Which target positions a step reads is explicit (the reference derives it from the lengths of the tensors it is
 given, see docs/speculative.md "Assistant"): full layer slots ``full_slots`` (the runner passes ``arange(L)``;
 only those are read) below ``full_len``; sliding ring slots holding positions in ``[sliding_start,
-sliding_end)``, position ``p`` in slot ``p % R`` (R, the ring's slot count, may exceed the window: slack for
-rejected drafts).  The reference's sliding mask spans the window plus one (``|q - k| <= window`` on the last
+sliding_end)``, position ``p`` in slot ``(p - sliding_offset) % R`` (R, the ring's slot count, may exceed the
+window: slack for rejected drafts; the offset is 0 on a ring, and on ONNX Runtime's windowed cache (``--ort-sliding
+window``) the position its row 0 holds, E(T), with R its length: no wrap there).  The reference's sliding mask spans the window plus one (``|q - k| <= window`` on the last
 entries), so ``sliding_end - sliding_start`` is at most ``window + 1``.
 
 Module names mirror the checkpoint (``model.layers.N.*``, ``pre_projection``, ``masked_embedding.*``), so a state
@@ -258,14 +259,19 @@ class AssistantModel(nn.Module):
         self.rope_full = Rope(t.global_head_dim, t.full_rope_theta, t.full_partial_rotary_factor)
 
     def step(self, token_embeds, hidden, position, full_slots, full_len, sliding_start, sliding_end,
-             full_k, full_v, ring_k, ring_v):
+             full_k, full_v, ring_k, ring_v, sliding_offset=None):
         """One draft.  token_embeds (B, Hb): the target's scaled input embedding of the last token; hidden (B, Hb);
         position, full_len, sliding_start, sliding_end (B,) int64; full_slots (L,) int64 slot indices to read;
         full_k/full_v (B, Hkv_f, T, D_f) the target's last full layer cache; ring_k/ring_v (B, Hkv_s, R, D_s) its
-        last sliding layer's ring.  Returns logits (B, V), next hidden (B, Hb), argmax token (B,) int64."""
+        last sliding layer's ring; sliding_offset (B,) or (1,) int64 (default 0): position p sits in ring slot
+        (p - offset) mod R (a windowed cache: offset E(T), no wrap).  Returns logits (B, V), next hidden (B, Hb),
+        argmax token (B,) int64."""
         fk, fv = full_k.index_select(2, full_slots), full_v.index_select(2, full_slots)  # (B, Hkv, L, D)
         full_ok = full_slots[None, :] < full_len[:, None]  # (B, L)
-        slot_pos = _ring_positions(sliding_end - 1, ring_k.shape[2])  # (B, R)
+        if sliding_offset is None:
+            sliding_offset = torch.zeros_like(sliding_end)
+        offset = sliding_offset[:, None]  # (B or 1, 1)
+        slot_pos = offset + _ring_positions(sliding_end - 1 - sliding_offset, ring_k.shape[2])  # (B, R)
         ring_ok = (slot_pos >= sliding_start[:, None]) & (slot_pos >= 0)
         x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1)[:, None])  # (B, 1, H)
         for layer in self.model.layers:

@@ -4,9 +4,10 @@ One call of the graph is one draft (`exporter.assistant.AssistantModel.step`); t
 (`runtime.assistant`), or runs its ONNX Runtime loop form (`graphs.ort.assistant`, K drafts in one call), which
 ``make export-assistant`` writes next when the artifact has an ONNX Runtime engine (an older one is removed here).  Its cache inputs are the target's last full and last sliding layer caches, in the target's
 layout: the runtime binds the very OrtValues the target backend writes (IOBinding, no copy), so the graph reads
-them in place and writes nothing.  The manifest's ``assistant`` record names the graph, its inputs and outputs,
-which target cache inputs feed it (``target_caches``) and the assistant's config; the files are listed with their
-sha256 like every other file.
+them in place and writes nothing.  Its optional input ``sliding_offset`` (default ``[0]``, an initializer of the
+same name) places position p in sliding slot (p - offset) mod R: 0 on rings, E(T) on ONNX Runtime's windowed
+cache.  The manifest's ``assistant`` record names the graph, its inputs and outputs, which target cache inputs feed
+it (``target_caches``) and the assistant's config; the files are listed with their sha256 like every other file.
 
 The target's input embedding of each drafted token is a graph *input* (``token_embeds``): the runtime gathers that
 row from the target's own table (memory-mapped from the target graph's external data: `runtime.assistant`), so the
@@ -28,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +41,7 @@ from runtime.staging import check_writable_artifact, error_message, replace_dir,
 __all__ = ["assistant_io", "export_assistant", "target_caches"]
 
 OPSET = 24
+OFFSET = "sliding_offset"  # the optional input: position p in ring slot (p - offset) mod R; default [0]
 GRAPH = "assistant/assistant.onnx"
 ORT_FORM = "ort-assistant"  # graphs.ort.assistant.DIR
 
@@ -67,6 +70,8 @@ def assistant_io(model: AssistantModel, target: ModelConfig) -> tuple[list[dict]
         {"name": "full_len", "dtype": "int64", "shape": ["batch"]},
         {"name": "sliding_start", "dtype": "int64", "shape": ["batch"]},
         {"name": "sliding_end", "dtype": "int64", "shape": ["batch"]},
+        # optional (an initializer of [0] backs it: a ring; callers that predate it feed nothing): (B,) or (1,)
+        {"name": OFFSET, "dtype": "int64", "shape": ["offset_rows"]},
         {"name": "full_key", "dtype": f32, "shape": ["batch", t.num_global_kv_heads, "max_len", t.global_head_dim]},
         {"name": "full_value", "dtype": f32, "shape": ["batch", t.num_global_kv_heads, "max_len", t.global_head_dim]},
         {"name": "ring_key", "dtype": f32, "shape": ["batch", t.num_kv_heads, "ring_slots", t.head_dim]},
@@ -101,11 +106,12 @@ def _example(model: AssistantModel, target: ModelConfig):
         torch.randn(batch, t.num_global_kv_heads, max_len, t.global_head_dim),
         torch.randn(batch, t.num_global_kv_heads, max_len, t.global_head_dim),
         torch.randn(batch, t.num_kv_heads, ring, t.head_dim), torch.randn(batch, t.num_kv_heads, ring, t.head_dim),
+        torch.tensor([0, 3, 5]),
     )
     b, n = Dim("batch", min=1, max=1024), Dim("max_len", min=2, max=1 << 22)
     r, f = Dim("ring_slots", min=2, max=1 << 20), Dim("full_read", min=1, max=1 << 22)
     dyn = ({0: b}, {0: b}, {0: b}, {0: f}, {0: b}, {0: b}, {0: b}, {0: b, 2: n}, {0: b, 2: n}, {0: b, 2: r},
-           {0: b, 2: r})
+           {0: b, 2: r}, {0: b})  # the offset's rows: traced as the batch, named offset_rows after (1 or B)
     return args, (dyn,)
 
 
@@ -121,12 +127,23 @@ def export_graph(model: AssistantModel, target: ModelConfig, path: Path) -> None
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _Step(model).eval(), args, dynamo=True, opset_version=OPSET, dynamic_shapes=dyn,
-            input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs],
+            input_names=[i["name"] for i in inputs if i["name"] != OFFSET] + [OFFSET],  # step's argument order
+            output_names=[o["name"] for o in outputs],
             external_data=True, optimize=False, verbose=False,  # ORT optimises at load
         )
     program.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
-    _name_dims(proto, inputs + outputs)
+    _name_dims(proto, [dict(i, shape=["batch"]) if i["name"] == OFFSET else i for i in inputs] + outputs)
+    by_name = {i.name: i for i in proto.graph.input}
+    by_name[OFFSET].type.tensor_type.shape.dim[0].dim_param = "offset_rows"  # 1 or B rows
+    ordered = [onnx.ValueInfoProto() for _ in inputs]  # traced last (step's keyword), listed beside its kin
+    for vi, spec in zip(ordered, inputs):
+        vi.CopyFrom(by_name[spec["name"]])
+    del proto.graph.input[:]
+    proto.graph.input.extend(ordered)
+    # the default of the optional input: an initializer of the same name (ONNX Runtime feeds it when the caller
+    # does not), so a ring's callers that predate the input run the graph unchanged
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), OFFSET))
     onnx.save(proto, str(path))
     got = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
     if got != ([i["name"] for i in inputs], [o["name"] for o in outputs]):
@@ -197,8 +214,10 @@ def export_assistant(assistant: str | Path | AssistantModel, artifact: str | Pat
 def _check_loads(path: Path) -> None:
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # not the warning that the optional input's default (an initializer) is no constant
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; reported with the file
         raise RuntimeError(f"{path}: ONNX Runtime cannot load the exported assistant graph ({e})") from None
 

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.assistant import OFFSET
 from runtime.manifest import read_manifest, write_manifest
 from runtime.staging import check_writable_artifact, error_message, temp_name
 
@@ -126,6 +127,8 @@ def prepare_assistant(step: str | Path, *, dtype: str, precision: str = "fp32"):
     if dtype not in (*DTYPES, "fp32"):
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join((*DTYPES, 'fp32'))}")
     model = ir.load(str(step))
+    # TensorRT caches are rings: the optional sliding_offset input keeps its default 0 as a constant
+    model.graph.inputs[:] = [v for v in model.graph.inputs if v.name != OFFSET]
     report: dict[str, Any] = {"dtype": dtype if precision == "fp32" else precision, "linears": 0, "casts": 0}
     if precision == "fp32" and dtype != "fp32":
         report.update(cast_linears(model, dtype))  # first: it finds the Linears in the exported form
@@ -147,6 +150,8 @@ def assistant_profile(manifest: dict, *, max_batch: int, opt_read: int = 512) ->
     out = {}
     for spec in record["inputs"]:
         name = spec["name"]
+        if name == OFFSET:  # a constant in the prepared graph (`prepare_assistant`)
+            continue
         shape = decode[record["target_caches"][name]]["shape"] if name in record["target_caches"] else spec["shape"]
         dims = []
         for d in shape:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["INPUTS", "attention_feeds", "attention_inputs", "bind_gqa", "check_engine_inputs", "decode_inputs",
-           "gqa_output", "gqa_outputs", "image_blocks", "window_verify_tokens"]
+           "gqa_output", "gqa_outputs", "image_blocks", "window_offset", "window_verify_tokens"]
 
 # graph input name per value
 INPUTS = {
@@ -269,6 +269,18 @@ def attention_feeds(input_names, feeds: dict[str, Any], engine: dict[str, Any],
     values = attention_inputs(feeds["past_lens"], feeds["seq_lens"], ids.shape[1], window=record.get("window"),
                               blocks=blocks, want=want, slots=record.get("ring_slots"))
     return {INPUTS[k]: v for k, v in values.items()}
+
+
+def window_offset(total, window: int, capacity: int) -> np.ndarray:
+    """E(T): the position a windowed GroupQueryAttention cache (``--ort-sliding window``: ``capacity`` C slots,
+    window W) holds in row 0 after ``total`` T tokens, (B,) int64 for (B,) totals.  ONNX Runtime's contract: the
+    cache holds the last L(T) = T - E(T) positions from row 0 (row s holds position E(T) + s), E(T) = 0 for T <= C,
+    else G * ceil((T - C) / G) with G = C - W + 1 (it compacts once every G tokens, keeping the last W)."""
+    g = capacity - window + 1
+    if g < 1:
+        raise ValueError(f"a windowed cache of {capacity} slots cannot hold the window {window}")
+    t = np.asarray(total, np.int64)
+    return np.where(t <= capacity, 0, g * -(-(t - capacity) // g)).astype(np.int64)
 
 
 def window_verify_tokens(past_len: int, window: int, capacity: int) -> int:

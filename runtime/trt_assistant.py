@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.assistant import Drafts, TargetEmbedding, clean_ranges
+from runtime.assistant import OFFSET, Drafts, TargetEmbedding, clean_ranges
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError
 
@@ -88,14 +88,15 @@ class TrtAssistantRunner:
         self.inputs = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in io if n not in self.inputs]
         where = self.root / record.get("engines", {}).get("tensorrt", {}).get("file", "(assistant engine)")
-        want = {"inputs": sorted(s["name"] for s in record["inputs"]), "outputs": sorted(s["name"] for s in record["outputs"])}
+        specs = [s for s in record["inputs"] if s["name"] != OFFSET]  # a constant 0 in the engine: rings
+        want = {"inputs": sorted(s["name"] for s in specs), "outputs": sorted(s["name"] for s in record["outputs"])}
         if sorted(self.inputs) != want["inputs"] or sorted(outputs) != want["outputs"]:
             raise ArtifactError(f"{where}: engine I/O {sorted(self.inputs)} -> {sorted(outputs)}; the assistant graph "
                                 f"has {want['inputs']} -> {want['outputs']} (rebuild the engine)")
         torch = backend.torch
         kinds = {trt.DataType.FLOAT: torch.float32, trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32}
         self.dtypes = {}
-        for spec in record["inputs"] + record["outputs"]:
+        for spec in specs + record["outputs"]:
             got = kinds.get(engine.get_tensor_dtype(spec["name"]))
             allowed = (torch.int64, torch.int32) if spec["name"] == "token" else (getattr(torch, spec["dtype"]),)
             if got not in allowed:

@@ -173,12 +173,15 @@ def test_greedy_speculative_equals_plain(form, monkeypatch):
         assert stats.accepted < stats.drafted, f"{name}/{case_name}: no replay draft was rejected: {stats}"
 
 
-def test_assistant_drafts_refused_off_the_ring_engine(window_artifact):
-    """The assistant reads ring-layout caches in place: the window form refuses draft='assistant' (TensorRT:
-    tests/test_trt_assistant.py)."""
-    model = runtime.load(window_artifact, backend="onnxruntime")
-    with pytest.raises(InputError, match="ring engine and on TensorRT"):
-        spec.check_draft(model.backend, "assistant", 2)
+def test_assistant_drafts_on_both_onnx_runtime_forms(spec_artifact, window_artifact):
+    """The assistant reads the target's ONNX Runtime cache buffers in place on the ring and the window form
+    (tests/test_assistant_window.py); a backend that is neither ONNX Runtime nor TensorRT (tests/test_trt_assistant.py)
+    is refused."""
+    for art in (spec_artifact, window_artifact):
+        spec.check_draft(runtime.load(art, backend="onnxruntime").backend, "assistant", 2)
+    other = type("Other", (), {"name": "other", "max_draft_tokens": K})()
+    with pytest.raises(InputError, match="ONNX Runtime engines \\(ring and window\\) and on TensorRT"):
+        spec.check_draft(other, "assistant", 2)
 
 
 def test_window_engine_limits_verify_at_compaction(window_artifact):

@@ -13,7 +13,8 @@ was most of a round.  This form runs the K steps inside one ``Loop``:
   fp32 and times sqrt(hidden), as `runtime.assistant.TargetEmbedding` computes it;
 * each step's argmax token and hidden state are carried to the next step; its logits and token are collected.
 
-Inputs: the step graph's, minus ``token_embeds``, plus ``token`` (B,) (the round's last target token),
+Inputs: the step graph's, minus ``token_embeds`` (``sliding_offset`` keeps its default), plus ``token`` (B,) (the
+round's last target token),
 ``num_tokens`` (a scalar: K) and ``embed_table`` (V, hidden); outputs ``tokens`` (B, K), ``logits`` (B, K, V) and
 ``next_hidden`` (B, hidden): what K step calls return.  The RMSNorms are fused first (`graphs.ort.norms`) and
 casts to a value's own type dropped.  Same arithmetic as the step graph up to float rounding of the fused norms
@@ -105,7 +106,7 @@ def loop_model(step_proto, *, hidden: int, table_dtype: int, scale: float):
         else:
             outer.append(node)
     # a weight's DequantizeLinear (INT4/INT8 graphs) stays beside its MatMul, where ONNX Runtime fuses the pair
-    consts = {i.name for i in g.initializer}
+    consts = {i.name for i in g.initializer} - set(names)  # an initializer that backs an input is no constant
     outer_uses = {i for n in outer for i in n.input}
     body_uses = {i for n in body for i in n.input}
     moved = [n for n in outer if n.input and all(i in consts for i in n.input if i)
@@ -136,7 +137,7 @@ def loop_model(step_proto, *, hidden: int, table_dtype: int, scale: float):
     body_graph.value_info.extend(v for v in g.value_info if v.name in variant and v.name not in _RENAMED)
     # weights only the body reads live in the body: ONNX Runtime's DequantizeLinear -> MatMul fusion (MatMulNBits)
     # looks for the weight among the subgraph's own initializers
-    outer_reads = {i for n in outer for i in n.input}
+    outer_reads = {i for n in outer for i in n.input} | set(names)  # an input's default stays with the input
     local = [t for t in g.initializer if t.name not in outer_reads]
     body_graph.initializer.extend(local)
     local_names = {t.name for t in local}

@@ -51,7 +51,8 @@ PER_ROW_REASON = ("plain batched steps while more than one row runs: this engine
 class _Row:
     """One row's state: its tokens (int64 array: cached ones, then the pending ones), what it emitted."""
 
-    __slots__ = ("tokens", "n", "tail", "prompt", "made", "pending", "done", "continuing", "hidden", "written")
+    __slots__ = ("tokens", "n", "tail", "prompt", "made", "pending", "done", "continuing", "hidden", "written",
+                 "evicted")
 
     def __init__(self, context, size: int, first: int):
         self.tokens = np.zeros(size, np.int64)
@@ -63,6 +64,7 @@ class _Row:
         self.done = False
         self.continuing = False  # the previous round verified drafts and accepted all of them
         self.hidden = None  # assistant: the target's final-norm hidden at the position before the newest token
+        self.evicted = None  # assistant, windowed cache: (position, key, value) a compaction by the last call dropped
 
 
 def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_max: int, adaptive, drafter,
@@ -160,6 +162,10 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
             ids[j, 0] = tok
             ids[j, 1: 1 + len(d)] = d
             lens[j] += len(d)
+        if assistant is not None and getattr(assistant, "sliding_slots", None) is not None:  # windowed caches
+            ev = assistant.evicting(view, cached)
+            for j, r in enumerate(span):
+                r.evicted = None if ev is None or ev.position[j] < 0 else (ev.position[j], ev.key[j], ev.value[j])
         logits, hidden = verify(ids, cached, view, None if (lens == width).all() else lens, copy=False)
         if width > 1:
             stats.verify_calls += 1
@@ -226,5 +232,15 @@ def _assistant_drafts(assistant, view, span: list[_Row], newest: list[int], cach
     for j, r in enumerate(span):
         if r.hidden is not None:
             hidden[j] = r.hidden
-    out = assistant.draft(view, newest, hidden, cached, most, written=[r.written for r in span])
+    kept = [r.evicted for r in span]
+    evicted = None
+    if any(e is not None for e in kept):  # the entries the rows' last calls dropped (windowed caches)
+        from runtime.assistant import Evicted
+
+        _, key, value = next(e for e in kept if e is not None)
+        evicted = Evicted(np.array([-1 if e is None else e[0] for e in kept], np.int64),
+                          np.stack([np.zeros_like(key) if e is None else e[1] for e in kept]),
+                          np.stack([np.zeros_like(value) if e is None else e[2] for e in kept]))
+    out = assistant.draft(view, newest, hidden, cached, most, written=[r.written for r in span],
+                          **({"evicted": evicted} if evicted is not None else {}))
     return [out.tokens[j, :k].tolist() if isinstance(k, int) and k > 0 else [] for j, k in enumerate(ks)]

@@ -10,10 +10,12 @@ decode step.  This module runs one row (`_Row`); several rows run in batched rou
 per round for all rows, or plain batched steps where the engine verifies one row per call).
 
 Drafters: ``"prompt_lookup"`` (`prompt_lookup.PromptLookup` on the row's tokens, kept in an int64 array) and
-``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's ring engine,
+``"assistant"`` (the artifact's assistant graph, `runtime.assistant.AssistantRunner` on ONNX Runtime's engines,
 its TensorRT engine `runtime.trt_assistant.TrtAssistantRunner` on TensorRT, fed the target's final-norm hidden
-state that `Backend.verify` returns).  K: a fixed number, or ``"auto"``: `adapt.AdaptiveK` (per batch) up to the
-artifact's K, told each round's proposed and accepted drafts and its wall time.
+state that `Backend.verify` returns; on the ONNX Runtime window engine each verify call is preceded by
+`AssistantRunner.evicting`, which keeps the entry a compaction drops for the next round).  K: a fixed number, or
+``"auto"``: `adapt.AdaptiveK` (per batch) up to the artifact's K, told each round's proposed and accepted drafts and
+its wall time.
 """
 
 from __future__ import annotations
@@ -84,12 +86,24 @@ def check_draft(backend, draft: str, num_draft_tokens, manifest: dict | None = N
 
         if manifest is not None and (problem := trt_engine_problem(getattr(backend, "root", "<artifact>"), manifest)):
             raise InputError(f"draft='assistant' on TensorRT: {problem}; or use draft='prompt_lookup'")
-    elif draft == ASSISTANT and (name != "onnxruntime" or getattr(backend, "sliding_slots", None) is not None):
-        raise InputError("draft='assistant' runs on the ONNX Runtime ring engine and on TensorRT (the assistant "
-                         "reads the target's cache buffers in place in the ring layout); this backend is "
-                         f"{getattr(backend, 'name', type(backend).__name__)!r}"
-                         f"{' with --ort-sliding window' if getattr(backend, 'sliding_slots', None) else ''}: "
-                         "rebuild with `make build-engine BACKEND=onnxruntime` or use draft='prompt_lookup'")
+    elif draft == ASSISTANT and name != "onnxruntime":
+        raise InputError("draft='assistant' runs on ONNX Runtime engines (ring and window) and on TensorRT (the "
+                         "assistant reads the target's cache buffers in place); this backend is "
+                         f"{getattr(backend, 'name', type(backend).__name__)!r}: build one with `make build-engine "
+                         "BACKEND=onnxruntime` or use draft='prompt_lookup'")
+    elif (draft == ASSISTANT and manifest is not None and getattr(backend, "sliding_slots", None) is not None
+            and not _reads_windowed_caches(manifest["assistant"])):
+        raise InputError("draft='assistant' on the ONNX Runtime window engine (--ort-sliding window): this "
+                         "artifact's assistant graph reads the target's sliding cache in the ring layout only (it "
+                         "was exported before the sliding_offset input); re-export it with `make export-assistant "
+                         "ASSISTANT=<checkpoint dir> OUT=<artifact>`, or use the ring engine (`make build-engine`)")
+
+
+def _reads_windowed_caches(record: dict) -> bool:
+    """Whether an assistant record's graph takes the sliding cache's offset (`runtime.assistant.OFFSET`)."""
+    from runtime.assistant import OFFSET
+
+    return any(spec.get("name") == OFFSET for spec in record.get("inputs", ()))
 
 
 def speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[int]], *, num_draft_tokens,
@@ -103,6 +117,10 @@ def speculative(backend, cache, first_logits: np.ndarray, contexts: list[list[in
     check_draft(backend, draft, num_draft_tokens)
     if draft == ASSISTANT and assistant is None:
         raise InputError("draft='assistant' needs the artifact's AssistantRunner (runtime.assistant)")
+    if draft == ASSISTANT and getattr(assistant, "sliding_slots", None) != getattr(backend, "sliding_slots", None):
+        raise InputError(f"draft='assistant': the assistant reads sliding caches of "
+                         f"{getattr(assistant, 'sliding_slots', None) or 'ring'} layout, the backend keeps "
+                         f"{getattr(backend, 'sliding_slots', None) or 'ring'} (windowed caches: their slot count)")
     sampler = sampler if sampler is not None else Greedy()
     rng = rng if rng is not None else np.random.default_rng()
     stats = stats if stats is not None else SpecStats()
@@ -141,11 +159,15 @@ class _Row:
         self.k_max = backend.max_draft_tokens if num_draft_tokens == "auto" else num_draft_tokens
         self.hidden = None  # assistant: the target's final-norm hidden at the position before the newest token
         self.written = len(context)  # positions the target has written (rejected drafts included)
+        # assistant on a windowed cache: the entry its last compaction dropped that the next round may read
+        self.windowed = getattr(assistant, "sliding_slots", None) is not None
+        self.evicted = None
 
     def _assistant_drafts(self, token: int, cached: int, k: int) -> list[int]:
         if k < 1 or self.hidden is None:
             return []
-        out = self.assistant.draft(self.cache, [token], self.hidden[None], [cached], k, written=[self.written])
+        kw = {"evicted": self.evicted} if self.evicted is not None else {}
+        out = self.assistant.draft(self.cache, [token], self.hidden[None], [cached], k, written=[self.written], **kw)
         return out.tokens[0].tolist()
 
     def run(self, row, token, sampler, rng, max_new_tokens, stop_ids, stats) -> Iterator[tuple[int, int, str | None]]:
@@ -204,6 +226,8 @@ class _Row:
                 continuing = False
                 continue
             # a verify call (over the newest token alone where the assistant drafted nothing: its hidden is needed)
+            if self.windowed:
+                self.evicted = self.assistant.evicting(cache, [cached])
             logits, hidden = verify(np.array([[token, *drafts]], np.int64), [cached], cache, copy=False)
             self.written = max(self.written, cached + 1 + len(drafts))
             if greedy:
