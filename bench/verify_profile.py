@@ -7,6 +7,9 @@ the token at ``prompt``, a verify pass the n tokens from there), one untimed cal
 A profiled call is slower than an unprofiled one: compare the ops' shares and differences, not absolute times.
 
     python bench/verify_profile.py ARTIFACT [--prompt 128] [--tokens 2,5] [--steps 10] [--threads 2] [--out JSON]
+
+``VERIFY_PROFILE_KEEP=1`` keeps ONNX Runtime's raw profile (bench/work/ort_profile_verify_*.json).  Results of the
+issue-23 runs: bench/results/verify_overhead.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.decode_profile import exclusive  # noqa: E402
+from bench.decode_profile import exclusive
 
 
 def profile(art: str, prompt: int, tokens: list[int], steps: int, threads: int | None) -> dict:
@@ -92,10 +95,11 @@ def profile(art: str, prompt: int, tokens: list[int], steps: int, threads: int |
     for name, p in per.items():  # medians over the steps: one preempted kernel does not move an op's total
         run_us = float(np.median(p["run"]))
         keys = {k for ops in p["ops"] for k in ops}
+        outside = float(np.median([r - sum(ops.values()) for r, ops in zip(p["run"], p["ops"])]))  # per step
         p["ops"] = {k: float(np.median([ops.get(k, 0.0) for ops in p["ops"]])) for k in keys}
         kernels = sum(p["ops"].values())  # of the medians
         out[name] = {"profiled_run_ms": round(run_us / 1e3, 3), "wall_ms_median": round(1e3 * float(np.median(walls[name])), 3),
-                     "kernels_ms": round(kernels / 1e3, 3), "outside_kernels_ms": round((run_us - kernels) / 1e3, 3),
+                     "kernels_ms": round(kernels / 1e3, 3), "outside_kernels_ms": round(outside / 1e3, 3),
                      "ops_ms": {k: round(v / 1e3, 3) for k, v in sorted(p["ops"].items(), key=lambda kv: -kv[1])}}
     return out
 
@@ -105,8 +109,8 @@ def _key(e: dict) -> str:
     op = e["args"].get("op_name", "?")
     if op == "MatMulNBits":
         try:
-            k = list(e["args"]["input_type_shape"][0].values())[0][-1]
-            n = list(e["args"]["output_type_shape"][0].values())[0][-1]
+            k = next(iter(e["args"]["input_type_shape"][0].values()))[-1]
+            n = next(iter(e["args"]["output_type_shape"][0].values()))[-1]
             return f"MatMulNBits {k}x{n}"
         except (KeyError, IndexError, TypeError):
             pass
