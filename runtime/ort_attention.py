@@ -21,7 +21,11 @@ The values are the plugin contract's (`plugins.fused_attention.reference`, slidi
 * the one-token branch (ring engines; a call of one new token in every row; GroupQueryAttention over the ring after
   the write): one_token, the last slot each row reads s = min(past_lens, R - 1) (int32, and as an int64 gather
   index (B, 1, 1, 1)), T = max(s) + 1 and the bias (B, 1, 1, T) by the position each slot holds (`_one_token`).
-  The ring path's inputs are then made for n = 1 (not used);
+  The ring path's inputs are then made for n = 1 (not used).  Engines that take ``write_first`` instead of
+  ``one_token`` also take that branch for a text call of S > 1 tokens in one row whose ring has not wrapped
+  (past_lens + S <= R, so slot j holds position j after the write: a verify pass): its S queries read slots
+  0..past_lens + S - 1 (gather indices (1, 1, S, 1) of the slots written, bias (1, 1, S, T) by the window,
+  GroupQueryAttention's own mask is causal);
 * full layers (GroupQueryAttention): seqlens_k = past_lens + S - 1 (int32) and the total length max(past_lens + S);
   for engines whose GroupQueryAttention takes ``query_seqlens`` (the windowed sliding form) query_seqlens =
   seq_lens and seqlens_k = past_lens + seq_lens - 1 (at least 0): right padding never enters a cache.
@@ -56,14 +60,15 @@ INPUTS = {
     "total_len": "attn_total_len",  # () int32
     "query_seqlens": "attn_query_seqlens",  # (B,) int32, engines whose attention skips right padding
     "one_token": "attn_one_token",  # () bool, ring engines: one new token in every row (the one-token branch)
+    "write_first": "attn_write_first",  # () bool, newer ring engines: that branch, also for S > 1 (`attention_inputs`)
     "ring_seqlens_k": "attn_ring_seqlens_k",  # (B,) int32, the last ring slot the one-token branch reads
     "ring_total": "attn_ring_total",  # () int32 T, max(ring_seqlens_k) + 1
-    "ring_last": "attn_ring_last",  # (B, 1, 1, 1) int64, ring_seqlens_k again (a gather index)
-    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, 1, T) float32
+    "ring_last": "attn_ring_last",  # (B, 1, S', 1) int64, the slots of the branch's S' queries (S' = 1 or S)
+    "ring_bias_read": "attn_ring_bias_read",  # (B, 1, S', T) float32
 }
-_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "ring_seqlens_k",
-            "ring_total", "ring_last", "ring_bias_read")
-_ONE_TOKEN = ("one_token", "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
+_SLIDING = ("positions", "ring_used", "ring_bias", "ring_first", "ring_gather", "one_token", "write_first",
+            "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
+_ONE_TOKEN = ("one_token", "write_first", "ring_seqlens_k", "ring_total", "ring_last", "ring_bias_read")
 # the one-token form's GroupQueryAttention over a ring writes its present outputs to extra graph outputs named this
 # prefix + the cache output's name (`gqa_output`); the runtime binds them to that cache's buffer too (`bind_gqa`)
 GQA_PRESENT = "attn_ring_gqa_"
@@ -102,13 +107,16 @@ def attention_inputs(past_lens, seq_lens, s: int, *, window: int | None, blocks:
     ar = np.arange(s, dtype=np.int64)
     pos = past[:, None] + ar[None]  # (B, S)
     one = bool(want & set(_ONE_TOKEN)) and s == 1 and bool((lens == 1).all())
+    # several tokens of one text row before its ring wraps: the branch too, where the engine takes them (write_first)
+    many = ("write_first" in want and s > 1 and b == 1 and int(lens[0]) == s and int(past[0]) + s <= r
+            and (blocks is None or not (np.asarray(blocks) >= 0).any()))
     # the one-token branch writes, then reads the ring in place: the prefill path's inputs are fed but not used, so
     # they are made for n = 1 (small and of fixed shape)
-    n = 1 if one else max(1, min(r, int(past.max(initial=0))))
+    n = 1 if one or many else max(1, min(r, int(past.max(initial=0))))
     out["positions"] = pos
     out["ring_used"] = np.array([n], np.int64)
     if want & set(_ONE_TOKEN):
-        out.update(_one_token(past, w, one, r))
+        out.update(_one_token(past, w, one or many, r, s if many else 1))
     if "ring_bias" in want:
         last = past[:, None] - 1
         ring_pos = last - np.mod(last - np.arange(n)[None], r)  # (B, n)
@@ -184,23 +192,34 @@ def bind_gqa(binding, present: list[str], names_out: list[str], cache: list, in_
                 binding.bind_output(extra[p_out], "cpu")
 
 
-def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None) -> dict[str, np.ndarray]:
+def _one_token(past: np.ndarray, w: int, one: bool, slots: int | None = None, s: int = 1) -> dict[str, np.ndarray]:
     """The one-token branch's inputs (GroupQueryAttention over a ring of ``slots`` slots, default the window W, as
     the write left it: `graphs.ort.attention._ring_gqa`): row b reads slots 0..s_b, s_b = min(past_b, R - 1), the
     slots filled so far (all R once wrapped); slot j then holds position p_j = past_b - ((past_b - j) mod R) and is
     masked unless past_b - W < p_j (always so when R = W; a ring with slack holds older positions too).  Not a
-    one-token call: s_b = 0 and no mask (the branch's output is not used: one slot read and written back)."""
+    one-token call: s_b = 0 and no mask (the branch's output is not used: one slot read and written back).
+
+    ``s`` > 1 (``one`` True, one row, past + s <= R: `attention_inputs`' write-first call of several tokens): query
+    i (position past + i) sits at slot past + i and reads slots 0..past + s - 1 (GroupQueryAttention's causal mask
+    hides those after its own), the bias masks slots outside its window (p_j <= past + i - W) and after it."""
     r = w if slots is None else int(slots)
     if r < w:
         raise ValueError(f"attention inputs: a ring of {r} slots cannot hold a window of {w}")
     b = len(past)
-    last = np.minimum(past, r - 1) if one else np.zeros(b, np.int64)
+    if s > 1 and not (one and b == 1 and int(past[0]) + s <= r):
+        raise ValueError(f"attention inputs: {s} tokens in the one-token branch need one row whose ring of {r} slots "
+                         f"has not wrapped (past {past.tolist()})")
+    end = past + s - 1  # the last position written
+    last = np.minimum(end, r - 1) if one else np.zeros(b, np.int64)  # the last slot read
     t = int(last.max(initial=0)) + 1
-    held = past[:, None] - np.mod(past[:, None] - np.arange(t)[None], r)  # (B, T) position in slot j after the write
-    ok = ~np.asarray(one) | ((held > past[:, None] - w) & (np.arange(t)[None] <= last[:, None]))
-    return {"one_token": np.array(one), "ring_seqlens_k": last.astype(np.int32), "ring_total": np.array(t, np.int32),
-            "ring_last": last.reshape(b, 1, 1, 1).astype(np.int64),
-            "ring_bias_read": np.where(ok, np.float32(0), NEG).astype(np.float32).reshape(b, 1, 1, t)}
+    held = end[:, None] - np.mod(end[:, None] - np.arange(t)[None], r)  # (B, T) position in slot j after the write
+    qp = past[:, None, None] + np.arange(s)[None, :, None]  # (B, S, 1) the queries' positions
+    ok = ~np.asarray(one) | ((held[:, None] > qp - w) & (held[:, None] <= qp)
+                            & (np.arange(t)[None, None] <= last[:, None, None]))
+    rows = (last[:, None] - (s - 1) + np.arange(s)[None]).reshape(b, 1, s, 1)  # the slots of the s queries
+    return {"one_token": np.array(one), "write_first": np.array(one), "ring_seqlens_k": last.astype(np.int32),
+            "ring_total": np.array(t, np.int32), "ring_last": rows.astype(np.int64),
+            "ring_bias_read": np.where(ok, np.float32(0), NEG).astype(np.float32).reshape(b, 1, s, t)}
 
 
 def decode_inputs(past_lens: np.ndarray, *, window: int | None, want=INPUTS.keys(),

@@ -125,7 +125,7 @@ def test_copying_ring_decode_matches_plugin_graph(copy_decode_artifact, graph, b
     engine = read_manifest(copy_decode_artifact)["engines"]["onnxruntime"]
     assert engine["lowering"]["prefill"]["attention"]["ring_decode"] == "copy"
     proto = onnx.load(str(copy_decode_artifact / engine["prefill"]), load_external_data=False)
-    assert "attn_one_token" not in {i.name for i in proto.graph.input}
+    assert not {"attn_one_token", "attn_write_first"} & {i.name for i in proto.graph.input}
     assert [n.op_type for n in proto.graph.node].count("Attention") == 5  # at top level, no branch
     _check_case(copy_decode_artifact, graph, batch, seq, past_lens, seq_lens, images)
 
@@ -188,9 +188,9 @@ def test_exact_counts(artifact_store):
     # full layers: GQA in place, at top level (no branch); sliding layers too, over the ring after its write
     assert ops.count("GroupQueryAttention") == full + sliding
     # branches: the vision and audio embedders, run when their inputs have rows (graphs.ort.embedders), and one per
-    # sliding layer on the one-token flag: the ring path's updates and output (or the new token and its query)
+    # sliding layer on the write-first flag: the ring path's updates and output (or the new tokens and their queries)
     ifs = [n for n in proto.graph.node if n.op_type == "If"]
-    one = [n for n in ifs if list(n.input) == ["attn_one_token"]]
+    one = [n for n in ifs if list(n.input) == ["attn_write_first"]]
     assert len(one) == sliding
     assert ops.count("TensorScatter") == 2 * sliding and "Attention" not in ops  # writes outside
     made = {o: n for n in proto.graph.node for o in n.output}
@@ -215,8 +215,9 @@ def test_exact_counts(artifact_store):
     # the attention geometry is an engine input (runtime.ort_attention), not ~50 nodes: no image-block CumSum left,
     # one Expand of the ring-write indices, and the record has the window the runtime needs
     inputs = {i.name for i in proto.graph.input}
-    assert set(ATTENTION_INPUTS.values()) - {"attn_query_seqlens"} <= inputs  # query_seqlens: --ort-sliding window
-    assert "attn_query_seqlens" not in inputs
+    # query_seqlens: --ort-sliding window; one_token: engines built before write_first
+    assert set(ATTENTION_INPUTS.values()) - {"attn_query_seqlens", "attn_one_token"} <= inputs
+    assert "attn_query_seqlens" not in inputs and "attn_one_token" not in inputs
     assert engine["attention_inputs"] == {"window": t.sliding_window}
     assert ops.count("CumSum") == 0 and ops.count("Range") == 0 and ops.count("Mod") == 0, sorted(set(ops))
     assert engine["prefill_with_past"] == "per_sequence"

@@ -24,10 +24,13 @@ Rewrite:
 * sliding layers, prefill (any S, also 1): ``RotaryEmbedding`` (q, k), one ``Attention`` over concat(old ring, new
   keys) with the contract's mask as an additive bias (validity, window, causal or same image block), and the ring
   written in place by one circular ``TensorScatter`` of min(S, W) tokens per row (`_sliding_prefill`).  A call of
-  one token in every row (a decode step) takes a branch instead (``If`` on the host's ``one_token``, which gives
-  the scatter the new token itself): the new token is written first (the slot it replaces holds a position outside
-  its window), then ``com.microsoft.GroupQueryAttention`` reads the ring where it lies, each row its own filled
-  slots (`_ring_gqa`).  Before it, the branch ran an opset-23 ``Attention`` over a ``Slice`` of the ring's first
+  one token in every row (a decode step), or of S tokens in one text row whose ring has not wrapped (a verify pass,
+  before: Slice + Attention + the If's copies, ~0.5 ms per sliding layer on the 12B slice at 2 tokens), takes a
+  branch instead (``If`` on the host's ``write_first``, which gives the scatter the new tokens themselves): the new
+  tokens are written first (the slots they replace hold positions outside their windows), then
+  ``com.microsoft.GroupQueryAttention`` reads the ring where it lies, each row its own filled slots (`_ring_gqa`;
+  engines built before the verify form take ``one_token``, the branch for one token only).
+  Before it, the branch ran an opset-23 ``Attention`` over a ``Slice`` of the ring's first
   max(past_lens) + 1 slots: profiled on a 6-layer slice with the 12B's dimensions (INT4, one thread), the
   ``Slice`` copies and that ``Attention`` took 1.5 ms per sliding layer per step at 275 cached tokens and 4.5 ms at
   1000 (the copy, then each KV head read once per query head, every row as long as the longest); the
@@ -124,7 +127,7 @@ class _Builder:
 
         self.ir, self.model, self.graph, self.max_len, self.host = ir, model, model.graph, max_len, host
         self.query_seqlens = False  # GroupQueryAttention nodes take the host's query_seqlens (windowed form)
-        self.one_token_branch = False  # ring sliding layers: a one-token call attends over the ring in place
+        self.one_token_branch = False  # ring sliding layers: a write-first call attends over the ring in place
         self.cache: dict = {}
         self.n = 0
 
@@ -196,8 +199,9 @@ class _Builder:
                 "ring_bias": (ty.FLOAT, [bdim, 1, sdim, "ring_keys"]), "ring_first": (i64, [bdim]),
                 "ring_gather": (i64, [bdim, 1, "ring_writes", 1]), "seqlens_k": (ty.INT32, [bdim]),
                 "total_len": (ty.INT32, []), "query_seqlens": (ty.INT32, [bdim]),
-                "one_token": (ty.BOOL, []), "ring_seqlens_k": (ty.INT32, [bdim]), "ring_total": (ty.INT32, []),
-                "ring_last": (i64, [bdim, 1, 1, 1]), "ring_bias_read": (ty.FLOAT, [bdim, 1, 1, "ring_read"]),
+                "write_first": (ty.BOOL, []), "ring_seqlens_k": (ty.INT32, [bdim]), "ring_total": (ty.INT32, []),
+                "ring_last": (i64, [bdim, 1, "ring_query", 1]),
+                "ring_bias_read": (ty.FLOAT, [bdim, 1, "ring_query", "ring_read"]),
             }[key]
             v = self.ir.Value(name=INPUTS[key], type=self.ir.TensorType(dtype), shape=self.ir.Shape(shape))
             self.graph.inputs.append(v)
@@ -291,10 +295,11 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
     slots hold nothing, so n = max(1, min(W, max(past_lens))) and a short context costs its length, not the
     window.
 
-    With ``b.one_token_branch`` a call of one token in every row (the host's ``one_token``) skips the copies: a
-    first ``If`` gives the scatter the new token itself (else the ring path's gathered updates and output), the
-    ring is written in place at top level, and a second ``If`` attends over the written ring where it lies (a third,
-    nested, slices its first R slots until it has wrapped) or passes the ring path's output through."""
+    With ``b.one_token_branch`` a call of one token in every row, or of several tokens in one text row before its
+    ring wraps (a verify pass; the host's ``write_first``), skips the copies: an ``If`` gives the scatter the new
+    tokens themselves and their queries (else the ring path's gathered updates, output and a dummy query), the
+    ring is written in place at top level, then read where it lies by GroupQueryAttention (`_ring_gqa`); a
+    ``Where`` picks its output or the ring path's."""
     q, k, v, pk, pv = node.inputs[:5]
     h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     cos, sin = b.rope(a)
@@ -327,14 +332,18 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
         present_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
         present_v = b.node("TensorScatter", [pv, upd_v, first], before=before, attrs=scatter)
         return out, present_k, present_v
-    # one new token per row (a decode step): the ring is written first (the slot it replaces holds a position outside
-    # the new query's window), then GroupQueryAttention reads it where it lies (`_ring_gqa`): no copy of the ring
-    one = b.host_input("one_token")
-    kv4 = b.ints([0, hkv, 1, d])
+    # one new token per row (a decode step), or S in one row of an unwrapped ring (a verify pass): the ring is written
+    # first (a slot it replaces holds a position outside the new queries' window), then GroupQueryAttention reads it
+    # where it lies (`_ring_gqa`): no copy of the ring
+    one = b.host_input("write_first")
     nothing = b.const(("zeros111",), np.zeros((1, 1, 1), np.float32), "ort_lower_zeros_1_1_1")
+
+    def heads_first(emit, x):  # (B, S, Hkv * D) -> (B, Hkv, S, D)
+        return emit("Transpose", [emit("Reshape", [x, b.ints([0, 0, hkv, d])])], attrs={"perm": [0, 2, 1, 3]})
+
     upd_k, upd_v, out_many, q_one = b.if_node(
         one, before=before, outputs=4,
-        then=lambda emit: (emit("Reshape", [kr, kv4]), emit("Reshape", [v3, kv4]), emit("Identity", [nothing]),
+        then=lambda emit: (heads_first(emit, kr), heads_first(emit, v3), emit("Identity", [nothing]),
                            emit("Identity", [qr])),
         orelse=lambda emit: (*ring_attention(emit), emit("Slice", [qr, zero1, b.ints([1]), b.ints([1])])))
     written_k = b.node("TensorScatter", [pk, upd_k, first], before=before, attrs=scatter)
@@ -345,29 +354,31 @@ def _sliding_prefill(b: _Builder, node, a: dict, before):
 
 
 def _ring_gqa(b: _Builder, node, a: dict, before, q_one, written_k, written_v):
-    """GroupQueryAttention of one query per row over the ring as the ring write left it, in place.
+    """GroupQueryAttention of one query per row (or S of one row) over the ring as the ring write left it, in place.
 
     GroupQueryAttention writes its new key at slot ``seqlens_k`` of a shared past/present buffer and attends slots
     0..seqlens_k.  With ``seqlens_k = min(past_lens, R - 1)`` (R ring slots) those are the slots the query may see:
     before the ring wraps, slots 0..past_lens (position j in slot j, the new token's included), once wrapped all R.
     Its "new" key is slot seqlens_k of the written ring itself (gathered, B x Hkv x D values), so it writes back
     what is there; the additive bias (B, 1, 1, T) masks slots by the position they hold (all zeros for a ring of
-    exactly W slots; a ring with slack masks its slots older than the window).  The host's values are
-    `runtime.ort_attention`'s one-token ones; a call of several tokens gives it slot 0 and a dummy query (its output
-    is not used).
+    exactly W slots; a ring with slack masks its slots older than the window).  S queries of one row (unwrapped:
+    slot = position) take seqlens_k = past_lens + S - 1, their own slots as the new keys and a bias (1, 1, S, T) by
+    the window; GroupQueryAttention's causal mask does the rest.  The host's values are `runtime.ort_attention`'s
+    (`_one_token`); a call the ring path takes gives it slot 0 and a dummy query (its output is not used).
 
     The ring write stays the producer of the cache outputs (an engine run without IOBinding still returns the whole
     written ring); GroupQueryAttention's own present outputs leave the graph as extra outputs
     (`runtime.ort_attention.gqa_output`) that the runtime binds to the same buffers: it then sees past and present
-    as one buffer and writes nothing but slot seqlens_k's own value.  Returns (out (B, 1, H * D))."""
+    as one buffer and writes back only its queries' slots' own values.  Returns (out (B, S', H * D))."""
     from runtime.ort_attention import gqa_output
 
     b.model.opset_imports.setdefault("com.microsoft", 1)
     h, hkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     last = b.shared(("ring_last", hkv, d), lambda: b.node("Expand", [b.host_input("ring_last"), b.ints([1, hkv, 1, d])],
-                                                           before=before))  # (B, Hkv, 1, D): slot seqlens_k
-    own = [b.node("Reshape", [b.node("GatherElements", [c, last], before=before, attrs={"axis": 2}),
-                              b.ints([0, 1, hkv * d])], before=before) for c in (written_k, written_v)]
+                                                           before=before))  # (B, Hkv, S', D): the queries' slots
+    own = [b.node("Reshape", [b.node("Transpose", [b.node("GatherElements", [c, last], before=before, attrs={"axis": 2})],
+                                     before=before, attrs={"perm": [0, 2, 1, 3]}), b.ints([0, 0, hkv * d])],
+                  before=before) for c in (written_k, written_v)]  # (B, S', Hkv * D)
     inputs = [q_one, *own, written_k, written_v, b.host_input("ring_seqlens_k"), b.host_input("ring_total"),
               None, None, None, b.host_input("ring_bias_read")]
     out, gqa_k, gqa_v = b.node("GroupQueryAttention", inputs, before=before, domain="com.microsoft", outputs=3,
