@@ -93,7 +93,7 @@ def test_verify_takes_the_branch_and_equals_decode_steps_and_the_ring_path(engin
             for x, cache in zip((b, b, c), caches):
                 x.prefill(PrefillInputs(np.array([ids[:past]]), np.array([0]), np.array([past])), cache)
             got = b.verify(np.array([ids[past:past + n]]), [past], caches[0])[0][0]
-            taken.add((past + n <= r, bool(b._verify_bound.bound[n]["arrays"]["write_first"])))
+            taken.add((past + n <= r, bool(b._verify_bound.bound[(1, n)]["arrays"]["write_first"])))
             ring = c.verify(np.array([ids[past:past + n]]), [past], caches[2])[0][0]
             for j in range(n):
                 step = b.decode([ids[past + j]], [past + j], caches[1])[0]
