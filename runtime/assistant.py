@@ -110,6 +110,21 @@ def ort_graph(record: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return record["file"], {"session.x64quantprecision": "1"}
 
 
+def draft_inputs(tokens, hidden, position, num_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A `draft` call's per-row inputs as arrays (int64 tokens and positions, contiguous float32 hidden) and the
+    batch size, checked: at least one draft, one token, hidden row and position per row."""
+    if num_tokens < 1:
+        raise InputError(f"num_tokens={num_tokens}: expected at least 1 draft")
+    position = np.asarray(position, np.int64).reshape(-1)
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+    b = position.shape[0]
+    if tokens.shape[0] != b or hidden.shape[0] != b:
+        raise InputError(f"assistant: {tokens.shape[0]} tokens, {hidden.shape[0]} hidden rows and {b} positions; "
+                         "expected one of each per row")
+    return tokens, hidden, position, b
+
+
 def clean_ranges(position: np.ndarray, written: np.ndarray, window: int, ring: int,
                  offset=0) -> dict[str, np.ndarray]:
     """The default target entries of a round (see the module docstring), (B,) int64 each; ``offset``: the oldest
@@ -237,15 +252,7 @@ class AssistantRunner:
         target's last hidden state before it; ``written`` (B,) positions the target has written (default
         ``position``); ``ranges``: explicit ``full_len``/``sliding_start``/``sliding_end`` (B,) instead;
         ``evicted``: what `evicting` kept before the target's last call (windowed caches)."""
-        if num_tokens < 1:
-            raise InputError(f"num_tokens={num_tokens}: expected at least 1 draft")
-        position = np.asarray(position, np.int64).reshape(-1)
-        tokens = np.asarray(tokens, np.int64).reshape(-1)
-        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        b = position.shape[0]
-        if tokens.shape[0] != b or hidden.shape[0] != b:
-            raise InputError(f"assistant: {tokens.shape[0]} tokens, {hidden.shape[0]} hidden rows and {b} positions; "
-                             "expected one of each per row")
+        tokens, hidden, position, b = draft_inputs(tokens, hidden, position, num_tokens)
         values = {k: self._value(cache[i]) for k, i in self.cache_index.items()}
         ring = int(values["ring_key"].shape()[2])
         written = position if written is None else np.asarray(written, np.int64).reshape(b)

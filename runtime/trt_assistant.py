@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from runtime.assistant import OFFSET, Drafts, TargetEmbedding, clean_ranges
+from runtime.assistant import (
+    OFFSET,
+    Drafts,
+    TargetEmbedding,
+    clean_ranges,
+    draft_inputs,
+)
 from runtime.errors import InputError
 from runtime.manifest import ArtifactError
 
@@ -129,15 +135,7 @@ class TrtAssistantRunner:
         """`runtime.assistant.AssistantRunner.draft` on the backend's cache tensors: ``cache`` the backend's cache
         list (or a `TrtBackend.rows` view of it), ``tokens`` (B,) each row's last token at ``position`` (B,),
         ``hidden`` (B, hidden) the target's final-norm hidden state before it; ``written``/``ranges`` as there."""
-        if num_tokens < 1:
-            raise InputError(f"num_tokens={num_tokens}: expected at least 1 draft")
-        position = np.asarray(position, np.int64).reshape(-1)
-        tokens = np.asarray(tokens, np.int64).reshape(-1)
-        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        b = position.shape[0]
-        if tokens.shape[0] != b or hidden.shape[0] != b:
-            raise InputError(f"assistant: {tokens.shape[0]} tokens, {hidden.shape[0]} hidden rows and {b} positions; "
-                             "expected one of each per row")
+        tokens, hidden, position, b = draft_inputs(tokens, hidden, position, num_tokens)
         bufs = {k: cache[i] for k, i in self.cache_index.items()}
         for name, buf in bufs.items():
             if buf.dtype != self.dtypes[name] or not buf.is_contiguous() or int(buf.shape[0]) != b:
