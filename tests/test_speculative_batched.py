@@ -151,6 +151,34 @@ def test_window_engine_replay_rows_and_one_verify_call_per_round(window_model, m
     assert calls[-1][1] < len(prompts), "finished rows at the edge should leave the call"
 
 
+def test_rows_stop_drafting_while_adaptive_k_chooses_plain_rounds(window_model, monkeypatch):
+    """A drafter whose every draft is wrong, K "auto": once `AdaptiveK` has chosen a plain round over the drafts the
+    rows offered, the rows are not asked for drafts again until a probe is due (the lookups would cost each round
+    something for nothing), and the output is plain greedy's."""
+    model = dataclasses.replace(window_model, backend=Counting(window_model.backend))
+    prompts = _prompts()
+    want = _references(model, prompts, max_new_tokens=60)
+    plains = [a.tokens for a in want]
+    asked = []
+
+    def wrong(context: np.ndarray, k: int) -> list[int]:  # the plain continuation, every token replaced
+        asked.append(len(context))
+        row = next(i for i, p in enumerate(prompts) if list(context[: len(p)]) == p)
+        start = len(context) - len(prompts[row])
+        return [(t + 1) % 290 + 3 for t in plains[row][start:start + k]]
+
+    monkeypatch.setitem(spec.DRAFTERS, "wrong", wrong)
+    stats = spec.SpecStats()
+    got = runtime.generate(model, prompts, max_new_tokens=60, draft="wrong", num_draft_tokens="auto",
+                           spec_stats=stats)
+    _check(got, want, "always-wrong drafter")
+    rounds = len(stats.k_per_round)
+    assert stats.accepted == 0 and rounds >= 59, stats
+    assert sum(k == 0 for k in stats.k_per_round) >= 0.8 * rounds, stats.k_per_round  # plain rounds won
+    # asked in the first rounds and at probes only; every round would be >= `rounds` x 4 rows
+    assert len(asked) < rounds, (len(asked), rounds)
+
+
 def test_ring_engine_decodes_plain_batched_steps(ring_artifact):
     """The ring engine verifies one row per call: plain batched steps while several rows run (the reason in
     SpecStats), then the last row speculates alone (rows of 11, 29 and 20 tokens reach max_len apart); the tokens

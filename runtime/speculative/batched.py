@@ -81,6 +81,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
     clock = time.perf_counter
     decode, verify = backend.decode, backend.verify
     lo, hi, view = 0, len(rows), cache
+    last_k = None  # the round width `AdaptiveK` chose last (prompt lookup): 0 -> plain rounds without drafting
     while True:
         for i in range(lo, hi):  # emit, as the plain loop stops a row: a stop id (kept), max_len, max_new_tokens
             r = rows[i]
@@ -117,7 +118,11 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
         start = clock()
         drafts = [[] for _ in span]
         ks: dict = {}
-        if speculate:
+        offered = False  # a row's drafter matched something (before `AdaptiveK` cut it)
+        # a context drafter whose last chosen width was 0 is not asked again until a probe is due: per-row lookups
+        # cost little, but against a small model's batched step they are what would make the round slower
+        idle = drafter is not None and adaptive is not None and last_k == 0 and not adaptive.probe_due
+        if speculate and not idle:
             vt = None if fixed_room is not None else (backend.verify_tokens([c]) - 1 for c in cached)
             for j, (r, c) in enumerate(zip(span, cached)):
                 room = fixed_room if vt is None else next(vt)
@@ -131,6 +136,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                         r.tail = []
                     d = drafter(r.tokens[: r.n], room) if room > 0 else []
                     d = d.tolist() if isinstance(d, np.ndarray) else [int(t) for t in d]
+                    offered = offered or bool(d)
                     if d and adaptive is not None:  # next_k changes nothing: once per run state and round
                         if r.continuing not in ks:
                             ks[r.continuing] = adaptive.next_k(r.continuing)
@@ -142,6 +148,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                 wants = [len(d) if isinstance(d, list) else d for d in drafts]
                 k = _round_k(adaptive, wants, [r.continuing if drafter is not None else None for r in span],
                              len(running))
+                last_k = k if offered else None  # nothing matched: not a judgement on speculating
                 drafts = [d[:k] if isinstance(d, list) else min(d, k) for d in drafts]
             if assistant is not None:
                 drafts = _assistant_drafts(assistant, view, span, newest, cached, drafts)
