@@ -82,6 +82,7 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
     decode, verify = backend.decode, backend.verify
     lo, hi, view = 0, len(rows), cache
     last_k = None  # the round width `AdaptiveK` chose last (prompt lookup): 0 -> plain rounds without drafting
+    idle_rounds = 0  # plain rounds in a row without drafting
     while True:
         for i in range(lo, hi):  # emit, as the plain loop stops a row: a stop id (kept), max_len, max_new_tokens
             r = rows[i]
@@ -160,8 +161,12 @@ def run_batch(backend, cache, first: list[int], contexts: list[list[int]], *, k_
                 r.pending, r.continuing = [tok], False
             stats.decode_steps += 1
             stats.k_per_round.append(0)
-            if speculate and adaptive is not None:  # every plain round timed: the cost being beaten
-                adaptive.observe(0, 0, max(clock() - start, 1e-9))
+            if speculate and adaptive is not None:  # the cost being beaten: timed every round while drafting is
+                idle_rounds = idle_rounds + 1 if idle else 0  # considered, one in 8 while idle
+                if idle_rounds % 8 == 1 or not idle:
+                    adaptive.observe(0, 0, max(clock() - start, 1e-9))
+                else:
+                    adaptive.plain_round()
             continue
         ids = np.zeros((len(span), width), np.int64)
         lens = np.ones(len(span), np.int64)
