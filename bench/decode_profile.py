@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.paths import merge_runs
+
 WEIGHTS = {"MatMulNBits", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm", "FusedMatMul"}
 ATTENTION = {"GroupQueryAttention", "Attention", "TensorScatter", "GatherElements", "Slice", "If", "Where", "Expand",
              "RotaryEmbedding"}
@@ -146,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": profile(art, [int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")],
                              a.steps, a.threads)}
     if a.out:
-        out = Path(a.out)
-        record = json.loads(out.read_text()) if out.exists() else {"what": __doc__.split("\n\n")[0].replace("\n", " ")}
-        record.setdefault("runs", {}).update(runs)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out)
+        merge_runs(a.out, __doc__.split("\n\n")[0].replace("\n", " "), runs)
     return 0
 
 

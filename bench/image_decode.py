@@ -208,12 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(art).name, json.dumps(res), flush=True)
         runs[a.label or Path(art).name] = res
     if a.out:
-        out = Path(a.out)
-        record = json.loads(out.read_text()) if out.exists() else {"what": __doc__.split("\n\n")[0].replace("\n", " ")}
-        record.setdefault("runs", {}).update(runs)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out)
+        from bench.paths import merge_runs
+
+        merge_runs(a.out, __doc__.split("\n\n")[0].replace("\n", " "), runs)
     return 0
 
 

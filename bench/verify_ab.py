@@ -23,6 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.paths import merge_runs
+
 
 def run(old: str, new: str, prompt: int, tokens: list[int], rounds: int, threads: int) -> dict:
     import runtime
@@ -86,15 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=False).stdout.strip()
-        out = Path(a.out)
-        record = json.loads(out.read_text()) if out.exists() else {"what": __doc__.split("\n\n")[0].replace("\n", " ")}
-        record.setdefault("runs", {})[a.label or f"{Path(a.new).name} p{a.prompt} t{a.threads}"] = {
+        label = a.label or f"{Path(a.new).name} p{a.prompt} t{a.threads}"
+        merge_runs(a.out, __doc__.split("\n\n")[0].replace("\n", " "), {label: {
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_before": load,
             "load_average_after": round(os.getloadavg()[0], 2), "old": a.old, "new": a.new, "prompt": a.prompt,
-            "threads": a.threads, "rounds": a.rounds, "calls": res}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out)
+            "threads": a.threads, "rounds": a.rounds, "calls": res}})
     return 0
 
 

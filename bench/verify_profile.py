@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.decode_profile import exclusive
+from bench.paths import merge_runs
 
 
 def profile(art: str, prompt: int, tokens: list[int], steps: int, threads: int | None) -> dict:
@@ -143,14 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=False).stdout.strip()
-        out = Path(a.out)
-        record = json.loads(out.read_text()) if out.exists() else {"what": __doc__.split("\n\n")[0].replace("\n", " ")}
-        record.setdefault("runs", {})[a.label or Path(a.artifact).name] = {
+        label = a.label or Path(a.artifact).name
+        merge_runs(a.out, __doc__.split("\n\n")[0].replace("\n", " "), {label: {
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": round(os.getloadavg()[0], 2),
-            "prompt": a.prompt, "threads": a.threads, "steps": a.steps, "calls": res}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out)
+            "prompt": a.prompt, "threads": a.threads, "steps": a.steps, "calls": res}})
     return 0
 
 

@@ -28,6 +28,7 @@ import json
 import sys
 from pathlib import Path
 
+from calib.assistant_stats import data_dir_problem
 from exporter.export_assistant import GRAPH, export_assistant
 from runtime.staging import error_message
 
@@ -112,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = (f"--max-new-tokens {a.max_new_tokens}: expected at least 1" if a.max_new_tokens < 1
                else "--data: calibration prompts are for --int4-method awq; rtn takes none"
                if a.data is not None and a.int4_method == "rtn" else None)
-    if problem is None and a.data is not None:  # before the export traces anything
-        from calib.data import load_dir
-
-        try:
-            load_dir(a.data)
-        except (ValueError, OSError) as e:
-            problem = f"--data: {error_message(e)}"
+    problem = problem or data_dir_problem(a.data)
     if problem:
         print(f"assistant-int4: error: {problem}", file=sys.stderr)
         return 2

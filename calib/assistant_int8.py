@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from calib.assistant_stats import collect_assistant_stats
+from calib.assistant_stats import collect_assistant_stats, data_dir_problem
 from exporter.export_assistant import GRAPH, export_assistant
 from runtime.staging import error_message
 
@@ -128,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     problem = (f"--smoothquant {alpha}: SmoothQuant alpha must be in [0, 1]" if alpha is not None and not 0 <= alpha <= 1
                else f"--max-new-tokens {a.max_new_tokens}: expected at least 1" if a.max_new_tokens < 1 else None)
-    if problem is None and a.data is not None:  # before the export traces anything
-        from calib.data import load_dir
-
-        try:
-            load_dir(a.data)
-        except (ValueError, OSError) as e:
-            problem = f"--data: {error_message(e)}"
+    problem = problem or data_dir_problem(a.data)
     if problem:
         print(f"assistant-int8: error: {problem}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import numpy as np
 
 from exporter.export_assistant import target_caches
 
-__all__ = ["collect_assistant_stats"]
+__all__ = ["collect_assistant_stats", "data_dir_problem"]
 
 
 class _Recorder:
@@ -112,3 +112,18 @@ def collect_assistant_stats(graph: Path, artifact: Path, *, data_dir=None, max_n
     tensors = {m: recorder.stats[v] for v, ms in by_value.items() for m in ms}
     return Stats(tensors, {"data": prompts.source, "prompts": ran, "draft_steps": recorder.steps,
                            "max_new_tokens": max_new_tokens})
+
+
+def data_dir_problem(data_dir: str | None) -> str | None:
+    """The CLIs' ``--data`` check, before an export traces anything: None where ``data_dir`` is None or holds
+    calibration prompts `calib.data.load_dir` reads, else the error line naming the option."""
+    if data_dir is None:
+        return None
+    from calib.data import load_dir
+    from runtime.staging import error_message
+
+    try:
+        load_dir(data_dir)
+    except (ValueError, OSError) as e:
+        return f"--data: {error_message(e)}"
+    return None
